@@ -1,0 +1,251 @@
+"""One interface for every method: segmentation, reconstruction and registration.
+
+A :class:`Task` takes named input images and a parameter dict, reports progress through
+``ctx.progress(stage, fraction)``, checks ``ctx.cancel`` between steps, and returns a typed result.
+Results save to and load from a folder, which is how they cross the worker's process boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .errors import Cancelled, InputError
+from .image import Image
+
+
+class CancelToken:
+    """Set by the caller, checked by the task. Optionally backed by a flag file (for the worker)."""
+
+    def __init__(self, flag_file: Optional[Path] = None):
+        self._set = False
+        self.flag_file = Path(flag_file) if flag_file else None
+
+    def cancel(self) -> None:
+        self._set = True
+        if self.flag_file:
+            self.flag_file.touch()
+
+    @property
+    def cancelled(self) -> bool:
+        if not self._set and self.flag_file is not None and self.flag_file.exists():
+            self._set = True
+        return self._set
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancelled:
+            raise Cancelled("cancelled by the user")
+
+
+ProgressFn = Callable[[str, float], None]
+
+
+class Progress:
+    """Progress with an ETA over weighted stages: ``progress(stage, fraction_within_stage)``."""
+
+    def __init__(self, stages: dict, sink: Optional[Callable[[dict], None]] = None):
+        total = float(sum(stages.values()))
+        self.weights = {k: v / total for k, v in stages.items()}
+        self.sink = sink
+        self.start = time.monotonic()
+        self.last = {"stage": None, "fraction": 0.0}
+
+    def __call__(self, stage: str, fraction: float = 0.0, message: str = "") -> dict:
+        done = 0.0
+        for name, w in self.weights.items():
+            if name == stage:
+                done += w * min(max(fraction, 0.0), 1.0)
+                break
+            done += w
+        elapsed = time.monotonic() - self.start
+        eta = elapsed * (1 - done) / done if done > 0.02 else None
+        event = {"stage": stage, "fraction": round(done, 4), "elapsed_s": round(elapsed, 2),
+                 "eta_s": None if eta is None else round(eta, 1), "message": message}
+        self.last = event
+        if self.sink:
+            self.sink(event)
+        return event
+
+
+@dataclass
+class TaskContext:
+    device: str = "cpu"
+    progress: Callable = field(default=lambda stage, fraction=0.0, message="": None)
+    cancel: CancelToken = field(default_factory=CancelToken)
+    model_dir: Optional[Path] = None  # resolved model version folder, if the task uses weights
+
+    def step(self, stage: str, fraction: float = 0.0, message: str = "") -> None:
+        """Check for cancellation, then report progress."""
+        self.cancel.raise_if_cancelled()
+        self.progress(stage, fraction, message)
+
+
+@dataclass
+class SegmentInfo:
+    name: str
+    label: int
+    color: tuple  # RGB in 0..1
+    terminology: str = ""  # Slicer terminology entry string, may be empty
+
+
+@dataclass
+class SegmentationResult:
+    labelmap: Image  # integer labels on the input grid
+    segments: list  # [SegmentInfo], only those present
+    absent: list = field(default_factory=list)  # names of expected segments not found
+    report: dict = field(default_factory=dict)
+    kind: str = "segmentation"
+
+    def save(self, folder: Path) -> None:
+        from .io import write_image
+
+        folder = Path(folder)
+        write_image(self.labelmap, folder / "labelmap.nrrd")
+        meta = {"kind": self.kind, "segments": [asdict(s) for s in self.segments],
+                "absent": self.absent, "report": self.report}
+        (folder / "result.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+
+    @classmethod
+    def load(cls, folder: Path) -> "SegmentationResult":
+        from .io import read_image
+
+        folder = Path(folder)
+        meta = json.loads((folder / "result.json").read_text())
+        lab = read_image(folder / "labelmap.nrrd")
+        segs = [SegmentInfo(s["name"], s["label"], tuple(s["color"]), s.get("terminology", "")) for s in meta["segments"]]
+        return cls(lab, segs, meta.get("absent", []), meta.get("report", {}))
+
+
+@dataclass
+class VolumeResult:
+    volumes: dict  # name -> Image
+    report: dict = field(default_factory=dict)
+    kind: str = "volume"
+
+    def save(self, folder: Path) -> None:
+        from .io import write_image
+
+        folder = Path(folder)
+        for name, img in self.volumes.items():
+            write_image(img, folder / f"{name}.nrrd")
+        meta = {"kind": self.kind, "volumes": list(self.volumes), "report": self.report}
+        (folder / "result.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+
+    @classmethod
+    def load(cls, folder: Path) -> "VolumeResult":
+        from .io import read_image
+
+        folder = Path(folder)
+        meta = json.loads((folder / "result.json").read_text())
+        return cls({n: read_image(folder / f"{n}.nrrd") for n in meta["volumes"]}, meta.get("report", {}))
+
+
+@dataclass
+class TransformResult:
+    matrix_lps: np.ndarray  # 4x4, maps CT LPS points into the target frame
+    images: dict = field(default_factory=dict)  # name -> Image (e.g. the final DRR)
+    report: dict = field(default_factory=dict)
+    kind: str = "transform"
+
+    def save(self, folder: Path) -> None:
+        from .io import write_image
+
+        folder = Path(folder)
+        for name, img in self.images.items():
+            write_image(img, folder / f"{name}.nrrd")
+        meta = {"kind": self.kind, "matrix_lps": np.asarray(self.matrix_lps).tolist(),
+                "images": list(self.images), "report": self.report}
+        (folder / "result.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+
+    @classmethod
+    def load(cls, folder: Path) -> "TransformResult":
+        from .io import read_image
+
+        folder = Path(folder)
+        meta = json.loads((folder / "result.json").read_text())
+        imgs = {n: read_image(folder / f"{n}.nrrd") for n in meta["images"]}
+        return cls(np.array(meta["matrix_lps"]), imgs, meta.get("report", {}))
+
+
+RESULT_TYPES = {"segmentation": SegmentationResult, "volume": VolumeResult, "transform": TransformResult}
+
+
+def load_result(folder: Path):
+    kind = json.loads((Path(folder) / "result.json").read_text())["kind"]
+    return RESULT_TYPES[kind].load(folder)
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+@dataclass
+class InputSpec:
+    """What a task needs of one named input."""
+
+    name: str
+    ndim: int = 3
+    required: bool = True
+    description: str = ""
+
+
+class Task:
+    """Base class: subclasses set ``name``, ``inputs`` and implement :meth:`run`."""
+
+    name: str = ""
+    title: str = ""
+    inputs: tuple = ()  # (InputSpec, ...)
+    result_kind: str = "segmentation"
+
+    def default_params(self) -> dict:
+        return {}
+
+    def validate(self, images: dict, params: dict) -> None:
+        """Refuse bad input with a message that names the problem (before any heavy work)."""
+        from .validate import check_image
+
+        known = {s.name for s in self.inputs}
+        unknown = set(images) - known
+        if unknown:
+            raise InputError(f"{self.name} does not take inputs {sorted(unknown)}; it takes {sorted(known)}")
+        for spec in self.inputs:
+            if spec.name not in images:
+                if spec.required:
+                    raise InputError(f"{self.name} needs the input '{spec.name}' ({spec.description or 'image'})")
+                continue
+            check_image(images[spec.name], spec.name, ndim=spec.ndim)
+
+    def run(self, images: dict, params: dict, ctx: TaskContext):
+        raise NotImplementedError
+
+
+_REGISTRY: dict = {}
+
+
+def register(cls):
+    """Class decorator: make a task available by name to the worker, CLI and Slicer modules."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_task(name: str) -> Task:
+    from . import tasks  # noqa: F401  (imports every task module, which registers it)
+
+    if name not in _REGISTRY:
+        raise InputError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]()
+
+
+def task_names() -> list:
+    from . import tasks  # noqa: F401
+
+    return sorted(_REGISTRY)

@@ -1,0 +1,42 @@
+# Set-up and entry points. `make demo` and `make test` create .venv when it is missing.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# uv ignores pip's configuration: hand it the local wheel folder pip is configured with (CPU torch).
+FIND_LINKS ?= $(or $(shell pip config get global.find-links 2>/dev/null),$(shell python3 -m pip config get global.find-links 2>/dev/null),/opt/wheels)
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+DEMO_OUT ?= demo-output
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test bench lock weights clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@test -x "$(UV)" || python3 -m pip install --quiet --user uv
+	@test -d $(VENV) || $(UV) venv --quiet --python 3.11 $(VENV)
+	$(UV) pip install --quiet -p $(VENV) --compile-bytecode --find-links "$(FIND_LINKS)" -r requirements.lock
+	$(UV) pip install --quiet -p $(VENV) --compile-bytecode --no-deps -e .
+	@touch $@
+
+# Segment Teeth headlessly on the bundled demo volume; results land in $(DEMO_OUT)/.
+demo: venv
+	$(VENV)/bin/deepsegrecon teeth Resources/Data/demo_cbct.nrrd -o $(DEMO_OUT) --mrb
+	@ls -1 $(DEMO_OUT)
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) Testing/Benchmarks/run_benchmarks.py --out bench-results
+
+# Re-pin requirements.lock from requirements.in.
+lock:
+	$(UV) pip compile -q --no-header --find-links "$(FIND_LINKS)" requirements.in -o requirements.lock
+
+# Reproduce the shipped teeth weights (see README: trained on synthetic phantoms only).
+weights: venv
+	$(VENV)/bin/deepsegrecon train-teeth-phantoms --out Resources/Models/teeth
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) bench-results .pytest_cache

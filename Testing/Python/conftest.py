@@ -1,0 +1,53 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is not present")
+    return SHARED_DATA
+
+
+def oblique_direction(angles=(0.3, -0.2, 0.5)) -> np.ndarray:
+    """A proper rotation (det +1) with no axis aligned to LPS."""
+    ax, ay, az = angles
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+@pytest.fixture
+def oblique_image():
+    """Anisotropic, oblique, non-cubic image whose voxels encode their own (k, j, i) index."""
+    from deepsegrecon.image import Image
+
+    k, j, i = np.meshgrid(np.arange(7), np.arange(9), np.arange(11), indexing="ij")
+    arr = (k * 10000 + j * 100 + i).astype(np.int32)
+    return Image(arr, spacing=(0.4, 0.7, 1.9), origin=(-12.5, 33.25, 101.0), direction=oblique_direction())
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A folder nobody may write in, root included (root ignores mode bits, so mark it immutable)."""
+    import subprocess
+
+    ro = tmp_path / "read only ü"
+    ro.mkdir()
+    ro.chmod(0o555)
+    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode == 0
+    if os.geteuid() == 0 and not immutable:
+        pytest.skip("running as root on a file system without chattr +i: cannot make a read-only folder")
+    yield ro
+    if immutable:
+        subprocess.run(["chattr", "-i", str(ro)], check=True)
+    ro.chmod(0o755)
