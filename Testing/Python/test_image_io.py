@@ -62,6 +62,7 @@ def test_huge_volume_refused_from_header(tmp_path):
     hdr.write_text("NRRD0004\ntype: float\ndimension: 3\nsizes: 5000 5000 5000\nencoding: raw\nendian: little\n"
                    "space: left-posterior-superior\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n"
                    "space origin: (0,0,0)\ndata file: huge.raw\n")
+    (tmp_path / "huge.raw").write_bytes(b"")  # the header is all that is read
     with pytest.raises(ResourceError, match="too large"):
         read_image(hdr)
 
