@@ -1,0 +1,433 @@
+"""The model store: versions of network weights, each with a manifest and sha256 checksums.
+
+Layout (one folder per version)::
+
+    <root>/<task>/<version>/manifest.json
+    <root>/<task>/<version>/<weight files>
+
+Two roots are searched: the user store (``$DEEPSEGRECON_HOME/models``, default
+``~/.deepsegrecon/models``), which imports, training and removal write to, and the read-only
+built-in store shipped with the extension (``Resources/Models``, or ``$DEEPSEGRECON_BUILTIN_MODELS``).
+A user version shadows a built-in version of the same name.
+
+Manifest keys: ``name``, ``task``, ``version``, ``files`` ({file name: sha256}), ``labels``,
+``input_spec``, ``network`` (config to rebuild the net), ``created``, ``trained_on``,
+``base_version``, ``metrics``, ``description``; optional ``default: true`` marks the version
+:meth:`ModelStore.get` returns when no version is asked for (otherwise the newest).
+
+Every version is written atomically (:meth:`ModelStore.write_version`): the files go into a hidden
+staging folder beside the target, which is renamed into place only when complete, so a crash
+never leaves a half-written version and never touches other versions. Hidden folders (``.*``)
+are ignored when listing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .errors import InputError, ModelError
+
+MANIFEST = "manifest.json"
+MANIFEST_KEYS = ("name", "task", "version", "files", "labels", "input_spec", "network", "created",
+                 "trained_on", "base_version", "metrics", "description")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]*$")
+_CHUNK = 1 << 20
+
+
+def default_user_root() -> Path:
+    home = os.environ.get("DEEPSEGRECON_HOME")
+    base = Path(home).expanduser() if home else Path.home() / ".deepsegrecon"
+    return base / "models"
+
+
+def default_builtin_root() -> Path:
+    env = os.environ.get("DEEPSEGRECON_BUILTIN_MODELS")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[2] / "Resources" / "Models"
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_name(value: str, what: str) -> str:
+    value = str(value)
+    if not _SAFE_NAME.match(value) or value in (".", ".."):
+        raise InputError(f"{what} '{value}' is not a valid name: use letters, digits, '.', '_', '+' or '-' "
+                         "(starting with a letter or digit)")
+    return value
+
+
+def _check_file_name(value: str) -> str:
+    value = str(value)
+    if not value or value != Path(value).name or value.startswith(".") or value == MANIFEST:
+        raise InputError(f"'{value}' cannot be a weight file name: use a plain file name (not {MANIFEST})")
+    return value
+
+
+def _version_key(version: str):
+    """Natural order: '1.10' after '1.9'; numbers before text in each position."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", version) if p]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+@dataclass
+class ModelEntry:
+    """One installed version: ``dir`` holds ``manifest.json`` and the weight files."""
+
+    task: str
+    version: str
+    dir: Path
+    manifest: dict = field(default_factory=dict)
+    builtin: bool = False
+
+    @property
+    def files(self) -> dict:
+        return dict(self.manifest.get("files") or {})
+
+    @property
+    def is_default(self) -> bool:
+        return bool(self.manifest.get("default"))
+
+    def path(self, filename: str) -> Path:
+        if filename not in self.files:
+            raise ModelError(f"model {self.task} {self.version} has no file '{filename}'; "
+                             f"its files are: {', '.join(self.files) or 'none'}")
+        return self.dir / filename
+
+    def __str__(self) -> str:
+        return f"{self.task} {self.version}{' (built-in)' if self.builtin else ''}"
+
+
+def _read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{folder} has no {MANIFEST}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"the manifest {path} cannot be read: {e}") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise ModelError(f"the manifest {path} is malformed: it must be a JSON object whose 'files' maps names to sha256")
+    return manifest
+
+
+class ModelStore:
+    def __init__(self, root=None, builtin_root=None):
+        self.root = Path(root).expanduser() if root is not None else default_user_root()
+        self.builtin_root = Path(builtin_root).expanduser() if builtin_root is not None else default_builtin_root()
+
+    def __repr__(self) -> str:
+        return f"ModelStore(root={str(self.root)!r}, builtin_root={str(self.builtin_root)!r})"
+
+    # ------------------------------------------------------------------ reading
+    def _roots(self):
+        """(root, builtin) pairs, user store first; the same folder is searched once."""
+        roots = [(self.root, False)]
+        try:
+            same = self.builtin_root.resolve() == self.root.resolve()
+        except OSError:
+            same = False
+        if not same:
+            roots.append((self.builtin_root, True))
+        return roots
+
+    def list(self, task: Optional[str] = None) -> list:
+        """Every installed version (of ``task``), sorted by task then version; user versions shadow built-ins."""
+        if task is not None:
+            task = _check_name(task, "task")
+        found = {}
+        for root, builtin in self._roots():
+            if not root.is_dir():
+                continue
+            tasks = [root / task] if task else sorted(p for p in root.iterdir() if p.is_dir())
+            for tdir in tasks:
+                if not tdir.is_dir() or tdir.name.startswith("."):
+                    continue
+                for vdir in sorted(tdir.iterdir()):
+                    if vdir.name.startswith(".") or not (vdir / MANIFEST).is_file():
+                        continue
+                    key = (tdir.name, vdir.name)
+                    if key in found:
+                        continue
+                    try:
+                        manifest = _read_manifest(vdir)
+                    except ModelError as e:
+                        manifest = {"task": tdir.name, "version": vdir.name, "files": {}, "error": str(e)}
+                    found[key] = ModelEntry(tdir.name, vdir.name, vdir, manifest, builtin)
+        return sorted(found.values(), key=lambda e: (e.task, _version_key(e.version)))
+
+    def get(self, task: str, version: Optional[str] = None) -> ModelEntry:
+        """One version of ``task``; ``version=None`` gives the version marked default, else the newest."""
+        entries = self.list(task)
+        if not entries:
+            known = sorted({e.task for e in self.list()})
+            raise ModelError(
+                f"no model for task '{task}' is installed (looked in {self.root} and {self.builtin_root}); "
+                + (f"models exist for: {', '.join(known)}" if known else "the store is empty")
+                + ". Import one with: deepsegrecon models import PATH --task " + task)
+        if version is None:
+            # a version marked default (a user one before a built-in one), else the newest
+            defaults = [e for e in entries if e.is_default]
+            return max(defaults or entries, key=lambda e: (
+                bool(defaults) and not e.builtin, str(e.manifest.get("created") or ""), _version_key(e.version)))
+        for e in entries:
+            if e.version == str(version):
+                return e
+        raise ModelError(f"task '{task}' has no model version '{version}'; installed versions: "
+                         f"{', '.join(e.version for e in entries)}")
+
+    def verify(self, entry: ModelEntry) -> None:
+        """Check every file's sha256 against the manifest; raise ModelError naming the first bad file."""
+        if "error" in entry.manifest:
+            raise ModelError(entry.manifest["error"])
+        for name, expected in entry.files.items():
+            verify_file(entry, name, expected)
+
+    # ------------------------------------------------------------------ writing
+    def write_version(self, task: str, version: str, files: dict, manifest: Optional[dict] = None,
+                      overwrite: bool = False, move: bool = False) -> ModelEntry:
+        """Install ``files`` ({name: source path}) as ``<root>/<task>/<version>``, atomically.
+
+        Sha256 sums are computed while copying; where ``manifest['files']`` already names a sum for a
+        file, a mismatch raises ModelError and nothing is written. ``move=True`` moves the sources
+        instead of copying them (for temporary downloads).
+        """
+        task = _check_name(task, "task")
+        version = _check_name(version, "version")
+        manifest = dict(manifest or {})
+        expected = dict(manifest.get("files") or {})
+        if manifest.get("task") not in (None, task):
+            raise ModelError(f"the manifest says these weights are for task '{manifest['task']}', not '{task}'")
+        if not files:
+            raise InputError(f"model {task} {version}: no weight files were given")
+        files = {_check_file_name(n): Path(p) for n, p in files.items()}
+        missing = sorted(set(expected) - set(files))
+        if missing:
+            raise ModelError(f"the manifest lists {', '.join(missing)} but no such file was given")
+        for name, src in files.items():
+            if not src.is_file():
+                raise InputError(f"weight file {src} does not exist")
+        target = self.root / task / version
+        self._refuse_existing(task, version, target, overwrite)
+
+        tdir = self.root / task
+        try:
+            tdir.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=tdir))
+        except OSError as e:
+            raise InputError(f"cannot write to the model store {self.root}: {e.strerror or e}") from e
+        try:
+            sums = {}
+            for name, src in files.items():
+                dst = stage / name
+                if move:
+                    shutil.move(str(src), dst)
+                else:
+                    shutil.copyfile(src, dst)
+                sums[name] = sha256_file(dst)
+                want = expected.get(name)
+                if want and want.lower() != sums[name]:
+                    raise ModelError(f"checksum mismatch for {name}: expected sha256 {want}, the file has {sums[name]}")
+            manifest.update(task=task, version=version, files=sums)
+            manifest.setdefault("name", f"{task} {version}")
+            manifest.setdefault("created", _now())
+            for key in MANIFEST_KEYS:
+                manifest.setdefault(key, None)
+            mpath = stage / MANIFEST
+            with open(mpath, "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=1, ensure_ascii=False)
+                f.flush()
+                os.fsync(f.fileno())
+            old = None
+            if target.exists():  # overwrite=True (checked above): swap the old version out first
+                old = Path(tempfile.mkdtemp(prefix=f".old-{version}-", dir=tdir))
+                os.replace(target, old / "v")
+            try:
+                os.rename(stage, target)
+            except OSError as e:
+                if old is not None:
+                    os.replace(old / "v", target)
+                raise ModelError(f"cannot install model {task} {version}: {e.strerror or e}") from e
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            _rmdir_if_empty(tdir)
+            raise
+        return ModelEntry(task, version, target, manifest, False)
+
+    def _refuse_existing(self, task, version, target, overwrite):
+        if target.exists() and not overwrite:
+            raise ModelError(f"model {task} {version} is already installed in {target.parent}; "
+                             "choose another version name or remove it first")
+        for root, builtin in self._roots():
+            if builtin and (root / task / version / MANIFEST).is_file():
+                raise ModelError(f"model {task} {version} is built in; choose another version name")
+
+    def import_file(self, path, task: Optional[str] = None, version: Optional[str] = None,
+                    sha256: Optional[str] = None, overwrite: bool = False, **fields) -> ModelEntry:
+        """Import a version folder (with ``manifest.json``) or a single weights file.
+
+        For a folder, ``task``/``version`` default to the manifest's and each file is checked against
+        its sha256 in the manifest. For a single file, ``task`` is required, ``version`` defaults to a
+        timestamp, ``sha256`` (if given) must match, and ``fields`` (labels, network, description, ...)
+        fill the manifest.
+        """
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise InputError(f"{path} does not exist")
+        if path.is_dir() or path.name == MANIFEST:
+            folder = path if path.is_dir() else path.parent
+            manifest = _read_manifest(folder)
+            mtask = manifest.get("task")
+            if task and mtask and mtask != task:
+                raise ModelError(f"{folder} holds weights for task '{mtask}', not '{task}'")
+            task = task or mtask
+            version = version or manifest.get("version")
+            if not task or not version:
+                raise InputError(f"{folder / MANIFEST} does not name the task and version: pass --task and --version")
+            files = {}
+            for name, want in manifest.get("files", {}).items():
+                src = folder / name
+                if not src.is_file():
+                    raise ModelError(f"{folder} is incomplete: {name}, listed in its manifest, is missing")
+                files[name] = src
+            manifest.update({k: v for k, v in fields.items() if v is not None})
+            return self.write_version(task, version, files, manifest, overwrite=overwrite)
+        if not task:
+            raise InputError(f"importing the single file {path.name} needs the task it is for (--task)")
+        version = version or _dt.datetime.now().strftime("imported-%Y%m%d-%H%M%S")
+        manifest = {k: v for k, v in fields.items() if v is not None}
+        if sha256:
+            manifest["files"] = {path.name: sha256.strip().lower()}
+        manifest.setdefault("description", f"imported from {path}")
+        return self.write_version(task, version, {path.name: path}, manifest, overwrite=overwrite)
+
+    def import_url(self, url: str, sha256: str, task: str, version: str, filename: Optional[str] = None,
+                   timeout: float = 60.0, max_bytes: Optional[int] = None, overwrite: bool = False,
+                   **fields) -> ModelEntry:
+        """Download one weights file, check its sha256, then install it; on any failure nothing is written."""
+        if not sha256 or not re.fullmatch(r"[0-9a-fA-F]{64}", sha256.strip()):
+            raise InputError("a download needs the expected sha256 (64 hexadecimal digits) of the file")
+        sha256 = sha256.strip().lower()
+        task = _check_name(task, "task")
+        version = _check_name(version, "version")
+        self._refuse_existing(task, version, self.root / task / version, overwrite)
+        filename = _check_file_name(filename or urllib.parse.unquote(Path(urllib.parse.urlparse(url).path).name)
+                                    or "weights.pt")
+        tmpdir = Path(tempfile.mkdtemp(prefix="deepsegrecon-download-"))
+        try:
+            tmp = tmpdir / filename
+            h = hashlib.sha256()
+            n = 0
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
+                    for chunk in iter(lambda: resp.read(_CHUNK), b""):
+                        n += len(chunk)
+                        if max_bytes is not None and n > max_bytes:
+                            raise ModelError(f"download {url} is larger than {max_bytes} bytes; stopped")
+                        h.update(chunk)
+                        out.write(chunk)
+            except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts are OSErrors
+                raise ModelError(f"cannot download {url}: {getattr(e, 'reason', None) or e}") from e
+            got = h.hexdigest()
+            if got != sha256:
+                raise ModelError(f"checksum mismatch for {url}: expected sha256 {sha256}, the download has {got}; "
+                                 "nothing was installed")
+            manifest = {k: v for k, v in fields.items() if v is not None}
+            manifest["files"] = {filename: sha256}
+            manifest.setdefault("description", f"downloaded from {url}")
+            return self.write_version(task, version, {filename: tmp}, manifest, overwrite=overwrite, move=True)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+    def remove(self, task: str, version: str) -> None:
+        """Remove a version from the user store; built-in versions cannot be removed."""
+        task = _check_name(task, "task")
+        version = _check_name(version, "version")
+        target = self.root / task / version
+        if not (target / MANIFEST).is_file():
+            entry = self.get(task, version)  # raises, naming the versions that exist
+            raise ModelError(f"model {task} {version} is built in (in {entry.dir.parent}) and cannot be removed"
+                             if entry.builtin else f"model {task} {version} is not in the user store {self.root}")
+        tdir = target.parent
+        trash = Path(tempfile.mkdtemp(prefix=f".removing-{version}-", dir=tdir))
+        try:
+            os.replace(target, trash / "v")
+        except OSError as e:
+            shutil.rmtree(trash, ignore_errors=True)
+            raise ModelError(f"cannot remove model {task} {version}: {e.strerror or e}") from e
+        shutil.rmtree(trash, ignore_errors=True)
+        _rmdir_if_empty(tdir)
+
+
+def _rmdir_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def verify_file(entry: ModelEntry, filename: str, expected: Optional[str] = None) -> Path:
+    path = entry.path(filename)
+    expected = (expected or entry.files.get(filename) or "").lower()
+    if not path.is_file():
+        raise ModelError(f"model {entry.task} {entry.version} is incomplete: {filename} is missing from {entry.dir}")
+    got = sha256_file(path)
+    if got != expected:
+        raise ModelError(f"checksum mismatch for {filename} in model {entry.task} {entry.version} ({entry.dir}): "
+                         f"the manifest says sha256 {expected or '(none)'}, the file has {got}; "
+                         "the file is damaged or was replaced: re-import the model")
+    return path
+
+
+def check_task(entry: ModelEntry, task: Optional[str]) -> None:
+    """Refuse weights whose manifest names another task."""
+    mtask = entry.manifest.get("task")
+    if task is not None and mtask != task:
+        raise ModelError(f"model {entry.version} in {entry.dir} holds weights for task '{mtask}', not '{task}'")
+
+
+def load_state_dict(entry: ModelEntry, filename: str, task: Optional[str] = None):
+    """Verify the file's sha256 and task, then load it with ``torch.load(weights_only=True)`` on the CPU."""
+    check_task(entry, task)
+    path = verify_file(entry, filename)
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only" in str(e):
+            raise ModelError(f"{filename} in model {entry.task} {entry.version} holds Python objects other than "
+                             "tensors; refusing to load it (only plain weights are loaded, for safety)") from e
+        raise ModelError(f"{filename} in model {entry.task} {entry.version} is corrupt: not a PyTorch weights file ({e})") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError) as e:
+        raise ModelError(f"{filename} in model {entry.task} {entry.version} is corrupt: not a PyTorch weights file "
+                         f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
+    if not isinstance(state, dict):
+        raise ModelError(f"{filename} in model {entry.task} {entry.version} is not a state dict "
+                         f"(it holds a {type(state).__name__})")
+    return state
