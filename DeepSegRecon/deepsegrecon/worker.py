@@ -1,0 +1,491 @@
+"""Run a task in a separate process, through a job folder.
+
+Job folder::
+
+    <job>/params.json      {"task", "params", "inputs": {name: file}, "plugins": [module, ...]}
+    <job>/inputs/<name>.nrrd
+    <job>/progress.jsonl   one JSON object a line: stage, fraction, elapsed_s, eta_s, message;
+                           the last line has "state" (succeeded | failed | cancelled), "exit_code"
+                           and, on failure, "error" and "error_type"
+    <job>/cancel           flag file: its existence asks the task to stop at its next step
+    <job>/output/          the saved result; appears only on success, renamed from a hidden staging folder
+    <job>/worker.log       the worker's stdout and stderr
+
+The caller uses :func:`create_job`, :func:`start_job` and the :class:`JobHandle` it returns
+(``poll``, ``wait``, ``cancel``, ``result``, ``cleanup``). The worker process is
+``python -m deepsegrecon.worker JOB_DIR`` (also ``deepsegrecon worker JOB_DIR``); its exit code is
+the one in :mod:`deepsegrecon.errors` (0 ok, 1 internal, 2 input, 3 model, 4 cancelled, 5 resources).
+SIGTERM is handled as a cancel request.
+
+Progress: a task reports ``ctx.step(stage, fraction)``. If the task class declares
+``stages = {stage: weight}``, ``fraction`` is the fraction within that stage and the overall
+fraction is weighted over the stages; otherwise ``fraction`` is the overall fraction.
+:func:`run_inline` runs a task in the calling process (the CLI uses it) with the same checks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import errors
+from .errors import Cancelled, DeepSegReconError, InputError, ModelError, ResourceError
+from .task import CancelToken, TaskContext, get_task, load_result
+
+PARAMS = "params.json"
+PROGRESS = "progress.jsonl"
+CANCEL = "cancel"
+OUTPUT = "output"
+LOG = "worker.log"
+INPUTS = "inputs"
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+ERROR_TYPES = {c.__name__: c for c in (DeepSegReconError, InputError, ModelError, Cancelled, ResourceError)}
+
+
+def default_job_root() -> Path:
+    return Path(tempfile.gettempdir()) / "deepsegrecon-jobs"
+
+
+# ---------------------------------------------------------------------------------------- progress
+class ProgressReporter:
+    """``reporter(stage, fraction, message)`` -> event dict (also passed to ``sink``), with an ETA.
+
+    With ``stages`` ({name: weight}) the fraction is within the stage; without, it is overall.
+    The overall fraction never goes backwards; an unknown stage keeps the fraction reached so far.
+    """
+
+    def __init__(self, stages: Optional[dict] = None, sink: Optional[Callable[[dict], None]] = None):
+        total = float(sum(stages.values())) if stages else 0.0
+        self.weights = {k: v / total for k, v in stages.items()} if total > 0 else None
+        self.sink = sink
+        self.start = time.monotonic()
+        self.done = 0.0
+        self.last: dict = {"stage": None, "fraction": 0.0, "elapsed_s": 0.0, "eta_s": None, "message": ""}
+
+    def __call__(self, stage: str, fraction: float = 0.0, message: str = "") -> dict:
+        f = min(max(float(fraction or 0.0), 0.0), 1.0)
+        if self.weights is None:
+            done = f
+        elif stage in self.weights:
+            done = 0.0
+            for name, w in self.weights.items():
+                if name == stage:
+                    done += w * f
+                    break
+                done += w
+        else:
+            done = self.done
+        self.done = max(self.done, done)
+        elapsed = time.monotonic() - self.start
+        eta = elapsed * (1 - self.done) / self.done if self.done > 0.02 else None
+        event = {"stage": stage, "fraction": round(self.done, 4), "elapsed_s": round(elapsed, 2),
+                 "eta_s": None if eta is None else round(eta, 1), "message": message or ""}
+        self.last = event
+        if self.sink is not None:
+            self.sink(event)
+        return event
+
+
+def format_progress(event: dict) -> str:
+    """One human line: `` 42% segmenting  ETA 12 s``."""
+    pct = f"{100 * (event.get('fraction') or 0):3.0f}%"
+    eta = event.get("eta_s")
+    eta = "" if eta is None else f"  ETA {_duration(eta)}"
+    msg = f"  {event['message']}" if event.get("message") else ""
+    return f"{pct} {event.get('stage') or ''}{eta}{msg}"
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s} s" if s < 60 else f"{s // 60} min {s % 60:02d} s"
+
+
+# ---------------------------------------------------------------------------------------- running
+def _resolve_device(name) -> str:
+    name = str(name or "auto")
+    if name == "cpu":  # no torch import needed
+        return "cpu"
+    from .device import resolve_device
+
+    return str(resolve_device(name))
+
+
+def check_model(task: str, version: Optional[str] = None, store=None, load: bool = True):
+    """Find, checksum and (``load=True``) test-load the weights of ``task``: every problem is a ModelError
+    raised before any heavy work. Returns the :class:`~deepsegrecon.store.ModelEntry`."""
+    from .store import ModelStore, check_task, load_state_dict
+
+    store = store or ModelStore()
+    entry = store.get(task, version)
+    check_task(entry, task)
+    store.verify(entry)
+    if load:
+        for name in entry.files:
+            if name.endswith((".pt", ".pth")):
+                load_state_dict(entry, name, task=task)
+    return entry
+
+
+def run_inline(task_name: str, images: dict, params: dict, progress: Optional[Callable[[dict], None]] = None,
+               cancel: Optional[CancelToken] = None, model=None):
+    """Run ``task_name`` in this process: validate, resolve device and weights, run; returns the result.
+
+    ``progress`` receives event dicts (stage, fraction, elapsed_s, eta_s, message). ``model`` is an
+    already checked ModelEntry; otherwise, when the task declares ``uses_model = True`` or ``params``
+    names a ``model`` version, the weights are checked here before the task runs.
+    """
+    task = get_task(task_name)
+    params = {**task.default_params(), **(params or {})}
+    task.validate(images, params)
+    cancel = cancel or CancelToken()
+    cancel.raise_if_cancelled()
+    # tasks that use no torch device may declare uses_device = False (spares the torch import)
+    device = _resolve_device(params.get("device", "auto" if getattr(task, "uses_device", True) else "cpu"))
+    if model is None and (getattr(task, "uses_model", False) or params.get("model")):
+        model = check_model(getattr(task, "model_task", None) or task.name, params.get("model"))
+    if model is not None:
+        params["model"] = model.version
+    reporter = ProgressReporter(getattr(task, "stages", None), progress)
+    ctx = TaskContext(device=device, progress=reporter, cancel=cancel, model_dir=model.dir if model else None)
+    try:
+        return task.run(images, params, ctx)
+    except MemoryError as e:
+        raise ResourceError(f"{task_name} ran out of memory; try a smaller image or free memory ({e})") from e
+
+
+# ---------------------------------------------------------------------------------------- job folder
+def create_job(task: str, images: dict, params: dict, job_root=None, plugins=()) -> Path:
+    """Write a job folder (inputs as NRRD, params.json) and return its path."""
+    from .io import write_image
+    from .store import _check_name
+
+    try:
+        params_text = json.dumps({"task": task, "params": params or {},
+                                  "inputs": {n: f"{INPUTS}/{n}.nrrd" for n in images},
+                                  "plugins": [str(p) for p in plugins]}, indent=1)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"job parameters must be plain JSON values: {e}") from e
+    for name in images:
+        _check_name(name, "input name")
+    root = Path(job_root) if job_root is not None else default_job_root()
+    root.mkdir(parents=True, exist_ok=True)
+    job = Path(tempfile.mkdtemp(prefix=f"{task}-", dir=root))
+    try:
+        (job / INPUTS).mkdir()
+        for name, img in images.items():
+            write_image(img, job / INPUTS / f"{name}.nrrd", compress=False)
+        (job / PARAMS).write_text(params_text, encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(job, ignore_errors=True)
+        raise
+    return job
+
+
+@dataclass
+class JobStatus:
+    state: str  # running | succeeded | failed | cancelled
+    fraction: float = 0.0
+    stage: Optional[str] = None
+    eta_s: Optional[float] = None
+    elapsed_s: float = 0.0
+    message: str = ""
+    error: Optional[str] = None
+    exit_code: Optional[int] = None
+    error_type: Optional[str] = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+class JobHandle:
+    """A running (or finished) worker process and its job folder."""
+
+    def __init__(self, job_dir: Path, process: subprocess.Popen):
+        self.job_dir = Path(job_dir)
+        self.process = process
+        self.cancel_requested = False
+        self._offset = 0
+        self._buffer = b""
+        self._last: dict = {}
+        self._final: Optional[dict] = None
+        self._status: Optional[JobStatus] = None
+        self._started = time.monotonic()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _read_progress(self) -> None:
+        path = self.job_dir / PROGRESS
+        try:
+            with open(path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        self._offset += len(data)
+        lines = (self._buffer + data).split(b"\n")
+        self._buffer = lines.pop()  # an incomplete last line waits for the rest
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                if event.get("state") in FINAL_STATES:
+                    self._final = event
+                else:
+                    self._last = event
+
+    def poll(self) -> JobStatus:
+        if self._status is not None and self._status.done:
+            return self._status
+        code = self.process.poll()
+        self._read_progress()
+        last = self._final or self._last
+        status = JobStatus("running", fraction=last.get("fraction") or 0.0, stage=last.get("stage"),
+                           eta_s=last.get("eta_s"), elapsed_s=last.get("elapsed_s") or round(time.monotonic() - self._started, 2),
+                           message=last.get("message") or "")
+        if code is None:
+            self._status = status
+            return status
+        status.exit_code = code
+        final = self._final
+        if final is not None:
+            status.state = final["state"]
+            status.error = final.get("error")
+            status.error_type = final.get("error_type")
+        elif code < 0 and self.cancel_requested:
+            status.state, status.error_type = "cancelled", "Cancelled"
+            status.error = f"cancelled (the worker was stopped with signal {-code})"
+        elif code < 0:
+            status.state, status.error_type = "failed", "DeepSegReconError"
+            status.error = (f"the worker process was killed (signal {-code}{_signal_name(-code)}), for example because "
+                            f"the system ran out of memory; see {self.job_dir / LOG}")
+        elif code == errors.EXIT_OK and (self.job_dir / OUTPUT).is_dir():
+            status.state = "succeeded"
+        else:
+            status.state, status.error_type = "failed", "DeepSegReconError"
+            status.error = f"the worker exited with code {code} without a result; log: {_tail(self.job_dir / LOG)}"
+        if status.state == "succeeded":
+            status.fraction, status.eta_s = 1.0, 0.0
+        self._status = status
+        return status
+
+    def wait(self, timeout: Optional[float] = None, on_progress: Optional[Callable[[JobStatus], None]] = None,
+             poll_interval: float = 0.2) -> JobStatus:
+        """Poll until the job ends (or ``timeout`` passes: the status is then still running)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        seen = None
+        while True:
+            status = self.poll()
+            key = (status.state, status.fraction, status.stage, status.message)
+            if on_progress is not None and key != seen:
+                on_progress(status)
+            seen = key
+            if status.done or (end is not None and time.monotonic() >= end):
+                return status
+            try:
+                self.process.wait(poll_interval if end is None else max(0.0, min(poll_interval, end - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                pass
+
+    def cancel(self, grace: float = 1.0) -> JobStatus:
+        """Ask the task to stop (flag file); after ``grace`` s SIGTERM, then SIGKILL the process group."""
+        self.cancel_requested = True
+        if self.process.poll() is None:
+            try:
+                (self.job_dir / CANCEL).touch()
+            except OSError:
+                pass
+            for sig, wait_s in ((None, grace), (signal.SIGTERM, 0.4), (signal.SIGKILL, 0.5)):
+                if sig is not None:
+                    self._signal_group(sig)
+                try:
+                    self.process.wait(wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self._signal_group(signal.SIGKILL, only_others=True)  # children the task left behind
+        return self.poll()
+
+    def _signal_group(self, sig, only_others: bool = False) -> None:
+        try:
+            if only_others and self.process.poll() is None:
+                return
+            os.killpg(self.process.pid, sig)
+        except (ProcessLookupError, PermissionError, OSError):
+            pass
+
+    def result(self):
+        """The result of a succeeded job; for a failed or cancelled one, raise its error here."""
+        status = self.poll()
+        if status.state == "running":
+            raise DeepSegReconError(f"job {self.job_dir.name} is still running")
+        if status.state == "succeeded":
+            return load_result(self.job_dir / OUTPUT)
+        if status.state == "cancelled":
+            raise Cancelled(status.error or "cancelled by the user")
+        raise ERROR_TYPES.get(status.error_type or "", DeepSegReconError)(status.error or "the job failed")
+
+    def cleanup(self) -> None:
+        """Stop the worker if it still runs, then remove the job folder."""
+        if self.process.poll() is None:
+            self.cancel(grace=0.5)
+        shutil.rmtree(self.job_dir, ignore_errors=True)
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return f", {signal.Signals(sig).name}"
+    except ValueError:
+        return ""
+
+
+def _tail(path: Path, n: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:].strip() or "(empty)"
+    except OSError:
+        return "(no log)"
+
+
+def start_job(job_dir, python: str = sys.executable, env: Optional[dict] = None) -> JobHandle:
+    """Start ``python -m deepsegrecon.worker JOB_DIR`` in its own process group; output goes to worker.log."""
+    job_dir = Path(job_dir)
+    if not (job_dir / PARAMS).is_file():
+        raise InputError(f"{job_dir} is not a job folder (no {PARAMS})")
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    pkg_parent = str(Path(__file__).resolve().parents[1])  # so the worker finds this package
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, full_env.get("PYTHONPATH")) if p)
+    full_env.setdefault("PYTHONIOENCODING", "utf-8")
+    with open(job_dir / LOG, "ab") as log:
+        proc = subprocess.Popen([python, "-m", "deepsegrecon.worker", str(job_dir)], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+                                cwd=str(job_dir))
+    return JobHandle(job_dir, proc)
+
+
+# ---------------------------------------------------------------------------------------- worker process
+def _import_plugin(spec: str) -> None:
+    try:
+        if spec.endswith(".py"):
+            path = Path(spec)
+            mspec = importlib.util.spec_from_file_location(f"deepsegrecon_plugin_{path.stem}", path)
+            module = importlib.util.module_from_spec(mspec)
+            sys.modules[mspec.name] = module
+            mspec.loader.exec_module(module)
+        else:
+            importlib.import_module(spec)
+    except Exception as e:
+        raise DeepSegReconError(f"cannot import the plugin '{spec}': {type(e).__name__}: {e}") from e
+
+
+def main(job_dir, install_signals: bool = True) -> int:
+    """The worker process: run the job in ``job_dir``; returns the exit code."""
+    job = Path(job_dir)
+    if not (job / PARAMS).is_file():
+        print(f"error: {job} is not a job folder (no {PARAMS})", file=sys.stderr)
+        return errors.EXIT_INPUT
+    start = time.monotonic()
+    token = CancelToken(flag_file=job / CANCEL)
+    guard = {"armed": True}
+    previous = None
+
+    def on_sigterm(signum, frame):
+        try:
+            token.cancel()
+        except OSError:
+            token._set = True
+        if guard["armed"]:
+            guard["armed"] = False
+            raise Cancelled("cancelled (the worker received SIGTERM)")
+
+    if install_signals:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+
+    progress_file = open(job / PROGRESS, "a", encoding="utf-8")
+
+    def emit(event: dict) -> None:
+        progress_file.write(json.dumps(event, ensure_ascii=False) + "\n")
+        progress_file.flush()
+
+    stage = None
+    try:
+        try:
+            spec = json.loads((job / PARAMS).read_text(encoding="utf-8"))
+            emit({"stage": "starting", "fraction": 0.0, "elapsed_s": 0.0, "eta_s": None, "message": "", "pid": os.getpid()})
+            for plugin in spec.get("plugins", []):
+                _import_plugin(plugin)
+            token.raise_if_cancelled()
+            from .io import read_image
+
+            images = {name: read_image(job / rel) for name, rel in spec.get("inputs", {}).items()}
+            token.raise_if_cancelled()
+            result = run_inline(spec["task"], images, spec.get("params", {}), progress=emit, cancel=token)
+            token.raise_if_cancelled()
+            stage = Path(tempfile.mkdtemp(prefix=".output-staging-", dir=job))
+            result.save(stage)
+            token.raise_if_cancelled()
+            guard["armed"] = False  # from here on the job is done: a late SIGTERM changes nothing
+            os.rename(stage, job / OUTPUT)
+            stage = None
+            code, final = errors.EXIT_OK, {"state": "succeeded", "fraction": 1.0, "eta_s": 0.0}
+        except json.JSONDecodeError as e:
+            raise DeepSegReconError(f"{job / PARAMS} is not valid JSON: {e}") from e
+        except MemoryError as e:
+            raise ResourceError(f"the worker ran out of memory ({e})") from e
+    except (Cancelled, KeyboardInterrupt) as e:
+        msg = str(e) if isinstance(e, Cancelled) else "cancelled (interrupted)"
+        code, final = errors.EXIT_CANCELLED, {"state": "cancelled", "error": msg, "error_type": "Cancelled"}
+    except DeepSegReconError as e:
+        code = e.exit_code
+        final = {"state": "failed", "error": str(e), "error_type": _error_type(e)}
+        print(f"error: {e}", file=sys.stderr)
+    except BaseException as e:  # a bug: keep the traceback in the log
+        traceback.print_exc()
+        code = errors.EXIT_INTERNAL
+        final = {"state": "failed", "error": f"internal error: {type(e).__name__}: {e}", "error_type": "DeepSegReconError"}
+    finally:
+        guard["armed"] = False
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+    final.update(exit_code=code, elapsed_s=round(time.monotonic() - start, 2))
+    try:
+        emit(final)
+        progress_file.close()
+    except OSError:
+        pass
+    if install_signals and previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
+def _error_type(e: BaseException) -> str:
+    for cls in type(e).__mro__:
+        if cls.__name__ in ERROR_TYPES:
+            return cls.__name__
+    return "DeepSegReconError"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print("usage: python -m deepsegrecon.worker JOB_DIR", file=sys.stderr)
+        sys.exit(errors.EXIT_INPUT)
+    rc = main(sys.argv[1])
+    os._exit(rc)  # do not wait for non-daemon threads a library may have left running
