@@ -296,6 +296,13 @@ class ModelStore:
         path = Path(path).expanduser()
         if not path.exists():
             raise InputError(f"{path} does not exist")
+        if path.is_file() and _is_model_archive(path):
+            if sha256 and sha256.strip().lower() != sha256_file(path):
+                raise ModelError(f"checksum mismatch for {path.name}: expected sha256 {sha256.strip().lower()}, "
+                                 f"the file has {sha256_file(path)}")
+            with tempfile.TemporaryDirectory(prefix="deepsegrecon-unpack-") as tmp:
+                folder = _extract_version_folder(path, Path(tmp))
+                return self.import_file(folder, task=task, version=version, overwrite=overwrite, **fields)
         if path.is_dir() or path.name == MANIFEST:
             folder = path if path.is_dir() else path.parent
             manifest = _read_manifest(folder)
@@ -323,16 +330,21 @@ class ModelStore:
         manifest.setdefault("description", f"imported from {path}")
         return self.write_version(task, version, {path.name: path}, manifest, overwrite=overwrite)
 
-    def import_url(self, url: str, sha256: str, task: str, version: str, filename: Optional[str] = None,
-                   timeout: float = 60.0, max_bytes: Optional[int] = None, overwrite: bool = False,
-                   **fields) -> ModelEntry:
-        """Download one weights file, check its sha256, then install it; on any failure nothing is written."""
+    def import_url(self, url: str, sha256: str, task: Optional[str] = None, version: Optional[str] = None,
+                   filename: Optional[str] = None, timeout: float = 60.0, max_bytes: Optional[int] = None,
+                   overwrite: bool = False, **fields) -> ModelEntry:
+        """Download a weights file (or a .zip/.tar.gz of a version folder), check its sha256, then install it.
+
+        On any failure (network, checksum, archive) nothing is written to the store. A single weights
+        file needs ``task``; ``version`` defaults to a timestamp (archives: to their manifest's).
+        """
         if not sha256 or not re.fullmatch(r"[0-9a-fA-F]{64}", sha256.strip()):
             raise InputError("a download needs the expected sha256 (64 hexadecimal digits) of the file")
         sha256 = sha256.strip().lower()
-        task = _check_name(task, "task")
-        version = _check_name(version, "version")
-        self._refuse_existing(task, version, self.root / task / version, overwrite)
+        task = _check_name(task, "task") if task else None
+        version = _check_name(version, "version") if version else None
+        if task and version:
+            self._refuse_existing(task, version, self.root / task / version, overwrite)
         filename = _check_file_name(filename or urllib.parse.unquote(Path(urllib.parse.urlparse(url).path).name)
                                     or "weights.pt")
         tmpdir = Path(tempfile.mkdtemp(prefix="deepsegrecon-download-"))
@@ -354,6 +366,11 @@ class ModelStore:
             if got != sha256:
                 raise ModelError(f"checksum mismatch for {url}: expected sha256 {sha256}, the download has {got}; "
                                  "nothing was installed")
+            if _is_model_archive(tmp):  # a zipped / tarred version folder with its manifest
+                return self.import_file(tmp, task=task, version=version, overwrite=overwrite, **fields)
+            if not task:
+                raise InputError(f"installing the single file {filename} needs the task it is for (--task)")
+            version = version or _dt.datetime.now().strftime("imported-%Y%m%d-%H%M%S")
             manifest = {k: v for k, v in fields.items() if v is not None}
             manifest["files"] = {filename: sha256}
             manifest.setdefault("description", f"downloaded from {url}")
@@ -379,6 +396,51 @@ class ModelStore:
             raise ModelError(f"cannot remove model {task} {version}: {e.strerror or e}") from e
         shutil.rmtree(trash, ignore_errors=True)
         _rmdir_if_empty(tdir)
+
+
+_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+def _is_model_archive(path: Path) -> bool:
+    """A .zip/.tar(.gz) holding a version folder (a manifest.json). A torch ``.pt`` file is a zip too,
+    but holds no manifest, so it is not taken for an archive."""
+    import tarfile
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                return any(Path(n).name == MANIFEST for n in z.namelist())
+        if path.name.lower().endswith(_ARCHIVE_SUFFIXES) and tarfile.is_tarfile(path):
+            with tarfile.open(path) as t:
+                return any(Path(n).name == MANIFEST for n in t.getnames())
+    except (OSError, zipfile.BadZipFile, tarfile.TarError):
+        return False
+    return False
+
+
+def _extract_version_folder(archive: Path, dest: Path) -> Path:
+    """Unpack safely (no absolute paths, no '..', no links) and return the folder holding manifest.json."""
+    import tarfile
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                for name in z.namelist():
+                    p = Path(name)
+                    if p.is_absolute() or ".." in p.parts:
+                        raise ModelError(f"{archive.name} holds an unsafe path '{name}'; refusing to unpack it")
+                z.extractall(dest)
+        else:
+            with tarfile.open(archive) as t:
+                t.extractall(dest, filter="data")
+    except (zipfile.BadZipFile, tarfile.TarError, OSError) as e:
+        raise ModelError(f"{archive.name} is not a readable archive: {e}") from e
+    manifests = sorted(dest.rglob(MANIFEST), key=lambda p: len(p.parts))
+    if len(manifests) != 1:
+        raise ModelError(f"{archive.name} must hold exactly one model version (one {MANIFEST}); it holds {len(manifests)}")
+    return manifests[0].parent
 
 
 def _rmdir_if_empty(folder: Path) -> None:

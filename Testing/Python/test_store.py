@@ -185,6 +185,18 @@ def test_import_url(store, weights, http_root):
     state = load_state_dict(store.get("teeth", "web"), "teeth weights.pt", task="teeth")
     assert state["conv.weight"].shape == (2, 3)
 
+    # a zipped version folder (manifest inside) installs as that version
+    import zipfile
+
+    folder = _builtin_version(root / "src", "teeth", "v2", {"net.pt": weights.read_bytes()}, labels={"a": 1})
+    with zipfile.ZipFile(root / "teeth-v2.zip", "w") as z:
+        for f in folder.iterdir():
+            z.write(f, f"teeth-v2/{f.name}")
+    e = store.import_url(f"{base}/teeth-v2.zip", sha256_file(root / "teeth-v2.zip"))
+    assert (e.task, e.version, e.manifest["labels"]) == ("teeth", "v2", {"a": 1})
+    assert [x.version for x in store.list("teeth")] == ["v2", "web"]
+    assert load_state_dict(e, "net.pt", task="teeth")["conv.bias"].shape == (2,)
+
 
 def test_load_state_dict_refuses_bad_weights(store, weights, tmp_path):
     import torch
