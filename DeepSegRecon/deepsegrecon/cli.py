@@ -1,0 +1,328 @@
+"""The ``deepsegrecon`` command. Every subcommand is a thin shell over tasks, the store and the writers.
+
+    deepsegrecon phantom teeth --seed N [--shape X Y Z] [--family F] -o DIR
+    deepsegrecon teeth INPUT -o OUT [--device auto|cpu|cuda|mps] [--model VERSION] [--mrb]
+                      [--smoothing S] [--format stl|obj ...]
+    deepsegrecon models list [--task T]
+    deepsegrecon models import (PATH | --url URL --sha256 H) [--task T] [--version V]
+    deepsegrecon models verify [TASK [VERSION]]
+    deepsegrecon models remove TASK VERSION
+    deepsegrecon train-teeth-phantoms --out DIR [--minutes M] [--device D] [--seed S]
+
+Errors the engine raises on purpose print ``error: <message>`` on stderr and exit with their code
+(2 input, 3 model, 4 cancelled, 5 resources; 1 for anything unexpected). Progress goes to stderr,
+results and summaries to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import __version__, errors
+from .errors import DeepSegReconError, InputError, ResourceError
+
+VISIBLE_COMMANDS = ("phantom", "teeth", "models", "train-teeth-phantoms")
+STEM_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".dcm")
+
+
+def output_stem(path) -> str:
+    """Name of the outputs for an input: the file name without its image suffix; a folder's own name."""
+    p = Path(path)
+    if p.is_dir():
+        return p.resolve().name or "volume"
+    name = p.name
+    for suffix in STEM_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return p.stem or name
+
+
+class ProgressPrinter:
+    """Prints ``42% stage  ETA 12 s`` lines on stderr when the stage changes, every 5 %, or every 2 s."""
+
+    def __init__(self, stream=None, every_pct: int = 5, every_s: float = 2.0):
+        self.stream = stream if stream is not None else sys.stderr
+        self.every_pct, self.every_s = every_pct, every_s
+        self.last = (None, -100, 0.0)
+
+    def __call__(self, event: dict) -> None:
+        from .worker import format_progress
+
+        stage, pct, t = event.get("stage"), int(100 * (event.get("fraction") or 0)), time.monotonic()
+        last_stage, last_pct, last_t = self.last
+        if stage != last_stage or pct >= last_pct + self.every_pct or t - last_t >= self.every_s:
+            print(format_progress(event), file=self.stream, flush=True)
+            self.last = (stage, pct, t)
+
+
+# ---------------------------------------------------------------------------------------- subcommands
+def cmd_phantom_teeth(args) -> int:
+    from .files import check_writable_dir
+    from .teeth.phantom import write_phantom
+
+    out = check_writable_dir(Path(args.output))
+    try:
+        info = write_phantom(args.seed, out, shape=tuple(args.shape) if args.shape else None, family=args.family)
+    except ValueError as e:
+        if isinstance(e, DeepSegReconError):
+            raise
+        raise InputError(str(e)) from e
+    info = info or {}
+    print(f"phantom seed {args.seed} family {args.family}:")
+    for key in ("cbct", "labels"):
+        print(f"  {info.get(key, out / ('cbct.nrrd' if key == 'cbct' else 'labels.seg.nrrd'))}")
+    if info.get("missing") is not None:
+        print(f"  missing teeth: {' '.join(str(m) for m in info['missing']) or 'none'}")
+    return 0
+
+
+def cmd_teeth(args) -> int:
+    from .files import check_writable_dir, staged_outputs
+    from .io import read_image
+    from .validate import check_image
+    from .worker import check_model, run_inline
+
+    t0 = time.monotonic()
+    inp, out = Path(args.input), Path(args.output)
+    check_writable_dir(out)  # before any heavy work
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} is a file; -o needs a folder")
+    formats = list(dict.fromkeys(args.format or ()))
+    if args.smoothing is not None and not (0.0 <= args.smoothing <= 1.0):
+        raise InputError(f"--smoothing must be between 0 and 1, got {args.smoothing}")
+    stem = output_stem(inp)
+    print(f"reading {inp}", file=sys.stderr, flush=True)
+    image = read_image(inp)
+    check_image(image, f"input {inp.name}", ndim=3)
+    if args.device != "cpu":
+        from .device import resolve_device
+
+        resolve_device(args.device)  # a missing GPU is an input error, found before loading weights
+    model = check_model("teeth", args.model)
+    print(f"model teeth {model.version}{' (built-in)' if model.builtin else ''}, device {args.device}",
+          file=sys.stderr, flush=True)
+
+    from .task import get_task
+
+    task = get_task("teeth")
+    name = task.inputs[0].name if task.inputs else "image"
+    params = {"device": args.device, "model": model.version}
+    result = run_inline("teeth", {name: image}, params, progress=ProgressPrinter(), model=model)
+
+    from .preview import write_preview
+    from .scene.export import export_segmentation_result
+    from .segio import write_seg_nrrd
+
+    smoothing = 0.5 if args.smoothing is None else args.smoothing
+    print("writing results", file=sys.stderr, flush=True)
+    with staged_outputs(out) as stage:
+        write_seg_nrrd(result, stage / f"{stem}.seg.nrrd", smoothing=smoothing)
+        exported = export_segmentation_result(result, image, stage, stem, formats=formats, mrb=args.mrb,
+                                              smoothing=smoothing) or {}
+        write_preview(image, result, stage / f"{stem}_preview.png", surfaces=exported.get("surfaces"))
+        written = sorted(p.name for p in stage.iterdir())
+
+    teeth = sorted(s.label for s in result.segments if s.name.startswith("tooth_"))
+    absent = sorted(a for a in result.absent if str(a).startswith("tooth_"))
+    other = [s.name for s in result.segments if not s.name.startswith("tooth_")]
+    print(f"{inp.name}: {len(teeth)} teeth found: {' '.join(str(t) for t in teeth) or 'none'}")
+    print(f"absent teeth: {' '.join(str(a).removeprefix('tooth_') for a in absent) or 'none'}")
+    if other:
+        print(f"other segments: {', '.join(other)}")
+    for entry in written:
+        print(f"  {out / entry}")
+    print(f"done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _store():
+    from .store import ModelStore
+
+    return ModelStore()
+
+
+def cmd_models_list(args) -> int:
+    store = _store()
+    entries = store.list(args.task)
+    if not entries:
+        print(f"no models installed{f' for task {args.task}' if args.task else ''} "
+              f"(user store {store.root}, built-in {store.builtin_root})")
+        return 0
+    defaults = {}
+    for task in sorted({e.task for e in entries}):
+        try:
+            defaults[task] = store.get(task).version
+        except DeepSegReconError:
+            pass
+    rows = [("TASK", "VERSION", "DEFAULT", "SOURCE", "CREATED", "DESCRIPTION")]
+    for e in entries:
+        rows.append((e.task, e.version, "*" if defaults.get(e.task) == e.version else "",
+                     "built-in" if e.builtin else "user", str(e.manifest.get("created") or "")[:19],
+                     str(e.manifest.get("error") or e.manifest.get("description") or "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    return 0
+
+
+def cmd_models_import(args) -> int:
+    store = _store()
+    if (args.path is None) == (args.url is None):
+        raise InputError("give either a PATH or --url URL (with --sha256)")
+    fields = {"description": args.description} if args.description else {}
+    if args.url:
+        if not args.sha256:
+            raise InputError("--url needs --sha256 (the expected checksum of the download)")
+        entry = store.import_url(args.url, args.sha256, args.task, args.version, **fields)
+    else:
+        entry = store.import_file(args.path, task=args.task, version=args.version, sha256=args.sha256, **fields)
+    store.verify(entry)
+    print(f"imported {entry.task} {entry.version} into {entry.dir}")
+    return 0
+
+
+def cmd_models_verify(args) -> int:
+    from .store import check_task
+
+    store = _store()
+    entries = [store.get(args.task, args.version)] if args.version else store.list(args.task)
+    if args.task and not entries:
+        store.get(args.task)  # raises: no model for this task
+    bad = 0
+    for e in entries:
+        try:
+            check_task(e, e.task)
+            store.verify(e)
+            print(f"ok      {e}")
+        except DeepSegReconError as err:
+            bad += 1
+            print(f"FAILED  {e}: {err}")
+    if bad:
+        raise errors.ModelError(f"{bad} of {len(entries)} model versions failed verification")
+    if not entries:
+        print("no models installed")
+    return 0
+
+
+def cmd_models_remove(args) -> int:
+    _store().remove(args.task, args.version)
+    print(f"removed {args.task} {args.version}")
+    return 0
+
+
+def cmd_train_teeth(args) -> int:
+    from .teeth.train import train_from_phantoms
+
+    kwargs = {k: v for k, v in (("minutes", args.minutes), ("device", args.device), ("seed", args.seed)) if v is not None}
+    out = train_from_phantoms(Path(args.out), **kwargs)
+    if out is not None:
+        print(f"trained: {getattr(out, 'dir', out)}")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from .worker import main as worker_main
+
+    return worker_main(args.job_dir)
+
+
+# ---------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deepsegrecon", description="DeepSegRecon: deep-learning segmentation and "
+                                "reconstruction, headless (the same engine as the 3D Slicer modules).")
+    p.add_argument("--version", action="version", version=f"deepsegrecon {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(VISIBLE_COMMANDS) + "}")
+    sub.required = True
+
+    ph = sub.add_parser("phantom", help="write a synthetic phantom with ground truth")
+    phs = ph.add_subparsers(dest="kind", metavar="{teeth}")
+    phs.required = True
+    pt = phs.add_parser("teeth", help="dental CBCT phantom: DIR/cbct.nrrd and DIR/labels.seg.nrrd")
+    pt.add_argument("--seed", type=int, required=True, help="random seed (the same seed gives the same phantom)")
+    pt.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="voxels along i, j, k")
+    pt.add_argument("--family", default="A", help="phantom family (A or B: scanner and anatomy variants)")
+    pt.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
+    pt.set_defaults(func=cmd_phantom_teeth)
+
+    t = sub.add_parser("teeth", help="segment teeth (FDI), maxilla and mandible in a dental CBCT")
+    t.add_argument("input", metavar="INPUT", help="CBCT volume (.nrrd, .nii.gz, .mha) or a DICOM folder")
+    t.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    t.add_argument("--model", metavar="VERSION", help="model version (default: the store's default / newest)")
+    t.add_argument("--mrb", action="store_true", help="also write OUT/<name>.mrb (volume + segmentation scene)")
+    t.add_argument("--smoothing", type=float, default=None, metavar="S", help="surface smoothing 0..1 (default 0.5)")
+    t.add_argument("--format", nargs="+", choices=("stl", "obj"), default=["stl"], metavar="{stl,obj}",
+                   help="surface file formats (default stl)")
+    t.set_defaults(func=cmd_teeth)
+
+    m = sub.add_parser("models", help="list, import, verify and remove model weights")
+    ms = m.add_subparsers(dest="action", metavar="{list,import,verify,remove}")
+    ms.required = True
+    ml = ms.add_parser("list", help="installed model versions")
+    ml.add_argument("--task")
+    ml.set_defaults(func=cmd_models_list)
+    mi = ms.add_parser("import", help="import a version folder, an archive or a weights file, or download one")
+    mi.add_argument("path", nargs="?", metavar="PATH")
+    mi.add_argument("--url")
+    mi.add_argument("--sha256", metavar="H", help="expected sha256 (required with --url)")
+    mi.add_argument("--task")
+    mi.add_argument("--version")
+    mi.add_argument("--description")
+    mi.set_defaults(func=cmd_models_import)
+    mv = ms.add_parser("verify", help="check the sha256 of installed weights")
+    mv.add_argument("task", nargs="?", metavar="TASK")
+    mv.add_argument("version", nargs="?", metavar="VERSION")
+    mv.set_defaults(func=cmd_models_verify)
+    mr = ms.add_parser("remove", help="remove a version from the user store")
+    mr.add_argument("task", metavar="TASK")
+    mr.add_argument("version", metavar="VERSION")
+    mr.set_defaults(func=cmd_models_remove)
+
+    tr = sub.add_parser("train-teeth-phantoms", help="train the teeth networks on synthetic phantoms")
+    tr.add_argument("--out", required=True, metavar="DIR")
+    tr.add_argument("--minutes", type=float)
+    tr.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
+    tr.add_argument("--seed", type=int)
+    tr.set_defaults(func=cmd_train_teeth)
+
+    w = sub.add_parser("worker")  # hidden: python -m deepsegrecon.worker JOB_DIR
+    w.add_argument("job_dir", metavar="JOB_DIR")
+    w.set_defaults(func=cmd_worker)
+    return p
+
+
+def main(argv=None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # never die on a non-ASCII path under a C locale
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors (exit 2, as an input error)
+        return e.code if isinstance(e.code, int) else errors.EXIT_INPUT
+    try:
+        return int(args.func(args) or 0)
+    except DeepSegReconError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: cancelled", file=sys.stderr)
+        return errors.EXIT_CANCELLED
+    except MemoryError as e:
+        print(f"error: {ResourceError(f'out of memory ({e})')}", file=sys.stderr)
+        return errors.EXIT_RESOURCES
+    except Exception as e:  # a bug: show where
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return errors.EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
