@@ -231,6 +231,7 @@ class ModelStore:
         self._refuse_existing(task, version, target, overwrite)
 
         tdir = self.root / task
+        created = [d for d in (tdir, *tdir.parents) if not d.exists()]  # removed again on failure
         try:
             tdir.mkdir(parents=True, exist_ok=True)
             stage = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=tdir))
@@ -272,7 +273,8 @@ class ModelStore:
                 shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
-            _rmdir_if_empty(tdir)
+            for d in created:
+                _rmdir_if_empty(d)
             raise
         return ModelEntry(task, version, target, manifest, False)
 
