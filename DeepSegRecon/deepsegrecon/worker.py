@@ -319,15 +319,13 @@ class JobHandle:
                     break
                 except subprocess.TimeoutExpired:
                     continue
-        self._signal_group(signal.SIGKILL, only_others=True)  # children the task left behind
+            self._signal_group(signal.SIGKILL)  # children the task may have left in its group
         return self.poll()
 
-    def _signal_group(self, sig, only_others: bool = False) -> None:
+    def _signal_group(self, sig) -> None:
         try:
-            if only_others and self.process.poll() is None:
-                return
             os.killpg(self.process.pid, sig)
-        except (ProcessLookupError, PermissionError, OSError):
+        except OSError:  # the group is gone already
             pass
 
     def result(self):
