@@ -10,8 +10,9 @@ Display follows the radiological convention, which is also Slicer's: the patient
 image's left in the axial and coronal panels, the axial panel is seen from the feet with anterior up,
 the sagittal panel is seen from the patient's left with anterior on the left, superior is up.
 
-The 3-D view shows ``surfaces`` ({segment name: vtkPolyData}, in LPS mm unless ``surface_space="RAS"``)
-or, when none are given, surfaces made from the labelmap by marching cubes. It is rendered with VTK
+The 3-D view shows ``surfaces`` ({segment name: vtkPolyData} in world RAS mm, as Slicer and
+:mod:`deepsegrecon.scene` make them; ``surface_space="LPS"`` for LPS meshes) or, for segments without
+one, a surface made from the labelmap by marching cubes. It is rendered with VTK
 offscreen (EGL or OSMesa) in a child process, so a missing or broken OpenGL can never crash the caller,
 and falls back to matplotlib (shaded triangles after decimation) when that fails.
 ``DEEPSEGRECON_PREVIEW_3D=vtk|matplotlib|auto`` forces one renderer (``auto`` is the default).
@@ -49,11 +50,11 @@ _vtk_failed_reason: Optional[str] = None  # set once VTK offscreen rendering fai
 
 # ----------------------------------------------------------------------------------------- public entry
 def write_preview(image: Image, result: SegmentationResult, path, surfaces: Optional[dict] = None,
-                  title: str = "", surface_space: str = "LPS", renderer: Optional[str] = None) -> Path:
+                  title: str = "", surface_space: str = "RAS", renderer: Optional[str] = None) -> Path:
     """Write one PNG: axial, coronal and sagittal slices with the label overlay, and a 3-D view.
 
-    ``surfaces`` maps segment names to ``vtkPolyData`` (LPS mm, or RAS mm with ``surface_space="RAS"``);
-    segments without a surface are made from the labelmap. ``renderer`` ("vtk", "matplotlib" or "auto")
+    ``surfaces`` maps segment names to ``vtkPolyData`` in world RAS mm (Slicer's and ``deepsegrecon.scene``'s
+    frame; pass ``surface_space="LPS"`` for LPS meshes); segments without a surface are made from the labelmap. ``renderer`` ("vtk", "matplotlib" or "auto")
     overrides ``$DEEPSEGRECON_PREVIEW_3D``. The file appears whole or not at all. Returns the path.
     """
     import matplotlib

@@ -115,7 +115,7 @@ def test_panels_pass_through_the_segmented_structures():
         assert (labels != 0).sum() > 50, plane
 
 
-def test_surfaces_given_as_ras_polydata(tmp_path):
+def test_surfaces_given_as_world_ras_polydata(tmp_path):
     vtk = pytest.importorskip("vtk")
     img, res = blobs()
     sphere = vtk.vtkSphereSource()
@@ -127,9 +127,14 @@ def test_surfaces_given_as_ras_polydata(tmp_path):
     verts, faces = preview._polydata_to_arrays(sphere.GetOutput(), "RAS")
     assert np.allclose(verts.mean(0), [-10.0, -8.0, 7.0], atol=0.5)
     assert faces.shape[1] == 3 and len(faces) > 100
+    # world RAS is the default: what Slicer and deepsegrecon.scene hand over
     out = preview.write_preview(img, res, tmp_path / "s.png", surfaces={"sphere": sphere.GetOutput()},
-                                surface_space="RAS", renderer="matplotlib")
+                                renderer="matplotlib")
     assert colour_pixels(read_png(out), RED) > 100
+    verts, _ = preview._polydata_to_arrays(sphere.GetOutput(), "LPS")
+    assert np.allclose(verts.mean(0), [10.0, 8.0, 7.0], atol=0.5)
+    with pytest.raises(ValueError, match="surface_space"):
+        preview.write_preview(img, res, tmp_path / "x.png", surface_space="IJK")
 
 
 def test_2d_image_and_empty_result(tmp_path):
