@@ -86,7 +86,7 @@ def cmd_teeth(args) -> int:
     from .worker import check_model, run_inline
 
     t0 = time.monotonic()
-    inp, out = Path(args.input), Path(args.output)
+    inp, out = Path(args.input).expanduser(), Path(args.output).expanduser().absolute()  # MRML wants full paths
     check_writable_dir(out)  # before any heavy work
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} is a file; -o needs a folder")
@@ -128,7 +128,8 @@ def cmd_teeth(args) -> int:
     teeth = sorted(s.label for s in result.segments if s.name.startswith("tooth_"))
     absent = sorted(a for a in result.absent if str(a).startswith("tooth_"))
     other = [s.name for s in result.segments if not s.name.startswith("tooth_")]
-    print(f"{inp.name}: {len(teeth)} teeth found: {' '.join(str(t) for t in teeth) or 'none'}")
+    print(f"{inp.name}: {len(teeth)} {'tooth' if len(teeth) == 1 else 'teeth'} found (FDI): "
+          f"{' '.join(str(t) for t in teeth) or 'none'}")
     print(f"absent teeth: {' '.join(str(a).removeprefix('tooth_') for a in absent) or 'none'}")
     if other:
         print(f"other segments: {', '.join(other)}")

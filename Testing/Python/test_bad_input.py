@@ -190,13 +190,15 @@ def test_paths_with_spaces_and_non_ascii_work(capsys, env, monkeypatch):
     scan = src / "mâchoire scan.nrrd"
     (src / "cbct.nrrd").rename(scan)
     out = env["root"] / "résultats é 1"
-    code, stdout, stderr = _teeth(capsys, env, scan, "--mrb", "--format", "stl", "obj", out=out)
+    monkeypatch.chdir(env["root"])  # relative paths, as typed on a command line
+    code, stdout, stderr = _teeth(capsys, env, scan.relative_to(env["root"]), "--mrb", "--format", "stl", "obj",
+                                  out=out.relative_to(env["root"]))
     assert code == 0, stderr
     stem = "mâchoire scan"
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted([f"{stem}.seg.nrrd", f"{stem}_models", f"{stem}.mrb", f"{stem}_preview.png"])
     assert list((out / f"{stem}_models").glob("*.stl")) and list((out / f"{stem}_models").glob("*.obj"))
-    assert "teeth found" in stdout and "absent teeth" in stdout
+    assert "found (FDI)" in stdout and "absent teeth" in stdout
     assert "%" in stderr and "ETA" in stderr  # progress lines
     assert list(env["tmp"].iterdir()) == []
     from deepsegrecon.segio import read_seg_nrrd

@@ -137,3 +137,60 @@ def test_console_script_and_module(stores):
     assert r.returncode == 3 and r.stderr.startswith("error: task 'teeth' has no model version 'nope'")
     r = subprocess.run([sys.executable, "-m", "deepsegrecon", "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("deepsegrecon ")
+
+
+def _stand_in_teeth(monkeypatch, wrong_grid=False):
+    """A small threshold "teeth" task in place of the network (the real one is tested in test_bad_input)."""
+    import deepsegrecon.tasks  # noqa: F401  (registers the real tasks first, so ours replaces "teeth")
+    from deepsegrecon import task as T
+    from deepsegrecon.teeth import labels as L
+
+    class StandIn(T.Task):
+        name = "teeth"
+        inputs = (T.InputSpec("cbct"),)
+        stages = {"segment": 1.0}
+
+        def run(self, images, params, ctx):
+            img = images["cbct"]
+            for i in range(4):
+                ctx.step("segment", i / 4)
+            lab = np.zeros(img.array.shape, np.uint8)
+            lab[img.array > 1500] = 11
+            lab[(img.array > 300) & (img.array <= 1500)] = 1
+            ctx.step("segment", 1.0)
+            if wrong_grid:
+                img = T.Image(lab, spacing=(9, 9, 9))
+            return T.SegmentationResult(img.with_array(lab), L.segment_infos([11, 1]), absent=["tooth_18", "tooth_48"])
+
+    monkeypatch.setitem(T._REGISTRY, "teeth", StandIn)
+
+
+def test_teeth_command_writes_every_output_or_nothing(capsys, stores, tmp_path, monkeypatch):
+    pytest.importorskip("deepsegrecon.teeth.phantom")
+    import torch
+
+    from deepsegrecon.store import ModelStore
+    from deepsegrecon.teeth.phantom import write_phantom
+
+    w = tmp_path / "net.pt"
+    torch.save({"w": torch.zeros(1)}, w)
+    ModelStore().import_file(w, task="teeth", version="tiny")
+    write_phantom(5, tmp_path / "in", shape=(48, 44, 32))
+    src = tmp_path / "in" / "cbct.nrrd"
+
+    _stand_in_teeth(monkeypatch, wrong_grid=True)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "teeth", src, "-o", out, "--model", "tiny", "--device", "cpu", "--mrb")
+    assert code == 2 and "not on the grid" in err and not out.exists()  # seg.nrrd was staged, then dropped
+
+    _stand_in_teeth(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = run(capsys, "teeth", "in/cbct.nrrd", "-o", "out", "--model", "tiny", "--device", "cpu",
+                            "--mrb", "--format", "stl", "obj", "--smoothing", "0.2")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["cbct.mrb", "cbct.seg.nrrd", "cbct_models", "cbct_preview.png"]
+    models = sorted(p.name for p in (out / "cbct_models").iterdir())
+    assert {"tooth_11.stl", "tooth_11.obj", "maxilla.stl", "maxilla.obj"} <= set(models)
+    assert "cbct.nrrd: 1 tooth found (FDI): 11" in stdout and "absent teeth: 18 48" in stdout
+    assert "other segments: maxilla" in stdout
+    assert "model teeth tiny" in err and " 50% segment  ETA" in err and "100% segment" in err
