@@ -428,6 +428,7 @@ def main(job_dir, install_signals: bool = True) -> int:
             emit({"stage": "starting", "fraction": 0.0, "elapsed_s": 0.0, "eta_s": None, "message": "", "pid": os.getpid()})
             for plugin in spec.get("plugins", []):
                 _import_plugin(plugin)
+            get_task(spec.get("task", ""))  # an unknown task fails before the inputs are read
             token.raise_if_cancelled()
             from .io import read_image
 
