@@ -38,6 +38,7 @@ from .task import SegmentationResult
 
 MAX_PANEL_PIXELS = 480  # samples along the longer side of a slice panel
 MAX_TRIANGLES_MPL = 60000  # triangles drawn by the matplotlib fallback, all segments together
+MAX_TRIANGLES_VTK = 600000  # triangles sent to the VTK renderer (software OpenGL is slow with more)
 VTK_RENDER_SIZE = (900, 760)
 VTK_TIMEOUT_S = 120
 # camera for the 3-D view, in LPS: in front of the patient, a little to their right and above
@@ -78,9 +79,12 @@ def write_preview(image: Image, result: SegmentationResult, path, surfaces: Opti
     centre = _label_centre(lab, bounds)
     vmin, vmax = _window(img.array)
 
+    ncol = min(len(segments), 10) or 1
+    legend_rows = -(-len(segments) // ncol)
     fig = Figure(figsize=(12.0, 10.6), dpi=100, facecolor="white")
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(2, 2, left=0.05, right=0.98, top=0.885, bottom=0.11, wspace=0.12, hspace=0.17)
+    grid = fig.add_gridspec(2, 2, left=0.05, right=0.98, top=0.885, bottom=0.075 + 0.018 * legend_rows,
+                            wspace=0.12, hspace=0.17)
     panels = (("Axial", "axial", grid[0, 0]), ("Coronal", "coronal", grid[0, 1]), ("Sagittal", "sagittal", grid[1, 0]))
     for label, plane, cell in panels:
         ax = fig.add_subplot(cell)
@@ -115,8 +119,7 @@ def write_preview(image: Image, result: SegmentationResult, path, surfaces: Opti
     if segments:
         handles = [Patch(facecolor=colors[int(s.label)], edgecolor="none", label=f"{s.name} ({int(s.label)})")
                    for s in segments]
-        ncol = min(len(handles), 8 if len(handles) > 8 else len(handles))
-        fontsize = 8 if len(handles) <= 16 else 7
+        fontsize = 8 if len(handles) <= 20 else 7
         fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=fontsize, frameon=False,
                    bbox_to_anchor=(0.5, 0.012), handlelength=1.4, columnspacing=1.2)
 
@@ -290,19 +293,23 @@ def _polydata_to_arrays(poly, space: str):
     return verts, faces
 
 
-def _labelmap_mesh(lab: Image, value: int, max_voxels: int = 2_000_000):
-    """Marching-cubes surface of one label, in LPS mm (a coarser step for large structures)."""
+def _labelmap_mesh(lab: Image, value: int, box=None, max_voxels: int = 1_000_000):
+    """Marching-cubes surface of one label, in LPS mm (a coarser step for large structures).
+
+    ``box``: the label's bounding box as a tuple of slices (from ``scipy.ndimage.find_objects``), if known.
+    """
     from scipy.ndimage import gaussian_filter
     from skimage.measure import marching_cubes
 
-    mask = lab.array == value
-    idx = np.argwhere(mask)
-    if idx.size == 0:
-        return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
-    lo = np.maximum(idx.min(0) - 1, 0)
-    hi = np.minimum(idx.max(0) + 2, mask.shape)
+    if box is None:
+        idx = np.argwhere(lab.array == value)
+        if idx.size == 0:
+            return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
+        box = tuple(slice(a, b + 1) for a, b in zip(idx.min(0), idx.max(0)))
+    lo = np.array([s.start for s in box])
+    hi = np.array([s.stop for s in box])
     crop = np.zeros(tuple(hi - lo + 4), dtype=np.float32)  # background all round: a closed surface
-    crop[2:-2, 2:-2, 2:-2] = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    crop[2:-2, 2:-2, 2:-2] = lab.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] == value
     # soften the voxel staircase: Gaussian of 0.6 of the largest voxel size, in mm, on every axis
     spacing_kji = np.array(lab.spacing[::-1], dtype=float)
     crop = gaussian_filter(crop, sigma=0.6 * spacing_kji.max() / spacing_kji, mode="constant")
@@ -319,12 +326,25 @@ def _meshes(lab: Image, segments: list, surfaces: Optional[dict], space: str) ->
     """[(name, color, verts LPS, faces)] for every segment with a non-empty surface."""
     out = []
     surfaces = surfaces or {}
+    boxes = None
+    if any(surfaces.get(s.name) is None for s in segments):
+        from scipy.ndimage import find_objects
+
+        arr = lab.array
+        if arr.min() >= 0 and arr.max() <= 65535:  # one pass for every label's bounding box
+            boxes = find_objects(arr.astype(np.int32, copy=False))
     for s in segments:
         poly = surfaces.get(s.name)
         if poly is not None:
             verts, faces = _polydata_to_arrays(poly, space)
         else:
-            verts, faces = _labelmap_mesh(lab, int(s.label))
+            value = int(s.label)
+            box = None
+            if boxes is not None:
+                box = boxes[value - 1] if 0 < value <= len(boxes) else None
+                if box is None:
+                    continue  # the label is not in the labelmap
+            verts, faces = _labelmap_mesh(lab, value, box)
         if len(faces):
             out.append((s.name, tuple(float(c) for c in s.color[:3]), verts, faces))
     return out
@@ -445,7 +465,10 @@ def _render_vtk(meshes: list) -> np.ndarray:
     with tempfile.TemporaryDirectory(prefix="deepsegrecon-preview-") as tmp:
         tmp = Path(tmp)
         arrays, meta = {}, []
+        total = sum(len(f) for _, _, _, f in meshes)
         for n, (name, color, verts, faces) in enumerate(meshes):
+            if total > MAX_TRIANGLES_VTK:
+                verts, faces = _decimate(verts, faces, max(500, int(MAX_TRIANGLES_VTK * len(faces) / total)))
             arrays[f"v{n}"] = np.asarray(verts, dtype=np.float32)
             arrays[f"f{n}"] = np.asarray(faces, dtype=np.int64)
             meta.append({"name": name, "color": list(color)})
@@ -487,7 +510,7 @@ def _render_vtk_child(folder) -> int:
     data = np.load(folder / "meshes.npz")
     win = vtk.vtkRenderWindow()
     win.SetOffScreenRendering(1)
-    win.SetMultiSamples(8)
+    win.SetMultiSamples(4)
     win.SetSize(*spec["size"])
     ren = vtk.vtkRenderer()
     ren.SetBackground(1.0, 1.0, 1.0)
