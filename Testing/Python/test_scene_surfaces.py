@@ -8,7 +8,6 @@ import vtk
 from deepsegrecon import scene as sc
 from deepsegrecon.errors import InputError
 from deepsegrecon.scene.export import export_segmentation_result
-from deepsegrecon.task import SegmentationResult
 from scene_testdata import block_ijk_box, oblique_grid, polydata_points, ras_to_ijk, teeth_result
 
 LABELS = {"tooth_11": 11, "mandible": 2, "tooth_36": 36}

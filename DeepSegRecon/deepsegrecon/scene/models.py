@@ -214,16 +214,10 @@ def world_surface(seg_node, segment_id: str, lps: bool = False):
 
 
 def _export_obj(seg_node, segment_id: str, target: Path, lps: bool) -> None:
-    from vtk.util import numpy_support
+    import vtk
 
     seg = seg_node.GetSegmentation().GetSegment(segment_id)
     poly = world_surface(seg_node, segment_id, lps=lps)
-    pts = numpy_support.vtk_to_numpy(poly.GetPoints().GetData()) if poly.GetNumberOfPoints() else np.zeros((0, 3))
-    nrm = poly.GetPointData().GetNormals()
-    nrm = numpy_support.vtk_to_numpy(nrm) if nrm is not None else None
-    polys = poly.GetPolys()
-    conn = numpy_support.vtk_to_numpy(polys.GetConnectivityArray()) if polys.GetNumberOfCells() else np.zeros(0, int)
-    faces = conn.reshape(-1, 3) + 1
     mtl_path = target.with_suffix(".mtl")
     material = safe_file_stem(seg.GetName())
     r, g, b = seg.GetColor()
@@ -231,12 +225,17 @@ def _export_obj(seg_node, segment_id: str, target: Path, lps: bool) -> None:
         tmp.write_text(f"# DeepSegRecon material for segment {seg.GetName()}\nnewmtl {material}\n"
                        f"Ka 0 0 0\nKd {r:.6g} {g:.6g} {b:.6g}\nKs 0 0 0\nd 1\nillum 1\n")
     with atomic_file(target) as tmp:
-        with open(tmp, "w") as f:
-            f.write(f"# DeepSegRecon OBJ, segment {seg.GetName()}. SPACE={'LPS' if lps else 'RAS'}\n")
-            f.write(f"mtllib {mtl_path.name}\no {material}\nusemtl {material}\n")
-            np.savetxt(f, pts, fmt="v %.6f %.6f %.6f")
-            if nrm is not None:
-                np.savetxt(f, nrm, fmt="vn %.6f %.6f %.6f")
-                np.savetxt(f, np.repeat(faces, 2, axis=1), fmt="f %d//%d %d//%d %d//%d")
-            else:
-                np.savetxt(f, faces, fmt="f %d %d %d")
+        body = tmp.with_name(tmp.name + ".body.obj")
+        try:
+            writer = vtk.vtkOBJWriter()  # vertices, normals and faces; the material lines are added here
+            writer.SetInputData(poly)
+            writer.SetFileName(str(body))
+            if not writer.Write():
+                raise InputError(f"could not write {target.name}")
+            with open(tmp, "wb") as out, open(body, "rb") as src:
+                out.write(f"# DeepSegRecon OBJ, segment {seg.GetName()}. SPACE={'LPS' if lps else 'RAS'}\n"
+                          f"mtllib {mtl_path.name}\no {material}\nusemtl {material}\n".encode("utf-8"))
+                shutil.copyfileobj(src, out, 1 << 20)
+        finally:
+            if body.exists():
+                body.unlink()

@@ -180,18 +180,29 @@ def segmentation_node_to_labelmap(seg_node, reference_volume_node=None):
     out_dtype = label_array(np.array([0] + [p[3] for p in plan])).dtype
     out = np.zeros(shape, dtype=np.promote_types(out_dtype, np.uint8))
 
-    resampled = {}
+    # segments sharing a labelmap (a layer) are resampled once and relabelled with a lookup table
+    layers: dict = {}
     for sid, seg, label, out_label in plan:
         layer_data = seg.GetRepresentation(BINARY_LABELMAP)
         if layer_data is None:
             continue
-        key = layer_data.GetAddressAsString("vtkOrientedImageData") if hasattr(layer_data, "GetAddressAsString") \
-            else id(layer_data)
-        if key not in resampled:
-            resampled[key] = _resample_layer(layer_data, world, ref)
-        arr = resampled[key]
-        if arr is not None:
-            out[arr == label] = out_label
+        key = layer_data.GetAddressAsString("vtkOrientedImageData")
+        layers.setdefault(key, (layer_data, []))[1].append((label, out_label))
+    for layer_data, pairs in layers.values():
+        arr = _resample_layer(layer_data, world, ref)
+        if arr is None:
+            continue
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo >= 0 and hi < 1 << 16:
+            lut = np.zeros(hi + 1, dtype=out.dtype)
+            for label, out_label in pairs:
+                if 0 < label <= hi:
+                    lut[label] = out_label
+            values = lut[arr]
+            np.copyto(out, values, where=values != 0)
+        else:
+            for label, out_label in pairs:
+                out[arr == label] = out_label
     ijk_to_ras = _image_to_world(ref)
     start = np.array([extent[0], extent[2], extent[4], 1.0])
     ijk_to_ras[:3, 3] = (ijk_to_ras @ start)[:3]
