@@ -60,11 +60,13 @@ def export_segments_to_models(scene, seg_node, folder_name: str = None, segment_
     before = {scene.GetNthNodeByClass(i, "vtkMRMLModelNode").GetID()
               for i in range(scene.GetNumberOfNodesByClass("vtkMRMLModelNode"))}
     folder = sh.CreateFolderItem(sh.GetSceneItemID(), folder_name or f"{seg_node.GetName()} models")
-    observer = _observe_new_models(scene, folder)
+    # In Slicer the subject-hierarchy logic gives every new node its item; headless (no application), do it here
+    observer = None if hasattr(slicer, "app") else _observe_new_models(scene, folder)
     try:
         ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToModels(seg_node, ids, folder)
-        scene.RemoveObserver(observer)
-        observer = None
+        if observer is not None:
+            scene.RemoveObserver(observer)
+            observer = None
         if not ok:
             raise InputError(f"could not export the segments of '{seg_node.GetName()}' to models")
         for i in range(scene.GetNumberOfNodesByClass("vtkMRMLModelNode")):
