@@ -1,0 +1,592 @@
+"""Segment Teeth: dental CBCT -> one segment per tooth (FDI numbering), maxilla and mandible.
+
+Slicer module of the DeepSegRecon extension. This file is Qt wiring only: every button calls one method of
+:class:`SegmentTeethLogic`, which is the headless scene logic of the engine
+(``deepsegrecon.scene.logic.SegmentTeethLogic``) with Slicer's module-logic base added. The work runs in a
+separate worker process (Slicer's ``PythonSlicer``) so the application stays responsive; a QTimer polls it.
+"""
+
+import importlib
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import tempfile
+
+import qt
+import slicer
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+POLL_INTERVAL_MS = 200
+
+# Python packages the worker needs beyond what Slicer ships (numpy, SimpleITK, VTK), pinned like
+# requirements.in / requirements.lock. Import name -> pip requirement. torch is handled separately:
+# the CPU build from the PyTorch wheel index (on macOS the regular wheel, which includes MPS).
+TORCH_VERSION = "2.13.0"
+PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+PIP_REQUIREMENTS = {
+    "monai": "monai==1.6.1",
+    "nrrd": "pynrrd==1.1.3",
+    "skimage": "scikit-image==0.26.0",
+    "psutil": "psutil==7.2.2",
+    "slicerio": "slicerio==1.4.0",
+    "matplotlib": "matplotlib==3.11.2",
+}
+REQUIRED_IMPORTS = ("torch",) + tuple(PIP_REQUIREMENTS)
+
+
+# ------------------------------------------------------------------------------------- engine location
+def _candidate_dirs():
+    """Folders that may hold the engine and the shared Resources: the installed extension
+    (<qt-scripted-modules>/deepsegrecon, <qt-scripted-modules>/Resources) and the source tree
+    (DeepSegRecon/deepsegrecon, <repo>/Resources)."""
+    return {
+        "engine": (MODULE_DIR, os.path.dirname(MODULE_DIR)),
+        "resources": (os.path.join(MODULE_DIR, "Resources"),
+                      os.path.join(os.path.dirname(os.path.dirname(MODULE_DIR)), "Resources")),
+    }
+
+
+def findResource(relativePath):
+    """Absolute path of a shared resource (e.g. "UI/SegmentTeeth.ui"), or None."""
+    for folder in _candidate_dirs()["resources"]:
+        path = os.path.join(folder, relativePath)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def setUpEngine():
+    """Make ``import deepsegrecon`` work and point the engine at the extension's built-in model store."""
+    for parent in _candidate_dirs()["engine"]:
+        if os.path.isfile(os.path.join(parent, "deepsegrecon", "__init__.py")):
+            if parent not in sys.path:
+                sys.path.insert(0, parent)
+            break
+    models = findResource("Models")
+    if models and "DEEPSEGRECON_BUILTIN_MODELS" not in os.environ:
+        # inherited by the worker process too
+        os.environ["DEEPSEGRECON_BUILTIN_MODELS"] = models
+
+
+setUpEngine()
+
+try:
+    from deepsegrecon.scene.logic import FINAL as FINAL_STATES
+    from deepsegrecon.scene.logic import SegmentTeethLogic as SceneSegmentTeethLogic
+except ImportError as _error:
+    raise ImportError(
+        f"Segment Teeth cannot find or import its engine (the 'deepsegrecon' package beside {MODULE_DIR}): "
+        f"{_error}. Reinstall the DeepSegRecon extension.") from _error
+
+
+# ------------------------------------------------------------------------------------ Python packages
+def missingPackages():
+    """Import names of the required packages that this Python (Slicer's) cannot import."""
+    importlib.invalidate_caches()
+    return [name for name in REQUIRED_IMPORTS if importlib.util.find_spec(name) is None]
+
+
+def torchRequirement():
+    """pip arguments for the pinned CPU build of torch."""
+    if sys.platform == "darwin":
+        return [f"torch=={TORCH_VERSION}"]
+    return [f"torch=={TORCH_VERSION}+cpu", "--extra-index-url", PYTORCH_CPU_INDEX]
+
+
+def pythonSlicerExecutable():
+    """The ``PythonSlicer`` interpreter next to the Slicer launcher: Slicer's Python, with its packages."""
+    name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+    candidates = [shutil.which("PythonSlicer")]
+    try:
+        candidates.append(os.path.join(slicer.app.slicerHome, "bin", name))
+    except AttributeError:
+        pass
+    candidates.append(os.path.join(os.path.dirname(sys.executable), name))
+    for path in candidates:
+        if path and os.path.isfile(path):
+            return path
+    raise RuntimeError(f"{name} was not found next to the Slicer application ({candidates}); "
+                       "the segmentation worker needs it")
+
+
+# ------------------------------------------------------------------------------------------ the module
+class SegmentTeeth(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Segment Teeth"
+        self.parent.categories = ["DeepSegRecon"]
+        self.parent.dependencies = ["Segmentations"]
+        self.parent.contributors = ["DeepSegRecon maintainers"]
+        self.parent.helpText = """
+Segments a dental CBCT or CT volume into one segment per tooth, named <code>tooth_&lt;FDI&gt;</code> with the FDI
+number as label value (11-48), plus <code>maxilla</code> and <code>mandible</code>. A tooth that is absent is
+reported absent, never invented.
+<ol>
+<li>Choose the input volume, an output segmentation (or leave "Create new segmentation"), the model version and
+the device, and click <b>Segment Teeth</b>. The work runs in a background process; <b>Cancel</b> stops it and
+leaves the scene as it was.</li>
+<li><b>Show 3D surfaces</b> builds smoothed closed surfaces; <b>Export</b> writes one STL or OBJ file per segment.</li>
+</ol>
+<p><b>Honest status of the weights:</b> the weights shipped with the extension are trained <b>only on synthetic
+jaw phantoms</b>, not on patient scans. Every accuracy figure is measured on held-out phantoms. Expect to fine-tune
+on corrected scans from your own scanner before relying on the results; do not use them for diagnosis.</p>
+"""
+        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+        self.parent.acknowledgementText = """
+DeepSegRecon builds on 3D Slicer, PyTorch and MONAI. The teeth network is a two-stage 3D U-Net built from MONAI
+blocks, trained on synthetic phantoms generated by the extension itself.
+"""
+        # Source-tree use (module path added without building): the icon lives in the top-level Resources.
+        if self.parent.icon.isNull():
+            icon = findResource("Icons/SegmentTeeth.png")
+            if icon:
+                self.parent.icon = qt.QIcon(icon)
+
+    def getDefaultModuleDocumentationLink(self, docPage=None):
+        return ('<p>For more information see the <a href="https://github.com/DeepSegRecon/SlicerDeepSegRecon#readme">'
+                "DeepSegRecon documentation</a>.</p>")
+
+
+# ------------------------------------------------------------------------------------------ the widget
+class SegmentTeethWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Qt wiring only: each button calls one logic method; a timer polls the running job."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._updatingGUIFromParameterNode = False
+        self._pollTimer = None
+        self._running = False
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+
+        uiPath = self.resourcePath("UI/SegmentTeeth.ui")
+        if not os.path.isfile(uiPath):
+            uiPath = findResource("UI/SegmentTeeth.ui")
+        uiWidget = slicer.util.loadUI(uiPath)
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = SegmentTeethLogic()
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self.onPollTimer)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.smoothingSlider.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
+        self.ui.exportFormatComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.exportDirectoryButton.connect("directoryChanged(QString)", self.updateParameterNodeFromGUI)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.surfacesButton.connect("clicked(bool)", self.onSurfacesButton)
+        self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
+
+        self.fillModelComboBox()
+        if not self.ui.exportDirectoryButton.directory:
+            self.ui.exportDirectoryButton.directory = qt.QDir.homePath()
+        self.initializeParameterNode()
+
+        missing = missingPackages()
+        if missing:
+            self.ui.statusLabel.text = (
+                f"Python packages needed for segmentation are missing: {', '.join(missing)}. "
+                "Click Segment Teeth to install them.")
+
+    def cleanup(self):
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+        if self.logic is not None and self._running:
+            self.logic.cancel()  # never leave a worker process behind
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode is not None:
+            self.removeObserver(self._parameterNode, vtk_ModifiedEvent(), self.updateGUIFromParameterNode)
+
+    def onSceneStartClose(self, caller, event):
+        if self._running:
+            self.logic.cancel()
+            self._finishRun({"state": "cancelled", "error": "the scene was closed"})
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # --------------------------------------------------------------------------------- parameter node
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.GetNodeReference("InputVolume"):
+            volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if volume:
+                self._parameterNode.SetNodeReferenceID("InputVolume", volume.GetID())
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode is not None:
+            self.removeObserver(self._parameterNode, vtk_ModifiedEvent(), self.updateGUIFromParameterNode)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode is not None:
+            self.addObserver(self._parameterNode, vtk_ModifiedEvent(), self.updateGUIFromParameterNode)
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None):
+        if self._parameterNode is None or self._updatingGUIFromParameterNode:
+            return
+        self._updatingGUIFromParameterNode = True
+        try:
+            p = self._parameterNode
+            self.ui.inputVolumeSelector.setCurrentNode(p.GetNodeReference("InputVolume"))
+            self.ui.outputSegmentationSelector.setCurrentNode(p.GetNodeReference("OutputSegmentation"))
+            _setComboText(self.ui.deviceComboBox, p.GetParameter("Device") or "auto")
+            if p.GetParameter("Model"):
+                _setComboText(self.ui.modelComboBox, p.GetParameter("Model"))
+            if p.GetParameter("Smoothing"):
+                self.ui.smoothingSlider.value = float(p.GetParameter("Smoothing"))
+            _setComboText(self.ui.exportFormatComboBox, p.GetParameter("ExportFormat") or "STL")
+            if p.GetParameter("ExportDirectory"):
+                self.ui.exportDirectoryButton.directory = p.GetParameter("ExportDirectory")
+        finally:
+            self._updatingGUIFromParameterNode = False
+        self.updateButtons()
+
+    def updateParameterNodeFromGUI(self, *args):
+        if self._parameterNode is None or self._updatingGUIFromParameterNode:
+            return
+        wasModified = self._parameterNode.StartModify()
+        p = self._parameterNode
+        p.SetNodeReferenceID("InputVolume", self.ui.inputVolumeSelector.currentNodeID)
+        p.SetNodeReferenceID("OutputSegmentation", self.ui.outputSegmentationSelector.currentNodeID)
+        p.SetParameter("Device", self.ui.deviceComboBox.currentText)
+        p.SetParameter("Model", self.ui.modelComboBox.currentText)
+        p.SetParameter("Smoothing", str(self.ui.smoothingSlider.value))
+        p.SetParameter("ExportFormat", self.ui.exportFormatComboBox.currentText)
+        p.SetParameter("ExportDirectory", self.ui.exportDirectoryButton.directory)
+        p.EndModify(wasModified)
+        self.updateButtons()
+
+    def updateButtons(self):
+        hasInput = self.ui.inputVolumeSelector.currentNode() is not None
+        hasSegmentation = self.ui.outputSegmentationSelector.currentNode() is not None
+        self.ui.applyButton.enabled = hasInput and not self._running
+        self.ui.applyButton.toolTip = ("Segment the teeth of the input volume." if hasInput
+                                       else "Select an input volume first.")
+        self.ui.cancelButton.enabled = self._running
+        self.ui.surfacesButton.enabled = hasSegmentation and not self._running
+        self.ui.exportButton.enabled = (hasSegmentation and not self._running
+                                        and bool(self.ui.exportDirectoryButton.directory))
+
+    def fillModelComboBox(self):
+        """Model versions of the "teeth" task; the first entry is the store's default version."""
+        combo = self.ui.modelComboBox
+        combo.clear()
+        try:
+            versions = self.logic.model_versions()
+        except Exception as e:  # a broken store must not break the module panel
+            logging.warning(f"Segment Teeth: cannot list the model versions: {e}")
+            versions = []
+        for version in versions:
+            combo.addItem(version)
+        if not versions:
+            combo.addItem("(no model installed)")
+            combo.enabled = False
+            self.ui.statusLabel.text = ("No teeth model is installed. Import one with "
+                                        "'deepsegrecon models import' (see the README).")
+
+    # ----------------------------------------------------------------------------------------- buttons
+    def onApplyButton(self):
+        if self._running:
+            return
+        if missingPackages() and not self.offerPackageInstall():
+            return
+        params = {"device": self.ui.deviceComboBox.currentText}
+        if self.ui.modelComboBox.enabled and self.ui.modelComboBox.currentText:
+            params["model"] = self.ui.modelComboBox.currentText
+        with slicer.util.tryWithErrorDisplay("Segment Teeth could not start.", waitCursor=True):
+            self.logic.start({"image": self.ui.inputVolumeSelector.currentNode()}, params,
+                             output_node=self.ui.outputSegmentationSelector.currentNode())
+            self._running = True
+            self.ui.progressBar.value = 0
+            self.ui.etaLabel.text = ""
+            self.ui.statusLabel.text = "Starting the segmentation worker..."
+            self.updateButtons()
+            self._pollTimer.start()
+
+    def onCancelButton(self):
+        self.logic.cancel()
+        self.ui.statusLabel.text = "Cancelling..."
+
+    def onSurfacesButton(self):
+        with slicer.util.tryWithErrorDisplay("Could not build the 3D surfaces.", waitCursor=True):
+            self.logic.create_surfaces(self.ui.outputSegmentationSelector.currentNode(),
+                                       self.ui.smoothingSlider.value)
+            self.ui.statusLabel.text = "3D surfaces shown (smoothing %.2f)." % self.ui.smoothingSlider.value
+
+    def onExportButton(self):
+        folder = self.ui.exportDirectoryButton.directory
+        fmt = self.ui.exportFormatComboBox.currentText.lower()
+        with slicer.util.tryWithErrorDisplay("Could not export the surfaces.", waitCursor=True):
+            files = self.logic.export_surfaces(self.ui.outputSegmentationSelector.currentNode(), folder, fmt)
+            count = len(files) if files is not None else 0
+            self.ui.statusLabel.text = f"Exported {count} {fmt.upper()} file{'s' if count != 1 else ''} to {folder}."
+
+    # ------------------------------------------------------------------------------------------ polling
+    def onPollTimer(self):
+        try:
+            status = self.logic.poll()
+        except Exception as e:  # the timer must never keep firing on an error
+            logging.exception("Segment Teeth: polling the worker failed")
+            self._finishRun({"state": "failed", "error": f"{type(e).__name__}: {e}"})
+            return
+        state = status.get("state")
+        if state in FINAL_STATES:
+            self._finishRun(status)
+            return
+        if state == "idle":  # cancelled from elsewhere (scene close, cleanup)
+            self._finishRun({"state": "cancelled", "error": "cancelled"})
+            return
+        self.ui.progressBar.value = int(round(100 * float(status.get("fraction") or 0.0)))
+        self.ui.etaLabel.text = formatEta(status.get("eta_s"))
+        stage = status.get("stage") or ""
+        message = status.get("message") or ""
+        self.ui.statusLabel.text = (f"{stage}: {message}" if stage and message else stage or message or "Running...")
+
+    def _finishRun(self, status):
+        self._pollTimer.stop()
+        self._running = False
+        self.ui.etaLabel.text = ""
+        state = status.get("state")
+        if state == "succeeded":
+            self.ui.progressBar.value = 100
+            segNode = next((n for n in self.logic.output_nodes if n.IsA("vtkMRMLSegmentationNode")), None)
+            if segNode is not None:
+                self.ui.outputSegmentationSelector.setCurrentNode(segNode)
+                self.ui.statusLabel.text = f"Done: {describeSegmentation(segNode, self.logic.result)}"
+            else:
+                self.ui.statusLabel.text = "Done."
+        elif state == "cancelled":
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = "Cancelled; the scene was left unchanged."
+        else:
+            error = status.get("error") or "unknown error"
+            self.ui.statusLabel.text = f"Failed: {error}"
+            slicer.util.errorDisplay(f"Segment Teeth failed:\n\n{error}", windowTitle="Segment Teeth")
+        self.updateButtons()
+
+    # -------------------------------------------------------------------------------- package install
+    def offerPackageInstall(self):
+        """Ask, then pip-install the missing packages into Slicer's Python; True when all are importable."""
+        missing = missingPackages()
+        if not missing:
+            return True
+        text = (f"Segment Teeth needs these Python packages, which are not installed in Slicer: {', '.join(missing)}."
+                "\n\nInstall them now? This downloads several hundred MB "
+                f"{'(PyTorch ' + TORCH_VERSION + ', CPU build) ' if 'torch' in missing else ''}"
+                "and can take several minutes, during which Slicer does not respond."
+                "\n\nFor NVIDIA GPUs, install PyTorch with the PyTorch extension (PyTorchUtils) instead, then retry.")
+        if not slicer.util.confirmOkCancelDisplay(text, windowTitle="Segment Teeth: install packages"):
+            self.ui.statusLabel.text = f"Cannot segment without: {', '.join(missing)}."
+            return False
+        self.ui.statusLabel.text = f"Installing {', '.join(missing)} (several minutes)..."
+        slicer.app.processEvents()
+        with slicer.util.tryWithErrorDisplay("Installing the Python packages failed.", waitCursor=True):
+            SegmentTeethLogic.installPackages(missing)
+        still = missingPackages()
+        self.ui.statusLabel.text = (f"Still missing: {', '.join(still)}." if still
+                                    else "Packages installed. Click Segment Teeth to start.")
+        return not still
+
+
+# ------------------------------------------------------------------------------------------- the logic
+class SegmentTeethLogic(SceneSegmentTeethLogic, ScriptedLoadableModuleLogic):
+    """The engine's headless scene logic, run by Slicer's Python, with Slicer's module-logic base.
+
+    From ``deepsegrecon.scene.logic.SegmentTeethLogic``: ``start(inputs, params, output_node)``, ``poll()``,
+    ``cancel()``, ``wait()``, ``run()``, ``output_nodes``, ``result``, ``create_surfaces(seg_node, smoothing)``,
+    ``create_models(seg_node)``, ``export_surfaces(seg_node, folder, fmt)``. The scene logic comes first in the
+    bases: ``ScriptedLoadableModuleLogic.__init__`` calls ``super().__init__()`` without arguments.
+    """
+
+    def __init__(self, scene=None, python=None, job_root=None):
+        if job_root is None:
+            job_root = os.path.join(slicer.app.temporaryPath or tempfile.gettempdir(), "DeepSegRecon", "jobs")
+        SceneSegmentTeethLogic.__init__(self, scene if scene is not None else slicer.mrmlScene,
+                                        python=python or pythonSlicerExecutable(), job_root=job_root)
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def model_versions(self):
+        """Installed versions of the teeth model, the default one first."""
+        base = getattr(super(), "model_versions", None)
+        if base is not None:
+            return list(base())
+        from deepsegrecon.store import ModelStore
+
+        store = ModelStore()
+        entries = store.list(self.task_name)
+        if not entries:
+            return []
+        default = store.get(self.task_name).version
+        return [default] + [e.version for e in entries if e.version != default]
+
+    @staticmethod
+    def installPackages(importNames):
+        """pip-install the packages behind ``importNames`` into Slicer's Python, keeping Slicer's numpy."""
+        import numpy
+
+        constraints = os.path.join(tempfile.mkdtemp(prefix="deepsegrecon-pip-"), "constraints.txt")
+        with open(constraints, "w") as f:
+            f.write(f"numpy=={numpy.__version__}\n")  # never replace the numpy Slicer is built against
+        try:
+            if "torch" in importNames:
+                slicer.util.pip_install(torchRequirement() + ["-c", constraints])
+            rest = [PIP_REQUIREMENTS[n] for n in importNames if n in PIP_REQUIREMENTS]
+            if rest:
+                slicer.util.pip_install(rest + ["-c", constraints])
+        finally:
+            shutil.rmtree(os.path.dirname(constraints), ignore_errors=True)
+        importlib.invalidate_caches()
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def vtk_ModifiedEvent():
+    import vtk
+
+    return vtk.vtkCommand.ModifiedEvent
+
+
+def _setComboText(combo, text):
+    index = combo.findText(text)
+    if index >= 0:
+        combo.currentIndex = index
+
+
+def formatEta(seconds):
+    if seconds is None:
+        return ""
+    seconds = int(round(float(seconds)))
+    if seconds < 60:
+        return f"about {seconds} s left"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"about {minutes} min {seconds:02d} s left"
+    hours, minutes = divmod(minutes, 60)
+    return f"about {hours} h {minutes:02d} min left"
+
+
+def describeSegmentation(segNode, result=None):
+    names = [segNode.GetSegmentation().GetNthSegment(i).GetName()
+             for i in range(segNode.GetSegmentation().GetNumberOfSegments())]
+    teeth = [n for n in names if n.startswith("tooth_")]
+    text = f"{len(teeth)} teeth" + (", maxilla" if "maxilla" in names else "") + (
+        ", mandible" if "mandible" in names else "")
+    absent = [a for a in (getattr(result, "absent", None) or []) if str(a).startswith("tooth_")]
+    if absent:
+        text += "; absent: " + " ".join(str(a).replace("tooth_", "") for a in absent)
+    return text + "."
+
+
+# ---------------------------------------------------------------------------------------------- tests
+class SegmentTeethTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer: phantom -> volume node -> worker -> segmentation node -> surfaces -> STL files."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SegmentTeeth_phantom()
+        self.setUp()
+        self.test_SegmentTeeth_cancel()
+
+    def _phantomVolume(self, seed=11):
+        from deepsegrecon.scene.volumes import image_to_volume_node
+        from deepsegrecon.teeth.phantom import generate_teeth_phantom
+
+        cbct, labels, info = generate_teeth_phantom(seed, shape=(128, 112, 80))
+        volume = image_to_volume_node(slicer.mrmlScene, cbct, "TeethPhantom")
+        return volume, labels
+
+    def test_SegmentTeeth_phantom(self):
+        import numpy
+
+        self.delayDisplay("Generating a small teeth phantom")
+        missing = missingPackages()
+        self.assertEqual(missing, [], f"install the packages first (Segment Teeth offers it): {missing}")
+        volume, labels = self._phantomVolume()
+
+        logic = SegmentTeethLogic()
+        self.assertTrue(os.path.isfile(logic.python), logic.python)
+        self.delayDisplay("Segmenting (worker process)")
+        progress = []
+        logic.start({"image": volume}, {"device": "cpu"})
+        status = logic.wait(timeout=900, on_progress=progress.append)
+        self.assertEqual(status["state"], "succeeded", status.get("error"))
+        self.assertTrue(progress and all(0.0 <= p["fraction"] <= 1.0 for p in progress))
+
+        segNodes = [n for n in logic.output_nodes if n.IsA("vtkMRMLSegmentationNode")]
+        self.assertEqual(len(segNodes), 1)
+        segNode = segNodes[0]
+        segmentation = segNode.GetSegmentation()
+        names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+        self.assertEqual(names, ids, "segment IDs equal segment names")
+        teeth = [n for n in names if n.startswith("tooth_")]
+        self.assertTrue(set(names) <= {f"tooth_{q}{p}" for q in (1, 2, 3, 4) for p in range(1, 9)}
+                        | {"maxilla", "mandible"}, names)
+        self.assertGreaterEqual(len(teeth), 8, f"too few teeth found: {names}")
+        self.assertEqual(len(names), len(set(names)))
+
+        # most of the phantom's teeth are found, and no tooth is invented where the phantom has none
+        trueTeeth = {f"tooth_{v}" for v in numpy.unique(labels.array) if v >= 11}
+        self.assertGreaterEqual(len(set(teeth) & trueTeeth), 0.75 * len(trueTeeth), (sorted(teeth), sorted(trueTeeth)))
+        self.assertLessEqual(len(set(teeth) - trueTeeth), 2, (sorted(teeth), sorted(trueTeeth)))
+
+        self.delayDisplay("Surfaces")
+        surfaces = logic.create_surfaces(segNode, 0.5)
+        self.assertEqual(sorted(surfaces), sorted(names))
+        for name, poly in surfaces.items():
+            self.assertIsNotNone(poly, name)
+            self.assertGreater(poly.GetNumberOfPoints(), 0, name)
+
+        folder = tempfile.mkdtemp(prefix="SegmentTeethTest-")
+        try:
+            files = logic.export_surfaces(segNode, folder, "stl")
+            self.assertEqual(len(files), len(ids))
+            for path in files:
+                self.assertTrue(os.path.getsize(path) > 0, path)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.delayDisplay("Segment Teeth test passed")
+
+    def test_SegmentTeeth_cancel(self):
+        volume, _ = self._phantomVolume(seed=12)
+        before = slicer.mrmlScene.GetNumberOfNodes()
+        logic = SegmentTeethLogic()
+        logic.start({"image": volume}, {"device": "cpu"})
+        logic.cancel()
+        self.assertEqual(logic.poll()["state"], "cancelled")
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before, "a cancelled run leaves the scene as it was")
+        self.delayDisplay("Segment Teeth cancel test passed")
