@@ -195,3 +195,23 @@ def test_refuses_bad_arguments(mrml):
     with pytest.raises(InputError, match="volume node"):
         sc.volume_node_to_image(mrml.AddNewNodeByClass("vtkMRMLSegmentationNode"))
     assert mrml.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1  # only the one made above
+
+
+def test_labelmap_volume_and_2d_image(mrml):
+    from deepsegrecon.image import Image
+
+    result = teeth_result()
+    node = sc.image_to_volume_node(mrml, result.labelmap, "labels", labelmap=True)
+    assert node.IsA("vtkMRMLLabelMapVolumeNode")
+    back = sc.volume_node_to_image(node)
+    np.testing.assert_array_equal(back.array, result.labelmap.array)
+    assert back.same_grid(result.labelmap, tol=1e-12)
+
+    flat = Image(np.arange(30, dtype=np.float32).reshape(5, 6), spacing=(0.5, 2.0), origin=(3.0, -4.0))
+    node2 = sc.image_to_volume_node(mrml, flat, "xray")
+    assert node2.GetImageData().GetDimensions() == (6, 5, 1)
+    img3 = sc.volume_node_to_image(node2)
+    assert img3.array.shape == (1, 5, 6)
+    img2 = sc.volume_node_to_image(node2, squeeze_2d=True)
+    assert img2.same_grid(flat, tol=1e-12)
+    np.testing.assert_array_equal(img2.array, flat.array)

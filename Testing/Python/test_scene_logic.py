@@ -124,6 +124,20 @@ def test_cancel_stops_quickly_and_leaves_nothing(setup):
     assert list(jobs.iterdir()) == []
 
 
+def test_cancel_a_task_that_does_not_check_for_it(setup):
+    """A task busy in one long call never sees the flag file: SIGTERM (then SIGKILL) stops it."""
+    mrml, volume, grid, logic, jobs = setup
+    n_nodes = mrml.GetNumberOfNodes()
+    logic.start({"image": volume}, {"steps": 1, "dt": 60})
+    _wait_until_running(logic)
+    pid = logic._handle.pid
+    t0 = time.monotonic()
+    logic.cancel()
+    assert time.monotonic() - t0 < 2.0
+    assert _gone(pid) and logic.poll()["state"] == "cancelled"
+    assert mrml.GetNumberOfNodes() == n_nodes and list(jobs.iterdir()) == []
+
+
 def test_sigkilled_worker_is_reported_and_leaves_nothing(setup):
     mrml, volume, grid, logic, jobs = setup
     n_nodes = mrml.GetNumberOfNodes()

@@ -137,7 +137,7 @@ class TaskLogic:
         if handle is None:
             return
         try:
-            handle.cancel(grace=1.0)
+            handle.cancel(grace=0.8)  # flag file, then SIGTERM, then SIGKILL: under 2 s in all
         finally:
             self._finish(handle)
         self._status = {**self._status, "state": "cancelled", "error": "cancelled by the user",
