@@ -195,6 +195,12 @@ def test_refuses_bad_arguments(mrml):
     with pytest.raises(InputError, match="volume node"):
         sc.volume_node_to_image(mrml.AddNewNodeByClass("vtkMRMLSegmentationNode"))
     assert mrml.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1  # only the one made above
+    other = slicer.vtkMRMLScene()
+    foreign = sc.image_to_volume_node(other, oblique_grid(), "elsewhere")
+    with pytest.raises(InputError, match="same scene"):
+        sc.result_to_segmentation_node(mrml, result, reference_volume_node=foreign)
+    assert mrml.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    other.Clear(1)
 
 
 def test_labelmap_volume_and_2d_image(mrml):

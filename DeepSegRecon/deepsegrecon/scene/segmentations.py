@@ -52,6 +52,9 @@ def result_to_segmentation_node(scene, result: SegmentationResult, reference_vol
     _check_segments(result.segments)
     if node is not None and not isinstance(node, slicer.vtkMRMLSegmentationNode):
         raise InputError("the output node must be a segmentation node")
+    if reference_volume_node is not None and (not isinstance(reference_volume_node, slicer.vtkMRMLScalarVolumeNode)
+                                              or reference_volume_node.GetScene() is not scene):
+        raise InputError("the reference volume must be a scalar volume node in the same scene")
     ensure_converter_rules()
     oriented = _oriented_labelmap(result.labelmap, result.segments)
 
@@ -65,8 +68,10 @@ def result_to_segmentation_node(scene, result: SegmentationResult, reference_vol
             node.SetName(name)
         segmentation = node.GetSegmentation()
         segmentation.RemoveAllSegments()
-        segmentation.SetSourceRepresentationName(BINARY_LABELMAP) if hasattr(
-            segmentation, "SetSourceRepresentationName") else segmentation.SetMasterRepresentationName(BINARY_LABELMAP)
+        if hasattr(segmentation, "SetSourceRepresentationName"):  # Slicer >= 5.4
+            segmentation.SetSourceRepresentationName(BINARY_LABELMAP)
+        else:
+            segmentation.SetMasterRepresentationName(BINARY_LABELMAP)
         segmentation.SetConversionParameter("Reference image geometry", reference_geometry_string(result.labelmap))
         for s in result.segments:
             seg = slicer.vtkSegment()
@@ -90,8 +95,6 @@ def result_to_segmentation_node(scene, result: SegmentationResult, reference_vol
     elif node.GetScene() is None:
         scene.AddNode(node)
     if reference_volume_node is not None:
-        if reference_volume_node.GetScene() is not scene:
-            raise InputError("the reference volume must be in the same scene")
         # keeps the node reference, as Slicer's Segment Editor does
         node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
     return node
