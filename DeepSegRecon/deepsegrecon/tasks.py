@@ -1,3 +1,4 @@
 """Importing this module registers every task with :func:`deepsegrecon.task.register`."""
 
 # Each capability adds its import here.
+from .teeth import task as _teeth_task  # noqa: F401

@@ -1,0 +1,381 @@
+"""Instance split of touching teeth and FDI numbering.
+
+Input: the stage-2 output on its grid (teeth foreground probability and the 16 tooth-class
+probabilities: upper/lower x position 1-8), the grid's voxel size and a function that maps grid
+indices to LPS physical points. Output: an instance map whose values are FDI numbers, and a
+per-tooth report.
+
+1. Foreground = teeth probability > 0.5, small components removed.
+2. Midline: the x position (patient left-right) that best separates each position class into a
+   left and a right tooth (median over classes); side = which side of that line.
+3. Markers: connected cores of voxels that agree on (jaw, position, side); a marker-controlled
+   watershed on the distance transform splits touching teeth at their contact points; adjacent
+   pieces with the same key are merged and fragments too small for a tooth are merged or dropped.
+4. Numbering, in physical space (so flipped or oblique direction matrices do not matter): the
+   occlusal plane is fitted between the upper-class and lower-class voxels and decides the jaw,
+   the mid-sagittal line decides the side, so the quadrant follows; within a quadrant the teeth
+   are ordered along the arch and given positions 1-8 by a dynamic program that maximises the
+   summed stage-2 votes with positions strictly increasing along the arch: a missing tooth leaves
+   a gap and never shifts its neighbours, and a tooth is never invented.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from . import labels as L
+
+MIN_TOOTH_MM3 = 25.0
+MIN_COMPONENT_MM3 = 8.0
+MIN_MARKER_MM3 = 6.0
+_EPS = 1e-4
+
+
+def _components(mask, min_vox):
+    lab, n = ndi.label(mask)
+    if n == 0:
+        return lab, 0
+    sizes = np.bincount(lab.ravel())
+    small = sizes < min_vox
+    small[0] = False
+    if small.any():
+        lab[small[lab]] = 0
+    return lab, n
+
+
+def estimate_midline(coords_x: np.ndarray, cls: np.ndarray, fallback: float, min_count: int = 20) -> float:
+    """Midline x (in the same units as ``coords_x``) from the left/right pairs of each tooth class."""
+    ests, weights = [], []
+    for c in np.unique(cls):
+        x = np.sort(coords_x[cls == c])
+        if x.size < 2 * min_count:
+            continue
+        # 2-means on x, initialised at the extremes
+        lo, hi = x[0], x[-1]
+        for _ in range(20):
+            cut = (lo + hi) / 2
+            left, right = x[x < cut], x[x >= cut]
+            if left.size == 0 or right.size == 0:
+                break
+            nlo, nhi = left.mean(), right.mean()
+            if abs(nlo - lo) < 1e-6 and abs(nhi - hi) < 1e-6:
+                break
+            lo, hi = nlo, nhi
+        left, right = x[x < (lo + hi) / 2], x[x >= (lo + hi) / 2]
+        if min(left.size, right.size) < min_count:
+            continue
+        ratio = min(left.size, right.size) / max(left.size, right.size)
+        if ratio < 0.35:  # one side missing or a fragment: not a pair
+            continue
+        ests.append((left.mean() + right.mean()) / 2)
+        weights.append(min(left.size, right.size))
+    if not ests:
+        return float(fallback)
+    order = np.argsort(ests)
+    ests, weights = np.asarray(ests)[order], np.asarray(weights, float)[order]
+    cw = np.cumsum(weights)
+    return float(ests[np.searchsorted(cw, cw[-1] / 2)])  # weighted median
+
+
+def _adjacency(lab: np.ndarray) -> dict:
+    """{(a, b): number of face contacts} for labels a < b, both > 0."""
+    pairs = {}
+    for ax in range(3):
+        a = np.moveaxis(lab, ax, 0)
+        x, y = a[:-1].ravel(), a[1:].ravel()
+        sel = (x != y) & (x > 0) & (y > 0)
+        if not sel.any():
+            continue
+        lo, hi = np.minimum(x[sel], y[sel]), np.maximum(x[sel], y[sel])
+        key = lo.astype(np.int64) * 1_000_003 + hi
+        u, cnt = np.unique(key, return_counts=True)
+        for k, n in zip(u, cnt):
+            p = (int(k // 1_000_003), int(k % 1_000_003))
+            pairs[p] = pairs.get(p, 0) + int(n)
+    return pairs
+
+
+def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: float = MIN_TOOTH_MM3):
+    """Split the teeth foreground into instances.
+
+    ``fg``: bool mask; ``key``: int map (>0 inside fg) of class-consistent keys (jaw, position, side).
+    Returns (instances int32 map 0..n, {instance: key of its marker}).
+    """
+    from skimage.segmentation import watershed
+
+    vox = float(np.prod(spacing))
+    mask, _ = _components(fg, max(1, int(MIN_COMPONENT_MM3 / vox)))
+    mask = mask > 0
+    if not mask.any():
+        return np.zeros(fg.shape, np.int32), {}
+    markers = np.zeros(fg.shape, np.int32)
+    marker_key = {}
+    n = 0
+    min_marker = max(1, int(MIN_MARKER_MM3 / vox))
+    st = ndi.generate_binary_structure(3, 1)
+    for k in np.unique(key[mask]):
+        if k <= 0:
+            continue
+        region = mask & (key == k)
+        core = ndi.binary_erosion(region, st)
+        if core.sum() < min_marker:
+            core = region
+        lab, m = ndi.label(core)
+        if m == 0:
+            continue
+        sizes = np.bincount(lab.ravel())
+        for c in range(1, m + 1):
+            if sizes[c] >= min_marker:
+                n += 1
+                markers[lab == c] = n
+                marker_key[n] = int(k)
+    if n == 0:
+        lab, m = ndi.label(mask)
+        return lab.astype(np.int32), {i: 0 for i in range(1, m + 1)}
+    dist = ndi.distance_transform_edt(mask, sampling=spacing)
+    inst = watershed(-dist, markers, mask=mask).astype(np.int32)
+
+    # merge adjacent pieces of the same key, then fragments too small to be a tooth
+    parent = {i: i for i in range(1, n + 1)}
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    adj = _adjacency(inst)
+    for (a, b), cnt in sorted(adj.items(), key=lambda kv: -kv[1]):
+        if marker_key.get(a) == marker_key.get(b):
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[rb] = ra
+    remap = np.zeros(n + 1, np.int32)
+    for i in range(1, n + 1):
+        remap[i] = find(i)
+    inst = remap[inst]
+    min_vox = max(1, int(min_tooth_mm3 / vox))
+    for _ in range(3):
+        sizes = np.bincount(inst.ravel(), minlength=n + 1)
+        small = [i for i in range(1, n + 1) if 0 < sizes[i] < min_vox]
+        if not small:
+            break
+        adj = _adjacency(inst)
+        remap = np.arange(n + 1, dtype=np.int32)
+        for i in small:
+            nb = [(cnt, b if a == i else a) for (a, b), cnt in adj.items() if i in (a, b)]
+            nb = [(c, j) for c, j in nb if sizes[j] >= min_vox]
+            remap[i] = max(nb)[1] if nb else 0
+        inst = remap[inst]
+    # relabel 1..m
+    ids = [i for i in np.unique(inst) if i > 0]
+    remap = np.zeros(n + 1, np.int32)
+    keys = {}
+    for new, old in enumerate(ids, 1):
+        remap[old] = new
+        keys[new] = marker_key.get(int(old), 0)
+    return remap[inst], keys
+
+
+def fit_occlusal_plane(points_upper: np.ndarray, points_lower: np.ndarray):
+    """Plane (point, unit normal pointing to the upper jaw) separating upper from lower tooth points (LPS mm).
+
+    The normal starts as +z (superior) and is refined by a least-squares plane through the midpoints
+    of nearby upper/lower point pairs; it is kept within 35 degrees of +z."""
+    up = np.asarray(points_upper, float)
+    lo = np.asarray(points_lower, float)
+    if len(up) == 0 and len(lo) == 0:
+        return np.zeros(3), np.array([0.0, 0.0, 1.0])
+    if len(up) == 0 or len(lo) == 0:
+        pts = up if len(up) else lo
+        z = pts[:, 2].min() - 1.0 if len(up) else pts[:, 2].max() + 1.0
+        return np.array([pts[:, 0].mean(), pts[:, 1].mean(), z]), np.array([0.0, 0.0, 1.0])
+    from scipy.spatial import cKDTree
+
+    # the lowest upper points and the highest lower points face each other across the plane
+    tree = cKDTree(lo[:, :2])
+    d, j = tree.query(up[:, :2], k=1)
+    close = d < 2.0
+    mids = []
+    if close.sum() >= 10:
+        # per upper column take the nearest lower point; keep pairs with the upper point above
+        pu, pl = up[close], lo[j[close]]
+        ok = pu[:, 2] > pl[:, 2]
+        mids = (pu[ok] + pl[ok]) / 2
+    if len(mids) >= 10:
+        centre = mids.mean(0)
+        A = np.c_[mids[:, 0] - centre[0], mids[:, 1] - centre[1], np.ones(len(mids))]
+        coef, *_ = np.linalg.lstsq(A, mids[:, 2] - centre[2], rcond=None)
+        normal = np.array([-coef[0], -coef[1], 1.0])
+        normal /= np.linalg.norm(normal)
+        if normal[2] < math.cos(math.radians(35)):
+            normal = np.array([0.0, 0.0, 1.0])
+        centre = centre + np.array([0, 0, coef[2]])
+    else:
+        centre = (up.mean(0) + lo.mean(0)) / 2
+        normal = np.array([0.0, 0.0, 1.0])
+    # re-centre: the plane passes halfway between the two sets along the normal
+    hu = np.percentile((up - centre) @ normal, 5)
+    hl = np.percentile((lo - centre) @ normal, 95)
+    centre = centre + normal * (hu + hl) / 2
+    return centre, normal
+
+
+def assign_positions(scores: np.ndarray, skip_penalty: float = math.log(0.02)):
+    """Best strictly increasing positions for instances ordered along the arch.
+
+    ``scores``: (n, 8) log-votes of each instance for positions 1..8. An instance may be left
+    unassigned at ``skip_penalty`` (it is then dropped, never renamed into a tooth it is not).
+    Returns a list of positions (1..8) or 0 for unassigned, in the instances' order."""
+    n = scores.shape[0]
+    NEG = -1e18
+    # best[i][p]: best total for the first i instances with the last assigned position <= p (p = 0..8)
+    best = np.full((n + 1, 9), NEG)
+    best[0, :] = 0.0
+    choice = np.zeros((n + 1, 9), np.int64)  # position given to instance i-1 (0 = skipped)
+    for i in range(1, n + 1):
+        for p in range(0, 9):
+            # skip instance i-1
+            cand = best[i - 1, p] + skip_penalty
+            ch = 0
+            if p >= 1:
+                # assign position p to instance i-1: previous instances use positions < p
+                v = best[i - 1, p - 1] + scores[i - 1, p - 1]
+                if v > cand:
+                    cand, ch = v, p
+                # or the last position used is < p (carry over)
+                if best[i, p - 1] > cand:
+                    cand, ch = best[i, p - 1], -1
+            best[i, p] = cand
+            choice[i, p] = ch
+    # backtrack
+    out = [0] * n
+    i, p = n, 8
+    while i > 0:
+        ch = choice[i, p]
+        if ch == -1:
+            p -= 1
+            continue
+        if ch == 0:
+            out[i - 1] = 0
+            i -= 1
+            continue
+        out[i - 1] = int(ch)
+        i -= 1
+        p = ch - 1
+    return out
+
+
+def number_teeth(inst: np.ndarray, probs: np.ndarray, index_to_lps, spacing, mid_index_x: float,
+                 x_axis_index: int = 2, min_tooth_mm3: float = MIN_TOOTH_MM3):
+    """FDI number for each instance.
+
+    ``inst``: instance map; ``probs``: (16, ...) tooth-class probabilities on the same grid (upper
+    positions 1..8 then lower 1..8); ``index_to_lps``: maps (N, 3) grid indices (array order) to LPS
+    mm; ``mid_index_x``: the midline along the grid's left-right axis (grid index units).
+    Returns ({instance: FDI or 0}, per-instance details).
+    """
+    ids = [int(i) for i in np.unique(inst) if i > 0]
+    if not ids:
+        return {}, {}
+    vox = float(np.prod(spacing))
+    objs = ndi.find_objects(inst)
+    details = {}
+    up_pts, lo_pts = [], []
+    for i in ids:
+        sl = objs[i - 1]
+        m = inst[sl] == i
+        idx = np.argwhere(m) + np.array([s.start for s in sl])
+        pr = probs[(slice(None),) + sl][:, m]  # (16, n)
+        votes = pr.sum(1)
+        upper_v = float(votes[:8].sum())
+        lower_v = float(votes[8:].sum())
+        pos_v = votes[:8] + votes[8:]
+        pos_v = pos_v / max(pos_v.sum(), 1e-9)
+        pts = index_to_lps(idx)
+        details[i] = {"volume_mm3": float(m.sum() * vox), "centroid": pts.mean(0), "pos_votes": pos_v,
+                      "upper_vote": upper_v / max(upper_v + lower_v, 1e-9), "n": int(m.sum())}
+        # voxel samples for the occlusal plane, by the voxel's own jaw vote
+        up = pr[:8].sum(0) > pr[8:].sum(0)
+        step = max(1, len(pts) // 400)
+        up_pts.append(pts[up][::step])
+        lo_pts.append(pts[~up][::step])
+    up_pts = np.concatenate(up_pts) if up_pts else np.zeros((0, 3))
+    lo_pts = np.concatenate(lo_pts) if lo_pts else np.zeros((0, 3))
+    centre, normal = fit_occlusal_plane(up_pts, lo_pts)
+
+    # a point on the midline (in physical space)
+    allc = np.array([details[i]["centroid"] for i in ids])
+    mid_idx = np.array([[float(np.mean(a)) for a in np.nonzero(inst)]])
+    mid_idx[0, x_axis_index] = mid_index_x
+    mid_pt = index_to_lps(mid_idx)[0]
+    e_left = np.array([1.0, 0.0, 0.0])  # LPS +x is the patient's left
+    # side is measured along the patient's left-right axis projected off the occlusal normal
+    e_lr = e_left - normal * np.dot(e_left, normal)
+    e_lr /= np.linalg.norm(e_lr)
+
+    quads = {q: [] for q in L.QUADRANTS}
+    for i in ids:
+        c = details[i]["centroid"]
+        h = float(np.dot(c - centre, normal))
+        upper = h > 0 if abs(h) > 1.5 else details[i]["upper_vote"] >= 0.5
+        right = float(np.dot(c - mid_pt, e_lr)) < 0
+        details[i].update(upper=bool(upper), right=bool(right), height_mm=h)
+        q = L.fdi_from(upper, right, 1) // 10
+        quads[q].append(i)
+
+    # order along the arch: angle around the arch centre, measured from the front
+    e_post = np.array([0.0, 1.0, 0.0]) - normal * normal[1]
+    e_post /= np.linalg.norm(e_post)
+    arch_c = allc.mean(0)
+    fdi = {}
+    for q, members in quads.items():
+        if not members:
+            continue
+        ang = []
+        for i in members:
+            d = details[i]["centroid"] - mid_pt
+            lr = abs(float(np.dot(d, e_lr)))
+            ap = float(np.dot(details[i]["centroid"] - arch_c, e_post))
+            ang.append(math.atan2(lr, -ap))
+        order = [members[k] for k in np.argsort(ang)]
+        scores = np.log(np.array([details[i]["pos_votes"] for i in order]) + _EPS)
+        pos = assign_positions(scores)
+        for i, p in zip(order, pos):
+            fdi[i] = q * 10 + p if p else 0
+            details[i]["fdi"] = fdi[i]
+    return fdi, details
+
+
+def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_lps, mid_hint: float,
+                x_axis_index: int = 2, min_tooth_mm3: float = MIN_TOOTH_MM3):
+    """Stage-2 probabilities -> (FDI map on the same grid, per-tooth details).
+
+    ``class_prob`` is (16, ...) (upper 1..8, lower 1..8), ``mid_hint`` a fallback midline (grid index
+    along ``x_axis_index``), ``index_to_lps`` maps grid indices to LPS mm."""
+    fg = fg_prob > 0.5
+    if not fg.any():
+        return np.zeros(fg.shape, np.uint8), {}
+    cls = np.argmax(class_prob, 0).astype(np.int16) + 1  # 1..16
+    idx = np.nonzero(fg)
+    xs = idx[x_axis_index].astype(float)
+    mid = estimate_midline(xs, cls[idx], mid_hint, min_count=max(5, int(4.0 / float(np.prod(spacing)))))
+    # left/right along the grid's x axis: the physical direction decides which is which later,
+    # here only the two sides must get different keys
+    side = np.zeros(fg.shape, np.int16)
+    coord = np.arange(fg.shape[x_axis_index], dtype=float)
+    shape = [1, 1, 1]
+    shape[x_axis_index] = -1
+    side = np.broadcast_to((coord.reshape(shape) >= mid).astype(np.int16), fg.shape)
+    key = np.where(fg, cls + 16 * side, 0).astype(np.int16)
+    inst, _ = split_instances(fg, key, spacing, min_tooth_mm3)
+    fdi, details = number_teeth(inst, class_prob, index_to_lps, spacing, mid, x_axis_index, min_tooth_mm3)
+    lut = np.zeros(int(inst.max()) + 1, np.uint8)
+    for i, f in fdi.items():
+        lut[i] = f
+    out = lut[inst]
+    # two instances that ended with the same number (should not happen after the DP): keep both
+    return out, {"midline_index": mid, "instances": details}

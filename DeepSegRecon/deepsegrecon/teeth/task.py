@@ -1,0 +1,349 @@
+"""The ``teeth`` task: dental CBCT -> one segment per tooth (FDI 11-48), maxilla and mandible.
+
+Pipeline (all in the canonical S/P/L re-indexing of the input grid, see :mod:`.nets`):
+
+1. stage 1, whole volume at about 1 mm: background / maxilla / mandible / teeth;
+2. stage 2, teeth bounding box (+ margin) at about 0.5 mm: background + 16 tooth classes
+   (jaw x position), with coordinate channels measured from the stage-1 teeth box;
+3. instance split and FDI numbering in physical space (:mod:`.postprocess`);
+4. back to the input grid: teeth by linear interpolation of the stage-2 teeth probability with each
+   voxel given its nearest tooth instance, bones by linear interpolation of the stage-1
+   probabilities; slab by slab, so memory stays bounded.
+
+The labelmap is on exactly the input grid (shape, spacing, origin, direction).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..device import CHOICES, amp_enabled, resolve_device
+from ..errors import InputError, ModelError
+from ..image import Image
+from ..task import InputSpec, SegmentationResult, Task, TaskContext, register
+from . import labels as L
+from .nets import (build_nets, canonical_frame, coarse_centres, coord_channels, grid_size, load_weights,
+                   normalise, resample, teeth_reference, upsample_slab)
+from .postprocess import postprocess
+
+TASK = "teeth"
+WEIGHT_FILES = ("stage1.pt", "stage2.pt")
+STAGES = {"prepare": 6, "stage1": 14, "stage2": 45, "instances": 15, "output": 20}
+
+
+@dataclass
+class TeethModel:
+    net1: torch.nn.Module
+    net2: torch.nn.Module
+    network: dict
+    manifest: dict
+    version: str = ""
+
+
+def load_model(entry) -> TeethModel:
+    """Rebuild both networks from the manifest's ``network`` config and load their verified weights."""
+    from ..store import check_task, load_state_dict
+
+    check_task(entry, TASK)
+    network = entry.manifest.get("network")
+    if not isinstance(network, dict) or "stage1" not in network or "stage2" not in network:
+        raise ModelError(f"model {entry.task} {entry.version} ({entry.dir}): its manifest has no 'network' "
+                         "config with stage1 and stage2; it is not a teeth model of this version of DeepSegRecon")
+    try:
+        net1, net2 = build_nets(network)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"model {entry.version}: the network config in its manifest is invalid ({e})") from e
+    for net, fname in zip((net1, net2), WEIGHT_FILES):
+        state = load_state_dict(entry, fname, task=TASK)
+        try:
+            load_weights(net, state)
+        except (RuntimeError, KeyError, AttributeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"{fname} in model {entry.task} {entry.version} does not fit the network its manifest "
+                             f"describes ({first})") from e
+        net.eval()
+    return TeethModel(net1, net2, network, dict(entry.manifest), entry.version)
+
+
+class _NoAmp(torch.nn.Module):
+    """Run a network in float32 even where the inferer turns autocast on (``amp=False``)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.net(x.float())
+
+
+def _sliding(net, x, roi, device, amp, overlap, progress):
+    from ..inference import sliding_window
+
+    if not amp and amp_enabled(device):
+        net = _NoAmp(net)
+    return sliding_window(net, x, roi, device, overlap=overlap, sw_batch_size=1 if device.type == "cpu" else 4,
+                          progress=progress)
+
+
+def stage2_box(teeth1: np.ndarray, shape, n1, sp, margin_mm: float):
+    """Fine-grid box [lo, hi) around a coarse (stage-1) teeth mask plus ``margin_mm``, and the coordinate
+    reference (z middle, y front, x middle) in fine index units."""
+    shape = np.asarray(shape)
+    ref1, lo1, hi1 = teeth_reference(teeth1)
+    scale = shape / np.array(n1)
+    ref = np.array([(ref1[0] + 0.5) * scale[0] - 0.5, lo1[1] * scale[1], (ref1[2] + 0.5) * scale[2] - 0.5])
+    margin = np.ceil(float(margin_mm) / np.asarray(sp)).astype(int)
+    lo = np.maximum(np.floor(lo1 * scale).astype(int) - margin, 0)
+    hi = np.minimum(np.ceil(hi1 * scale).astype(int) + margin, shape)
+    return lo, hi, ref
+
+
+def grid_mapper(image: Image, can, lo, hi, n2):
+    """Function mapping (N, 3) stage-2 grid indices to LPS mm through the input's direction matrix."""
+    centres = coarse_centres(lo, hi, n2)
+
+    def index_to_lps(idx2):
+        idx2 = np.asarray(idx2, float)
+        fine = np.stack([np.interp(idx2[:, a], np.arange(n2[a]), centres[a]) if n2[a] > 1
+                         else np.full(len(idx2), centres[a][0]) for a in range(3)], 1)
+        orig = can.canonical_to_original_index(fine)  # (k, j, i)
+        return image.physical_points(orig[:, ::-1])
+
+    return index_to_lps
+
+
+def assemble(shape, probs1, fg2, fdi2, lo, hi, n2, step=None) -> np.ndarray:
+    """Canonical labelmap on the fine grid: bones from the stage-1 probabilities (C>=3, coarse grid over
+    the whole volume, linear), teeth where the stage-2 teeth probability (linear) is over 0.5, each voxel
+    given its nearest tooth instance (within 1.5 stage-2 voxels). Slab by slab (bounded memory)."""
+    from scipy import ndimage as ndi
+
+    shape = tuple(int(v) for v in shape)
+    out = np.zeros(shape, np.uint8)
+    if fdi2 is not None:
+        dist, ind = ndi.distance_transform_edt(fdi2 == 0, return_indices=True)
+        near = fdi2[tuple(ind)]
+        near[dist > 1.5] = 0
+        del dist, ind
+        near_t = torch.from_numpy(near)
+        fg2 = torch.as_tensor(fg2, dtype=torch.float32).reshape((1,) + tuple(n2))
+    slab = max(1, int(24e6 // max(1, shape[1] * shape[2] * 4)))
+    for z0 in range(0, shape[0], slab):
+        z1 = min(z0 + slab, shape[0])
+        if step:
+            step("output", z0 / shape[0], "labelmap on the input grid")
+        if probs1 is not None:
+            p = upsample_slab(probs1[: L.STAGE1_TEETH], (0, 0, 0), shape, (z0, 0, 0), (z1, shape[1], shape[2]))
+            out[z0:z1] = torch.argmax(p, 0).to(torch.uint8).numpy()
+            del p
+        if fdi2 is not None and z1 > lo[0] and z0 < hi[0]:
+            a0, a1 = max(z0, lo[0]), min(z1, hi[0])
+            f = upsample_slab(fg2, tuple(lo), tuple(hi), (a0, lo[1], lo[2]), (a1, hi[1], hi[2]))[0] > 0.5
+            idx = [torch.round(torch.from_numpy((np.arange(s, e) - lo_ + 0.5) * n / (hi_ - lo_) - 0.5)).long()
+                   .clamp(0, n - 1)
+                   for s, e, lo_, hi_, n in ((a0, a1, lo[0], hi[0], n2[0]), (lo[1], hi[1], lo[1], hi[1], n2[1]),
+                                             (lo[2], hi[2], lo[2], hi[2], n2[2]))]
+            labs = near_t[idx[0]][:, idx[1]][:, :, idx[2]]
+            tooth = (f & (labs > 0)).numpy()
+            region = out[a0:a1, lo[1]:hi[1], lo[2]:hi[2]]
+            region[tooth] = labs.numpy()[tooth]
+    if step:
+        step("output", 1.0)
+    return out
+
+
+def segment(image: Image, model: TeethModel, device="cpu", step: Optional[Callable] = None, amp: bool = True,
+            overlap2: float = 0.35) -> SegmentationResult:
+    """Segment teeth, maxilla and mandible in ``image`` (HU-like CBCT) with ``model``."""
+    step = step or (lambda stage, fraction=0.0, message="": None)
+    device = torch.device(device)
+    net_cfg = model.network
+    timings = {}
+    t_all = t0 = time.perf_counter()
+    step("prepare", 0.0, "re-indexing")
+    can = canonical_frame(image)
+    arr = can.to_canonical(image.array)
+    sp = np.array(can.spacing)
+    shape = np.array(arr.shape)
+
+    # ---------------- stage 1: whole volume at ~1 mm
+    c1 = net_cfg["stage1"]
+    n1 = grid_size(shape, sp, float(c1["spacing_mm"]))
+    if arr.size <= 64e6:
+        x1 = resample(normalise(torch.from_numpy(np.asarray(arr)), net_cfg)[None], n1)
+    else:
+        x1 = _resample_big(arr, n1, net_cfg)[None]
+    step("prepare", 1.0)
+    timings["prepare_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    logits1 = _sliding(model.net1, x1[None], c1["roi"], device, amp, 0.25,
+                       lambda f: step("stage1", f, "stage 1: jaws and teeth"))[0]
+    probs1 = torch.softmax(logits1, 0)
+    del logits1, x1
+    lab1 = torch.argmax(probs1, 0).numpy()
+    timings["stage1_s"] = time.perf_counter() - t0
+
+    teeth1 = _largest_teeth(lab1 == L.STAGE1_TEETH, float(np.prod(sp * shape / np.array(n1))))
+    info = {}
+    fdi2 = fg2 = None
+    lo = hi = n2 = None
+    t0 = time.perf_counter()
+    if teeth1.any():
+        c2 = net_cfg["stage2"]
+        lo, hi, ref = stage2_box(teeth1, shape, n1, sp, float(c2["margin_mm"]))
+        n2 = tuple(max(n, 8) for n in grid_size(hi - lo, sp, float(c2["spacing_mm"])))
+        crop = torch.from_numpy(np.ascontiguousarray(arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]))
+        img2 = resample(normalise(crop, net_cfg)[None], n2)
+        del crop
+        coords = coord_channels(lo, hi, n2, sp, ref, float(c2.get("coord_scale_mm", 30.0)))
+        x2 = torch.cat([img2, coords], 0)[None]
+        del img2, coords
+        logits2 = _sliding(model.net2, x2, c2["roi"], device, amp, overlap2,
+                           lambda f: step("stage2", f, "stage 2: tooth classes"))[0]
+        del x2
+        probs2 = torch.softmax(logits2, 0).numpy()
+        del logits2
+        timings["stage2_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        step("instances", 0.0, "splitting and numbering teeth")
+        sp2 = (hi - lo) * sp / np.array(n2)
+        mid_hint = (ref[2] - lo[2] + 0.5) * n2[2] / (hi[2] - lo[2]) - 0.5
+        fg2 = 1.0 - probs2[0]
+        fdi2, info = postprocess(fg2, probs2[1:], tuple(sp2), grid_mapper(image, can, lo, hi, n2), mid_hint)
+        del probs2
+        timings["instances_s"] = time.perf_counter() - t0
+        step("instances", 1.0)
+    else:
+        timings["stage2_s"] = timings["instances_s"] = 0.0
+
+    # ---------------- back to the input grid
+    t0 = time.perf_counter()
+    out = assemble(shape, probs1, fg2, fdi2, lo, hi, n2, step)
+    del probs1
+    labelmap = can.from_canonical(out)
+    del out
+    timings["output_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_all
+    grids = {"input_spacing_mm": list(image.spacing), "stage1_shape": list(n1),
+             "stage2_shape": list(n2) if n2 is not None else None,
+             "stage2_box_canonical": [lo.tolist(), hi.tolist()] if lo is not None else None}
+    return make_result(image, labelmap, info, {"model": model.version, "device": str(device),
+                                               "timings_s": {k: round(v, 2) for k, v in timings.items()},
+                                               "grids": grids})
+
+
+def make_result(image: Image, labelmap: np.ndarray, info: dict, extra: dict) -> SegmentationResult:
+    """SegmentationResult on the input grid: segments present, absent teeth and bones, per-tooth report."""
+    result_img = Image(labelmap, image.spacing, image.origin, image.direction.copy(), {"task": TASK})
+    counts = np.bincount(labelmap.ravel(), minlength=256)
+    vox = float(np.prod(image.spacing))
+    present = [v for v in [L.MAXILLA, L.MANDIBLE, *L.FDI] if counts[v] > 0]
+    absent = [L.segment_name(v) for v in [L.MAXILLA, L.MANDIBLE, *L.FDI] if counts[v] == 0]
+    teeth_report = {}
+    instances = (info or {}).get("instances") or {}
+    for d in instances.values():
+        f = int(d.get("fdi", 0))
+        if f and counts[f] > 0:
+            teeth_report[L.segment_name(f)] = {
+                "fdi": f, "description": L.describe(f), "volume_mm3": round(float(counts[f] * vox), 1),
+                "centroid_lps": [round(float(c), 2) for c in d["centroid"]],
+                "position_confidence": round(float(d["pos_votes"][L.position(f) - 1]), 3)}
+    report = {
+        **extra,
+        "teeth_found": [v for v in present if v in L.FDI],
+        "teeth": teeth_report,
+        "bones": {L.segment_name(v): {"volume_mm3": round(float(counts[v] * vox), 1)}
+                  for v in (L.MAXILLA, L.MANDIBLE) if counts[v] > 0},
+        "dropped_fragments": sum(1 for d in instances.values() if not d.get("fdi")),
+    }
+    return SegmentationResult(result_img, L.segment_infos(present), absent, report)
+
+
+def _resample_big(arr: np.ndarray, n1, net_cfg) -> torch.Tensor:
+    """Normalise and shrink a large volume in slabs along axis 0 (whole coarse slices at a time)."""
+    import torch.nn.functional as F
+
+    D = arr.shape[0]
+    # first shrink in-plane slab by slab (area), then along axis 0
+    parts = []
+    step_z = max(1, int(16e6 // (arr.shape[1] * arr.shape[2])))
+    for z0 in range(0, D, step_z):
+        t = normalise(torch.from_numpy(np.ascontiguousarray(arr[z0:z0 + step_z])), net_cfg)
+        size = (min(n1[1], arr.shape[1]), min(n1[2], arr.shape[2]))
+        t = F.interpolate(t[:, None], size=size, mode="area")[:, 0]
+        parts.append(t)
+    t = torch.cat(parts, 0)[None]
+    return resample(t, n1)[0]
+
+
+def _largest_teeth(mask: np.ndarray, vox_mm3: float, min_mm3: float = 60.0) -> np.ndarray:
+    """Stage-1 teeth mask without specks (components under ``min_mm3``)."""
+    from scipy import ndimage as ndi
+
+    lab, n = ndi.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(lab.ravel())
+    keep = sizes * vox_mm3 >= min_mm3
+    keep[0] = False
+    return keep[lab]
+
+
+@register
+class TeethTask(Task):
+    name = TASK
+    title = "Segment Teeth"
+    inputs = (InputSpec("image", 3, True, "dental CBCT volume (HU-like intensities)"),)
+    uses_model = True
+    stages = STAGES
+
+    def default_params(self) -> dict:
+        return {"device": "auto", "model": None, "amp": True}
+
+    def validate(self, images: dict, params: dict) -> None:
+        super().validate(images, params)
+        dev = str(params.get("device") or "auto").lower()
+        if not (dev in CHOICES or dev.startswith("cuda:")):
+            raise InputError(f"unknown device '{params.get('device')}'; choose one of {', '.join(CHOICES)}")
+        model = params.get("model")
+        if model is not None and not isinstance(model, str):
+            raise InputError(f"the model parameter must be a version name, got {model!r}")
+        img = images["image"]
+        extent = np.array(img.array.shape) * np.array(img.spacing[::-1])
+        if extent.min() < 15.0:
+            raise InputError(f"the image covers only {extent.min():.1f} mm along one axis; a dental CBCT "
+                             "covering at least part of a jaw (15 mm or more) is needed")
+
+    def run(self, images: dict, params: dict, ctx: TaskContext) -> SegmentationResult:
+        from ..store import ModelStore
+
+        params = {**self.default_params(), **(params or {})}
+        device = resolve_device(params.get("device") or ctx.device or "auto")
+        ctx.step("prepare", 0.0, "loading the model")
+        if ctx.model_dir is not None:
+            entry = _entry_from_dir(ctx.model_dir)
+        else:
+            entry = ModelStore().get(TASK, params.get("model"))
+        model = load_model(entry)
+        result = segment(images["image"], model, device, ctx.step, amp=bool(params.get("amp", True)))
+        return result
+
+
+def _entry_from_dir(folder):
+    import json
+    from pathlib import Path
+
+    from ..store import ModelEntry
+
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the manifest of the model in {folder}: {e}") from e
+    return ModelEntry(str(manifest.get("task")), str(manifest.get("version") or folder.name), folder, manifest)
