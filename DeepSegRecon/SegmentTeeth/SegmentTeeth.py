@@ -500,7 +500,7 @@ def describeSegmentation(segNode, result=None):
     names = [segNode.GetSegmentation().GetNthSegment(i).GetName()
              for i in range(segNode.GetSegmentation().GetNumberOfSegments())]
     teeth = [n for n in names if n.startswith("tooth_")]
-    text = f"{len(teeth)} teeth" + (", maxilla" if "maxilla" in names else "") + (
+    text = f"{len(teeth)} {'tooth' if len(teeth) == 1 else 'teeth'}" + (", maxilla" if "maxilla" in names else "") + (
         ", mandible" if "mandible" in names else "")
     absent = [a for a in (getattr(result, "absent", None) or []) if str(a).startswith("tooth_")]
     if absent:

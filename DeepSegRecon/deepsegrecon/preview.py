@@ -55,8 +55,9 @@ def write_preview(image: Image, result: SegmentationResult, path, surfaces: Opti
     """Write one PNG: axial, coronal and sagittal slices with the label overlay, and a 3-D view.
 
     ``surfaces`` maps segment names to ``vtkPolyData`` in world RAS mm (Slicer's and ``deepsegrecon.scene``'s
-    frame; pass ``surface_space="LPS"`` for LPS meshes); segments without a surface are made from the labelmap. ``renderer`` ("vtk", "matplotlib" or "auto")
-    overrides ``$DEEPSEGRECON_PREVIEW_3D``. The file appears whole or not at all. Returns the path.
+    frame; pass ``surface_space="LPS"`` for LPS meshes); segments without a surface are made from the labelmap.
+    ``renderer`` ("vtk", "matplotlib" or "auto") overrides ``$DEEPSEGRECON_PREVIEW_3D``.
+    The file appears whole or not at all. Returns the path.
     """
     import matplotlib
 

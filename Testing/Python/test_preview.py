@@ -1,6 +1,5 @@
 """The preview PNG: three orthogonal slices with the label overlay and a 3-D view (engine layer, no Slicer)."""
 
-import os
 from pathlib import Path
 
 import numpy as np

@@ -176,7 +176,8 @@ def test_ui_uses_only_qt_or_declared_slicer_classes(qt, path):
     assert info["top"].get("name") == path.stem
     for name, cls in info["widgets"].items():
         assert cls in qt_widgets or cls in info["custom"], (
-            f"{path.name}: widget '{name}' has class {cls}, which is neither a Qt class nor declared in <customwidgets>")
+            f"{path.name}: widget '{name}' has class {cls}, "
+            "which is neither a Qt class nor declared in <customwidgets>")
     for name, cls in info["layouts"].items():
         assert cls in qt_layouts, f"{path.name}: layout '{name}' has unknown class {cls}"
     for cls, spec in info["custom"].items():

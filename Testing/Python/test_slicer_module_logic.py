@@ -1,0 +1,240 @@
+"""The Segment Teeth Slicer module's code, run outside Slicer.
+
+``SegmentTeeth.py`` imports ``qt`` and ``slicer.ScriptedLoadableModule``, which only Slicer has. Here they are
+small stand-ins (the ``slicer`` package itself is the real MRML one from the slicer-core wheel), faithful to what
+the module relies on: Slicer's ``ScriptedLoadableModuleLogic.__init__`` calls ``super().__init__()`` with no
+arguments, which decides how the module's logic may combine it with the engine's scene logic. The widget needs
+Slicer's PythonQt and is covered by the .ui tests and by the module's own test inside Slicer.
+"""
+
+import importlib.util
+import os
+import sys
+import textwrap
+import types
+import unittest
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE_PY = ROOT / "DeepSegRecon" / "SegmentTeeth" / "SegmentTeeth.py"
+
+PLUGIN = textwrap.dedent('''
+    import numpy as np
+
+    from deepsegrecon.task import InputSpec, SegmentationResult, SegmentInfo, Task, register
+
+
+    @register
+    class ModuleSmokeTeeth(Task):
+        name = "test_module_smoke_teeth"
+        inputs = (InputSpec("image"),)
+        uses_device = False
+
+        def run(self, images, params, ctx):
+            ctx.step("segmenting", 0.5, "half way")
+            img = images["image"]
+            lab = np.where(img.array > 50, 21, 0).astype(np.uint8)
+            lab[(img.array > 10) & (img.array <= 50)] = 1
+            return SegmentationResult(img.with_array(lab), [SegmentInfo("tooth_21", 21, (1.0, 0.9, 0.8)),
+                                                           SegmentInfo("maxilla", 1, (0.9, 0.8, 0.6))],
+                                      absent=["tooth_11"])
+''')
+
+
+def _stand_in_modules():
+    qt = types.ModuleType("qt")
+
+    class QIcon:
+        def __init__(self, path=""):
+            self.path = path
+
+        def isNull(self):
+            return not self.path
+
+    qt.QIcon = QIcon
+    qt.QTimer = type("QTimer", (), {})
+    qt.QDir = type("QDir", (), {"homePath": staticmethod(lambda: str(Path.home()))})
+
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            super().__init__()
+            self.parent = parent
+            self.moduleName = self.__class__.__name__
+            parent.title, parent.categories, parent.dependencies, parent.contributors = "", [], [], []
+            parent.helpText = parent.acknowledgementText = ""
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            super().__init__()
+
+    class ScriptedLoadableModuleLogic:  # the parts of Slicer's class the module uses, same semantics
+        def __init__(self, parent=None):
+            super().__init__()
+            self.moduleName = self.__class__.__name__
+            if self.moduleName.endswith("Logic"):
+                self.moduleName = self.moduleName[:-5]
+            self.isSingletonParameterNode = True
+
+        def getParameterNode(self):
+            node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+            if node:
+                return node
+            node = slicer.vtkMRMLScriptedModuleNode()
+            node.SetSingletonTag(self.moduleName)
+            node.SetAttribute("ModuleName", self.moduleName)
+            node.SetName(slicer.mrmlScene.GenerateUniqueName(self.moduleName))
+            return slicer.mrmlScene.AddNode(node)
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, msec=100):
+            pass
+
+    slm.ScriptedLoadableModule = ScriptedLoadableModule
+    slm.ScriptedLoadableModuleWidget = ScriptedLoadableModuleWidget
+    slm.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+    slm.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
+    return qt, slm
+
+
+@pytest.fixture
+def module(monkeypatch, tmp_path):
+    qt, slm = _stand_in_modules()
+    monkeypatch.setitem(sys.modules, "qt", qt)
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
+    monkeypatch.setattr(slicer, "ScriptedLoadableModule", slm, raising=False)
+    home = tmp_path / "Slicer"
+    (home / "bin").mkdir(parents=True)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(temporaryPath=str(tmp_path / "tmp"),
+                                                             slicerHome=str(home)), raising=False)
+    monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
+    monkeypatch.setenv("DEEPSEGRECON_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DEEPSEGRECON_BUILTIN_MODELS", str(tmp_path / "builtin"))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the module adds the engine folder; undo afterwards
+    spec = importlib.util.spec_from_file_location("SegmentTeeth_under_test", MODULE_PY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    yield mod
+    slicer.mrmlScene.Clear(1)
+
+
+def test_engine_and_resources_are_found_from_the_source_tree(module):
+    assert module.findResource("UI/SegmentTeeth.ui") == str(ROOT / "Resources" / "UI" / "SegmentTeeth.ui")
+    assert module.findResource("Icons/SegmentTeeth.png") == str(ROOT / "Resources" / "Icons" / "SegmentTeeth.png")
+    assert module.findResource("UI/NoSuchModule.ui") is None
+    assert str(ROOT / "DeepSegRecon") in sys.path
+    assert module.FINAL_STATES == ("succeeded", "failed", "cancelled")
+
+
+def test_logic_is_the_scene_logic_with_slicer_module_logic(module, tmp_path):
+    from deepsegrecon.scene.logic import SegmentTeethLogic as SceneLogic
+
+    logic = module.SegmentTeethLogic(python=sys.executable)
+    assert isinstance(logic, SceneLogic)
+    assert isinstance(logic, module.ScriptedLoadableModuleLogic)
+    assert logic.moduleName == "SegmentTeeth" and logic.task_name == "teeth"
+    assert logic.scene is slicer.mrmlScene
+    assert Path(logic.job_root) == tmp_path / "tmp" / "DeepSegRecon" / "jobs"
+    node = logic.getParameterNode()
+    assert node.GetAttribute("ModuleName") == "SegmentTeeth" and logic.getParameterNode() is node
+    for name in ("start", "poll", "cancel", "wait", "run", "create_surfaces", "create_models", "export_surfaces",
+                 "model_versions"):
+        assert callable(getattr(logic, name)), name
+
+
+def test_worker_runs_with_python_slicer(module, tmp_path):
+    with pytest.raises(RuntimeError, match="PythonSlicer"):
+        module.pythonSlicerExecutable()
+    exe = Path(slicer.app.slicerHome) / "bin" / ("PythonSlicer.exe" if os.name == "nt" else "PythonSlicer")
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    assert module.pythonSlicerExecutable() == str(exe)
+    assert module.SegmentTeethLogic().python == str(exe)
+
+
+def test_a_job_through_the_module_logic(module, tmp_path):
+    """start -> poll (as the widget's timer does) -> the segmentation node in the scene."""
+    from deepsegrecon.image import Image
+    from deepsegrecon.scene.volumes import image_to_volume_node
+
+    plugin = tmp_path / "dsr_module_smoke_tasks.py"
+    plugin.write_text(PLUGIN)
+    logic = module.SegmentTeethLogic(python=sys.executable)
+    logic.task_name, logic.plugins = "test_module_smoke_teeth", (str(plugin),)
+    arr = np.zeros((12, 14, 16), np.int16)
+    arr[3:9, 4:10, 5:11] = 30
+    arr[5:7, 6:8, 7:9] = 90
+    volume = image_to_volume_node(slicer.mrmlScene, Image(arr, spacing=(0.4, 0.4, 0.5)), "CBCT")
+    logic.start({"image": volume}, {"device": "cpu"})
+    seen = []
+    status = logic.wait(timeout=120, on_progress=seen.append)
+    assert status["state"] in module.FINAL_STATES and status["state"] == "succeeded", status
+    assert all(0.0 <= s["fraction"] <= 1.0 for s in seen)
+    (seg,) = [n for n in logic.output_nodes if n.IsA("vtkMRMLSegmentationNode")]
+    assert module.describeSegmentation(seg, logic.result) == "1 tooth, maxilla; absent: 11."
+
+
+def test_model_versions_lists_the_default_first(module, tmp_path):
+    from deepsegrecon.store import ModelStore
+
+    logic = module.SegmentTeethLogic(python=sys.executable)
+    assert logic.model_versions() == []
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"weights")
+    store = ModelStore()
+    store.write_version("teeth", "v1", {"w.bin": weights}, manifest={"default": True})
+    store.write_version("teeth", "v2", {"w.bin": weights})
+    store.write_version("brain", "v9", {"w.bin": weights})
+    assert logic.model_versions() == ["v1", "v2"]
+
+
+def test_missing_packages_and_pinned_requirements(module, monkeypatch):
+    assert module.missingPackages() == []  # everything the worker needs is in this environment
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("torch", "monai") else real(name, *a))
+    assert module.missingPackages() == ["torch", "monai"]
+    req = module.torchRequirement()
+    if sys.platform == "darwin":
+        assert req == [f"torch=={module.TORCH_VERSION}"]
+    else:
+        assert req[0] == f"torch=={module.TORCH_VERSION}+cpu"
+        assert req[1:] == ["--extra-index-url", module.PYTORCH_CPU_INDEX]
+    # pinned like requirements.in
+    pins = dict(line.split("==", 1) for line in (ROOT / "requirements.in").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert pins["torch"].split("+")[0] == module.TORCH_VERSION
+    for spec in module.PIP_REQUIREMENTS.values():
+        name, version = spec.split("==")
+        if name in pins:
+            assert pins[name] == version, spec
+
+
+def test_install_packages_keeps_slicers_numpy(module, monkeypatch):
+    calls = []
+
+    def fake_pip_install(args):
+        constraints = args[args.index("-c") + 1]
+        calls.append((list(args), Path(constraints).read_text()))
+
+    monkeypatch.setattr(slicer.util, "pip_install", fake_pip_install, raising=False)
+    module.SegmentTeethLogic.installPackages(["torch", "monai", "nrrd"])
+    assert len(calls) == 2
+    (torch_args, constraints), (rest_args, _) = calls
+    assert torch_args[:len(module.torchRequirement())] == module.torchRequirement()
+    assert rest_args[:2] == ["monai==1.6.1", "pynrrd==1.1.3"]
+    assert constraints.strip() == f"numpy=={np.__version__}"
+    assert not Path(torch_args[torch_args.index("-c") + 1]).exists()  # the temporary constraints file is removed
+
+
+def test_eta_text(module):
+    assert module.formatEta(None) == ""
+    assert module.formatEta(7.4) == "about 7 s left"
+    assert module.formatEta(125) == "about 2 min 05 s left"
+    assert module.formatEta(3 * 3600 + 60) == "about 3 h 01 min left"
