@@ -16,6 +16,7 @@ import tempfile
 
 import qt
 import slicer
+import vtk
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -225,7 +226,7 @@ class SegmentTeethWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def exit(self):
         if self._parameterNode is not None:
-            self.removeObserver(self._parameterNode, vtk_ModifiedEvent(), self.updateGUIFromParameterNode)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
 
     def onSceneStartClose(self, caller, event):
         if self._running:
@@ -247,10 +248,10 @@ class SegmentTeethWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setParameterNode(self, inputParameterNode):
         if self._parameterNode is not None:
-            self.removeObserver(self._parameterNode, vtk_ModifiedEvent(), self.updateGUIFromParameterNode)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
         self._parameterNode = inputParameterNode
         if self._parameterNode is not None:
-            self.addObserver(self._parameterNode, vtk_ModifiedEvent(), self.updateGUIFromParameterNode)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
         self.updateGUIFromParameterNode()
 
     def updateGUIFromParameterNode(self, caller=None, event=None):
@@ -471,12 +472,6 @@ class SegmentTeethLogic(SceneSegmentTeethLogic, ScriptedLoadableModuleLogic):
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def vtk_ModifiedEvent():
-    import vtk
-
-    return vtk.vtkCommand.ModifiedEvent
-
-
 def _setComboText(combo, text):
     index = combo.findText(text)
     if index >= 0:

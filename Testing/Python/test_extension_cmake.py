@@ -135,6 +135,8 @@ def built(tmp_path_factory):
     cmake = shutil.which("cmake")
     if cmake is None:
         pytest.skip("cmake is not installed")
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++", "cl")):
+        pytest.skip("no C++ compiler: project() cannot be configured (a Slicer extension build needs one)")
     tmp = tmp_path_factory.mktemp("extension-build")
     fake = tmp / "fake-slicer"
     fake.mkdir()
