@@ -38,7 +38,7 @@ from .task import SegmentationResult
 
 MAX_PANEL_PIXELS = 480  # samples along the longer side of a slice panel
 MAX_TRIANGLES_MPL = 60000  # triangles drawn by the matplotlib fallback, all segments together
-MAX_TRIANGLES_VTK = 600000  # triangles sent to the VTK renderer (software OpenGL is slow with more)
+MAX_TRIANGLES_VTK = 2_000_000  # more triangles are decimated before VTK rendering (software OpenGL)
 VTK_RENDER_SIZE = (900, 760)
 VTK_TIMEOUT_S = 120
 # camera for the 3-D view, in LPS: in front of the patient, a little to their right and above
@@ -511,18 +511,18 @@ def _render_vtk_child(folder) -> int:
     data = np.load(folder / "meshes.npz")
     win = vtk.vtkRenderWindow()
     win.SetOffScreenRendering(1)
-    win.SetMultiSamples(4)
+    win.SetMultiSamples(0)  # FXAA instead: multisampling is slow on software OpenGL (llvmpipe)
     win.SetSize(*spec["size"])
     ren = vtk.vtkRenderer()
     ren.SetBackground(1.0, 1.0, 1.0)
+    ren.UseFXAAOn()
     win.AddRenderer(ren)
     for n, m in enumerate(spec["meshes"]):
         poly = _arrays_to_polydata(data[f"v{n}"].astype(np.float64), data[f"f{n}"])
         normals = vtk.vtkPolyDataNormals()
         normals.SetInputData(poly)
-        normals.SetFeatureAngle(60)
-        normals.ConsistencyOn()
-        normals.AutoOrientNormalsOff()
+        normals.SplittingOff()  # smooth shading; the meshes are closed surfaces
+        normals.ConsistencyOff()  # marching cubes and Slicer's surfaces are consistently oriented already
         mapper = vtk.vtkPolyDataMapper()
         mapper.SetInputConnection(normals.GetOutputPort())
         actor = vtk.vtkActor()
@@ -550,6 +550,7 @@ def _render_vtk_child(folder) -> int:
     grab.SetInput(win)
     grab.SetInputBufferTypeToRGB()
     grab.ReadFrontBufferOff()
+    grab.ShouldRerenderOff()  # just rendered
     grab.Update()
     pixels = vtk_to_numpy(grab.GetOutput().GetPointData().GetScalars())
     if pixels.size == 0 or int(pixels.min()) == int(pixels.max()):
