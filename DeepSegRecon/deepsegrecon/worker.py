@@ -42,7 +42,7 @@ from typing import Callable, Optional
 
 from . import errors
 from .errors import Cancelled, DeepSegReconError, InputError, ModelError, ResourceError
-from .task import CancelToken, TaskContext, get_task, load_result
+from .task import CancelToken, TaskContext, load_result
 
 PARAMS = "params.json"
 PROGRESS = "progress.jsonl"
@@ -113,6 +113,14 @@ def _duration(s: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------- running
+def get_task(name: str):
+    """The task ``name``: one registered already (e.g. by a plugin) is used as is; otherwise every built-in
+    task module is imported (:func:`deepsegrecon.task.get_task`), which for most tasks imports torch."""
+    from . import task as _task
+
+    cls = _task._REGISTRY.get(name)
+    return cls() if cls is not None else _task.get_task(name)
+
 def _resolve_device(name) -> str:
     name = str(name or "auto")
     if name == "cpu":  # no torch import needed

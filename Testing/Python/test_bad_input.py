@@ -166,15 +166,18 @@ def test_unavailable_device_is_an_input_error(capsys, env):
 # ------------------------------------------------------------------------------------ needs the teeth task
 def _teeth_ready():
     from deepsegrecon.errors import DeepSegReconError
-    from deepsegrecon.store import ModelStore, default_builtin_root
+    from deepsegrecon.store import ModelStore
     from deepsegrecon.task import get_task
 
     try:
         get_task("teeth")
     except DeepSegReconError as e:
         pytest.skip(f"the teeth task is not available yet: {e}")
+    import deepsegrecon.store
+
+    shipped = Path(deepsegrecon.store.__file__).resolve().parents[2] / "Resources" / "Models"  # not the env override
     try:
-        return ModelStore(root=Path("/nonexistent"), builtin_root=default_builtin_root()).get("teeth")
+        return ModelStore(root=shipped / ".no-user-store", builtin_root=shipped).get("teeth")
     except DeepSegReconError as e:
         pytest.skip(f"no shipped teeth weights yet: {e}")
 
