@@ -11,6 +11,15 @@ from deepsegrecon.training.recipe import Recipe
 from test_training_engine import make_ball_cases, tiny_net
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny nets run faster on one thread, and much faster on a busy machine (no OpenMP spinning)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def tiny_recipe():
     """Imported by name (``test_training_ddp:tiny_recipe``) in every spawned process."""
     return Recipe(task="balls", build_net=tiny_net, modalities={"image": "*"}, label_map={"ball": 1})
@@ -42,3 +51,22 @@ def test_two_processes_end_with_identical_changed_weights(tmp_path):
     events = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2]
     assert (out / "model.pt").is_file() and (out / "checkpoint.pt").is_file()
+
+
+def test_torchrun_entry_point_in_one_process(tmp_path, monkeypatch):
+    """``main`` as torchrun runs it (environment rendezvous), here as a world of one: results, exit codes."""
+    from deepsegrecon.training import ddp
+
+    cases = make_ball_cases(tmp_path / "cases", n=3, size=16)
+    (tmp_path / "cfg.json").write_text(json.dumps({"patch_size": [16, 16, 16], "val_fraction": 0.0,
+                                                   "samples_per_case": 1}))
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(ddp.free_port()), GLOO_SOCKET_IFNAME="lo").items():
+        monkeypatch.setenv(k, v)
+    args = ["--recipe", "test_training_ddp:tiny_recipe", "--cases", str(cases), "--config", str(tmp_path / "cfg.json"),
+            "--backend", "gloo"]
+    assert ddp.main(args + ["--out", str(tmp_path / "out"), "--epochs", "1"]) == 0
+    assert (tmp_path / "out" / "model.pt").is_file()
+    monkeypatch.setenv("MASTER_PORT", str(ddp.free_port()))
+    assert ddp.main(args + ["--out", str(tmp_path / "never"), "--minutes", "0"]) == 2
+    assert not (tmp_path / "never" / "model.pt").exists()

@@ -161,8 +161,9 @@ class CaseDataset(torch.utils.data.Dataset):
     list of ``samples_per_case`` patch dicts (MONAI's ``list_data_collate`` flattens them into the batch)."""
 
     def __init__(self, cases, to_sample: Callable, deterministic=None, random=None, cache: int = 0,
-                 length: Optional[int] = None):
+                 length: Optional[int] = None, num_classes: Optional[int] = None):
         self.cases = list(cases)
+        self.num_classes = num_classes
         self.to_sample = to_sample
         self.deterministic = deterministic
         self.random = random
@@ -184,7 +185,13 @@ class CaseDataset(torch.utils.data.Dataset):
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
-        d = self.to_sample(self.cases[index].load())
+        case = self.cases[index]
+        d = self.to_sample(case.load())
+        if self.num_classes is not None:
+            top = int(d["label"].max())
+            if top >= self.num_classes or int(d["label"].min()) < 0:
+                raise InputError(f"case '{case.name}': class index {top} is outside 0..{self.num_classes - 1} "
+                                 "(is the label map right?)")
         if self.deterministic is not None:
             d = self.deterministic(d)
         if self.cache_size > 0:

@@ -13,7 +13,9 @@ Every rank reads its share of the cases (``DistributedSampler``) and of the vali
 are averaged by DDP, so all ranks hold the same weights. Only rank 0 writes: ``OUT/checkpoint.pt``,
 ``OUT/model.pt``, ``OUT/metrics.json`` and ``OUT/progress.jsonl`` (one JSON event a line). Cancel by
 creating ``OUT/cancel``: every rank sees it within ``cancel_every`` iterations and the run stops with
-exit code 4, leaving no ``model.pt``.
+exit code 4, leaving no ``model.pt`` (delete the flag before resuming with ``--resume``; :func:`launch`
+does). Several machines need ``OUT`` and the cases on a shared file system (every rank reads the
+checkpoint on resume).
 """
 
 from __future__ import annotations
@@ -187,6 +189,9 @@ def launch(nprocs: int, recipe: str, cases_dir, out_dir, config=None, base_state
         raise InputError("launch needs at least one process")
     if torch.cuda.is_available() and (backend or "nccl") == "nccl" and nprocs > torch.cuda.device_count():
         raise InputError(f"{nprocs} processes asked for but only {torch.cuda.device_count()} GPUs are visible")
+    stale = Path(out_dir) / CANCEL_FLAG
+    if stale.exists():
+        stale.unlink()  # a flag left by an earlier, cancelled run must not stop this one
     threads = max(1, (os.cpu_count() or 1) // nprocs)
     kwargs = dict(recipe=str(recipe), cases_dir=str(cases_dir), out_dir=str(out_dir), config=config,
                   base_state_file=base_state_file, val_dir=val_dir, recipe_options=recipe_options,

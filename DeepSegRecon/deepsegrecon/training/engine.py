@@ -341,16 +341,20 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
         everything = train_cases + val_cases
         error = None
         for case in everything[dist.rank::dist.world]:
+            if cancel.cancelled:
+                break
             try:
-                cancel.raise_if_cancelled()
                 case.check()
-            except (InputError, Cancelled) as e:
+            except InputError as e:
                 error = e
                 break
-        if dist.max([error is not None])[0] > 0:
-            if error is not None:
-                raise error
+        bad, cancelled = dist.max([error is not None, cancel.cancelled]).tolist()
+        if error is not None:
+            raise error
+        if bad:
             raise InputError("another training process found a bad case (its message is in that process' log)")
+        if cancelled:
+            raise Cancelled("training cancelled by the user")
     if config.resume and not (out_dir / CHECKPOINT).is_file():
         raise InputError(f"nothing to resume: {out_dir / CHECKPOINT} does not exist")
     if rank0:
@@ -398,7 +402,12 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
     det, rnd = build_transforms(config)
     per_step = config.batch_size * dist.world
     length = config.iterations_per_epoch * per_step if config.iterations_per_epoch else None
-    dataset = CaseDataset(train_cases, to_sample, det, rnd, cache=config.cache_cases, length=length)
+    dataset = CaseDataset(train_cases, to_sample, det, rnd, cache=config.cache_cases, length=length,
+                          num_classes=num_classes)
+    # With workers and a case cache, keep the workers (and their caches) for the whole run; shuffling and
+    # augmentation then continue one random stream instead of being re-seeded each epoch.
+    persistent = config.num_workers > 0 and config.cache_cases > 0
+    loader = sampler = None
     val_cache: dict = {}
 
     budget_s = config.minutes * 60.0 if config.minutes is not None else math.inf
@@ -449,19 +458,21 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
         if budget_s < math.inf and stop_flags()[1]:
             stopped = "time budget"
             break
-        g = torch.Generator()
-        g.manual_seed(int(config.seed) * 1_000_003 + epoch * 7919 + dist.rank)
-        if distributed:
-            from torch.utils.data.distributed import DistributedSampler
+        if loader is None or not persistent:
+            g = torch.Generator()
+            g.manual_seed(int(config.seed) * 1_000_003 + epoch * 7919 + dist.rank)
+            opts = dict(batch_size=config.batch_size, generator=g, num_workers=config.num_workers,
+                        persistent_workers=persistent, pin_memory=device.type == "cuda")
+            if distributed:
+                from torch.utils.data.distributed import DistributedSampler
 
-            sampler = DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True,
-                                         seed=int(config.seed), drop_last=False)
+                sampler = DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True,
+                                             seed=int(config.seed), drop_last=False)
+                loader = DataLoader(dataset, sampler=sampler, **opts)
+            else:
+                loader = DataLoader(dataset, shuffle=True, **opts)
+        if sampler is not None:
             sampler.set_epoch(epoch)
-            loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, generator=g,
-                                num_workers=config.num_workers)
-        else:
-            loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=g,
-                                num_workers=config.num_workers)
         n_iter = len(loader)
         model.train()
         loss_sum, n_seen, time_up = 0.0, 0, False
@@ -571,17 +582,22 @@ def _optimizer(model, config):
 
 
 def dice_per_class(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Dice of each foreground class (MONAI ``DiceMetric``) for one case's (1, k, j, i) class maps;
-    NaN for a class absent from both."""
+    """Dice of each foreground class (MONAI ``DiceMetric``) for one case's class maps; NaN for a class
+    absent from both. Class by class, on the bounding box of that class in either map, so memory stays
+    small however many classes and voxels there are (no full-volume one-hot)."""
     from monai.metrics import DiceMetric
-    from monai.networks.utils import one_hot
 
-    p = one_hot(pred[None].long(), num_classes)
-    y = one_hot(label[None].long(), num_classes)
-    d = DiceMetric(include_background=False, reduction="none", ignore_empty=False)(p, y)[0]
-    both_empty = (p[0, 1:].flatten(1).sum(1) == 0) & (y[0, 1:].flatten(1).sum(1) == 0)
-    d[both_empty] = float("nan")
-    return d.cpu().double()
+    metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+    pred, label = pred.reshape(pred.shape[-3:]), label.reshape(label.shape[-3:])
+    out = torch.full((num_classes - 1,), float("nan"), dtype=torch.float64)
+    for c in range(1, num_classes):
+        p, y = pred == c, label == c
+        either = p | y
+        if not either.any():
+            continue
+        box = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in torch.nonzero(either).unbind(1))
+        out[c - 1] = float(metric(p[box][None, None].float(), y[box][None, None].float())[0, 0])
+    return out
 
 
 def _validate(net, val_cases, to_sample, inferer, num_classes, device, dist, cancel, cache, cache_size):
@@ -591,7 +607,8 @@ def _validate(net, val_cases, to_sample, inferer, num_classes, device, dist, can
     counts = torch.zeros(num_classes - 1, dtype=torch.float64)
     net.eval()
     for i in range(dist.rank, len(val_cases), dist.world):
-        cancel.raise_if_cancelled()
+        if dist.world == 1:  # under DDP the ranks agree on cancelling after validation
+            cancel.raise_if_cancelled()
         s = cache.get(i)
         if s is None:
             s = to_sample(val_cases[i].load())
