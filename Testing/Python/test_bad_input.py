@@ -23,6 +23,7 @@ def env(tmp_path, monkeypatch):
     tmp = tmp_path / "system tmp"
     tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.setenv("TMPDIR", str(tmp))  # child processes (preview rendering) too
     monkeypatch.setenv("DEEPSEGRECON_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("DEEPSEGRECON_BUILTIN_MODELS", str(tmp_path / "builtin"))
     inputs = tmp_path / "inputs"
