@@ -72,7 +72,6 @@ def run(recipe, cases_dir, out_dir, config=None, base_state_file=None, val_dir=N
     import torch.distributed as dist
 
     from ..task import CancelToken
-    from .engine import TrainConfig
     from .recipe import Recipe, fit, get_recipe
 
     out_dir = Path(out_dir)
@@ -86,10 +85,9 @@ def run(recipe, cases_dir, out_dir, config=None, base_state_file=None, val_dir=N
     rank = dist.get_rank()
     sink = None
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
         log = out_dir / PROGRESS_FILE
 
-        def sink(event: dict) -> None:
+        def sink(event: dict) -> None:  # the first event comes after the cases were checked
             with open(log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(event) + "\n")
 

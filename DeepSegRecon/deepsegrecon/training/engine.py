@@ -21,7 +21,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -32,8 +32,8 @@ from ..errors import Cancelled, InputError
 from ..files import atomic_file, check_writable_dir
 from ..task import CancelToken
 from .data import CaseDataset, CaseToTensors, build_transforms
+from .losses import IGNORE_INDEX, SegLoss, dice_per_class  # noqa: F401 (IGNORE_INDEX re-exported)
 
-IGNORE_INDEX = -100
 CHECKPOINT = "checkpoint.pt"
 MODEL_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
@@ -65,6 +65,7 @@ class TrainConfig:
     resume: bool = False
     amp: bool = True  # mixed precision, used on CUDA only
     seed: int = 0
+    cudnn_benchmark: bool = False  # faster on GPUs, but no longer bit-for-bit reproducible
     num_workers: int = 0
     cache_cases: int = 0  # prepared cases kept in memory per process (LRU)
     check_cases: bool = True  # read every case once before training, refusing bad ones up front
@@ -149,38 +150,6 @@ class TrainResult:
         """The model-store manifest keys training fills in (``metrics``, ``trained_on``)."""
         return {"metrics": self.metrics, "trained_on": {"train": self.metrics.get("train_cases", []),
                                                         "validation": self.metrics.get("val_cases", [])}}
-
-
-class SegLoss(torch.nn.Module):
-    """Dice or Dice + cross-entropy, leaving out voxels outside the reviewed ROI.
-
-    Voxels with ``roi == 0`` get the label ``IGNORE_INDEX``: MONAI's :class:`~monai.losses.DiceLoss`
-    (``ignore_index``) then zeroes both the prediction and the one-hot target there, so they add nothing to
-    the intersection or the sums, and the cross-entropy skips them (``ignore_index``; its mean is over the
-    reviewed voxels only). Where every voxel is reviewed this is exactly MONAI's ``DiceCELoss``
-    (``to_onehot_y=True, softmax=True``). A patch with no reviewed voxel contributes nothing.
-    """
-
-    def __init__(self, kind: str = "dicece", include_background: bool = False):
-        super().__init__()
-        from monai.losses import DiceLoss
-
-        self.kind = kind
-        self.dice = DiceLoss(include_background=include_background, to_onehot_y=True, softmax=True,
-                             ignore_index=IGNORE_INDEX)
-        self.ce = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
-
-    def forward(self, logits: torch.Tensor, label: torch.Tensor, roi: Optional[torch.Tensor] = None):
-        label = label.long()
-        if roi is not None:
-            label = torch.where(roi > 0, label, torch.full_like(label, IGNORE_INDEX))
-        loss = self.dice(logits, label)
-        if self.kind == "dicece":
-            if (label != IGNORE_INDEX).any():
-                loss = loss + self.ce(logits, label[:, 0])
-            else:
-                loss = loss + 0.0 * logits.sum()
-        return loss
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -276,6 +245,16 @@ class _Dist:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.cpu()
 
+    def gather_messages(self, message: Optional[str]) -> list:
+        """Every rank's message (``None`` ones left out), in rank order, on every rank."""
+        if not self.on:
+            return [message] if message is not None else []
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, message)
+        return [m for m in out if m is not None]
+
     def max(self, values) -> torch.Tensor:
         t = torch.as_tensor(values, dtype=torch.float64).to(self.device)
         if self.on:
@@ -348,12 +327,12 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
             except InputError as e:
                 error = e
                 break
-        bad, cancelled = dist.max([error is not None, cancel.cancelled]).tolist()
+        messages = dist.gather_messages(str(error) if error is not None else None)
         if error is not None:
             raise error
-        if bad:
-            raise InputError("another training process found a bad case (its message is in that process' log)")
-        if cancelled:
+        if messages:
+            raise InputError(messages[0])
+        if dist.max([cancel.cancelled])[0]:
             raise Cancelled("training cancelled by the user")
     if config.resume and not (out_dir / CHECKPOINT).is_file():
         raise InputError(f"nothing to resume: {out_dir / CHECKPOINT} does not exist")
@@ -363,6 +342,8 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
 
     # ---- model, optimiser, state
     set_determinism(seed=config.seed)
+    if config.cudnn_benchmark:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
     model = net
     if base_state is not None:
         try:
@@ -579,25 +560,6 @@ def _optimizer(model, config):
                                weight_decay=config.weight_decay)
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     return cls(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-
-
-def dice_per_class(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Dice of each foreground class (MONAI ``DiceMetric``) for one case's class maps; NaN for a class
-    absent from both. Class by class, on the bounding box of that class in either map, so memory stays
-    small however many classes and voxels there are (no full-volume one-hot)."""
-    from monai.metrics import DiceMetric
-
-    metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
-    pred, label = pred.reshape(pred.shape[-3:]), label.reshape(label.shape[-3:])
-    out = torch.full((num_classes - 1,), float("nan"), dtype=torch.float64)
-    for c in range(1, num_classes):
-        p, y = pred == c, label == c
-        either = p | y
-        if not either.any():
-            continue
-        box = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in torch.nonzero(either).unbind(1))
-        out[c - 1] = float(metric(p[box][None, None].float(), y[box][None, None].float())[0, 0])
-    return out
 
 
 def _validate(net, val_cases, to_sample, inferer, num_classes, device, dist, cancel, cache, cache_size):

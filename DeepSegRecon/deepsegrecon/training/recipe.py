@@ -45,8 +45,9 @@ class Recipe:
         return self.to_sample or CaseToTensors(list(self.modalities), list(self.label_map.values()), self.normalize)
 
     def config(self, **overrides) -> TrainConfig:
-        """The task's defaults with ``overrides`` (None values are ignored) on top."""
-        return TrainConfig.from_dict(dict(self.defaults), **{k: v for k, v in overrides.items() if v is not None})
+        """The task's defaults with ``overrides`` on top, taken literally: pass only what the user set
+        (``epochs=None, minutes=M`` trains for M minutes however many epochs that is)."""
+        return TrainConfig.from_dict(dict(self.defaults), **overrides)
 
     def find_cases(self, root) -> list:
         return find_cases(root, self.modalities, self.label_map, self.label_pattern, self.roi_pattern)
