@@ -96,6 +96,8 @@ def test_learns_balls_history_progress_and_outputs(trained):
         assert {"loss", "val_dice", "elapsed_s", "eta_s", "fraction", "message"} <= set(e)
     assert epochs[-1]["eta_s"] == 0.0 and epochs[0]["eta_s"] > 0 and epochs[-1]["fraction"] == 1.0
     assert events[-1]["event"] == "done"
+    checks = [e for e in events if e["event"] == "check"]
+    assert len(checks) == 8 and checks[-1]["fraction"] == 1.0 and events.index(checks[-1]) < events.index(epochs[0])
 
     # best weights written, loadable the safe way; the checkpoint too
     saved = torch.load(out / "model.pt", weights_only=True)

@@ -87,7 +87,9 @@ def run(recipe, cases_dir, out_dir, config=None, base_state_file=None, val_dir=N
     if rank == 0:
         log = out_dir / PROGRESS_FILE
 
-        def sink(event: dict) -> None:  # the first event comes after the cases were checked
+        def sink(event: dict) -> None:
+            if event.get("event") == "check":
+                return  # the log starts once every case passed (nothing is written before)
             with open(log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(event) + "\n")
 

@@ -277,7 +277,8 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
     ``base_state``: weights to start from (fine-tuning). ``progress(event)``: called on rank 0 with dicts:
     ``{"event": "epoch", "epoch", "epochs", "loss", "val_dice", "best_val_dice", "best_epoch", "lr",
     "elapsed_s", "eta_s", "fraction", "stage", "message"}`` after each epoch and ``{"event": "iteration", ...}``
-    every ``config.cancel_every`` iterations. ``cancel``: a :class:`CancelToken`, checked every
+    every ``config.cancel_every`` iterations (``{"event": "check", ...}`` while the cases are read first, and
+    ``{"event": "done", ...}`` at the end). ``cancel``: a :class:`CancelToken`, checked every
     ``config.cancel_every`` iterations (all ranks agree): raises :class:`Cancelled`, nothing final written.
     ``to_sample(case_data) -> {"image", "label", "roi"}`` tensors; ``num_classes`` (default
     ``to_sample.num_classes``); ``inferer(net, image (1, C, k, j, i)) -> logits`` or a MONAI ``Inferer``
@@ -318,8 +319,9 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
     # ---- refuse bad cases before anything is written (each rank reads its share, all agree)
     if config.check_cases:
         everything = train_cases + val_cases
+        mine = everything[dist.rank::dist.world]
         error = None
-        for case in everything[dist.rank::dist.world]:
+        for n, case in enumerate(mine):
             if cancel.cancelled:
                 break
             try:
@@ -327,6 +329,10 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
             except InputError as e:
                 error = e
                 break
+            if rank0 and progress is not None:
+                progress({"event": "check", "stage": "check cases", "fraction": round((n + 1) / len(mine), 4),
+                          "elapsed_s": None, "eta_s": None,
+                          "message": f"checked case {case.name} ({n + 1}/{len(mine)})"})
         messages = dist.gather_messages(str(error) if error is not None else None)
         if error is not None:
             raise error
