@@ -285,6 +285,8 @@ class JobHandle:
                             f"the system ran out of memory; see {self.job_dir / LOG}")
         elif code == errors.EXIT_OK and (self.job_dir / OUTPUT).is_dir():
             status.state = "succeeded"
+        elif code == errors.EXIT_CANCELLED:
+            status.state, status.error_type, status.error = "cancelled", "Cancelled", "cancelled by the user"
         else:
             status.state, status.error_type = "failed", "DeepSegReconError"
             status.error = f"the worker exited with code {code} without a result; log: {_tail(self.job_dir / LOG)}"
@@ -472,6 +474,7 @@ def main(job_dir, install_signals: bool = True) -> int:
             shutil.rmtree(stage, ignore_errors=True)
     final.update(exit_code=code, elapsed_s=round(time.monotonic() - start, 2))
     try:
+        progress_file.write("\n")  # ends a line a SIGTERM may have cut short (empty lines are skipped)
         emit(final)
         progress_file.close()
     except OSError:
