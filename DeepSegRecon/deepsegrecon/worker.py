@@ -427,9 +427,14 @@ def main(job_dir, install_signals: bool = True) -> int:
 
     progress_file = open(job / PROGRESS, "a", encoding="utf-8")
 
+    writing = {"cut": False}
+
     def emit(event: dict) -> None:
-        progress_file.write(json.dumps(event, ensure_ascii=False) + "\n")
+        line = json.dumps(event, ensure_ascii=False) + "\n"
+        writing["cut"] = True  # still True if a SIGTERM interrupts the write
+        progress_file.write(line)
         progress_file.flush()
+        writing["cut"] = False
 
     stage = None
     try:
@@ -474,7 +479,8 @@ def main(job_dir, install_signals: bool = True) -> int:
             shutil.rmtree(stage, ignore_errors=True)
     final.update(exit_code=code, elapsed_s=round(time.monotonic() - start, 2))
     try:
-        progress_file.write("\n")  # ends a line a SIGTERM may have cut short (empty lines are skipped)
+        if writing["cut"]:
+            progress_file.write("\n")  # end the line a SIGTERM cut short, so the final line parses
         emit(final)
         progress_file.close()
     except OSError:
