@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,58 @@ def dicom_series_files(folder: Path) -> list:
     return list(files)
 
 
+def check_nifti_complete(path: Path) -> None:
+    """ITK reads a truncated ``.nii.gz`` without complaint (the missing voxels come back as 0): check that the
+    file holds all the bytes its header announces. Cheap: the gzip trailer's size field, and a streamed
+    decompression only when that disagrees (a multi-member gzip file)."""
+    import gzip
+    import struct
+    import zlib
+
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        head = f.read(540)
+    for end in "<>":
+        size = struct.unpack(end + "i", head[:4])[0]
+        if size == 348:
+            dims = struct.unpack(end + "8h", head[40:56])
+            bitpix = struct.unpack(end + "h", head[72:74])[0]
+            offset = int(struct.unpack(end + "f", head[108:112])[0])
+            break
+        if size == 540:
+            bitpix = struct.unpack(end + "h", head[14:16])[0]
+            dims = struct.unpack(end + "8q", head[16:80])
+            offset = int(struct.unpack(end + "q", head[168:176])[0])
+            break
+    else:
+        return  # not a NIfTI header we know: the reader has judged it
+    n = int(np.prod([max(int(d), 1) for d in dims[1:1 + max(1, min(int(dims[0]), 7))]]))
+    need = max(offset, 348) + n * max(int(bitpix), 8) // 8
+    truncated = InputError(f"cannot read {path.name}: the file is truncated (it holds fewer voxels than its "
+                           "header announces)")
+    if not name.endswith(".gz"):
+        if path.stat().st_size < need:
+            raise truncated
+        return
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        isize = struct.unpack("<I", f.read(4))[0]
+    if isize == need % 2**32:
+        return
+    total = 0
+    try:  # confirm by decompressing (handles multi-member files); a cut stream raises EOFError
+        with gzip.open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error) as e:
+        raise truncated from e
+    if total < need:
+        raise truncated
+
+
 def read_image(path, memory_factor: float = 4.0) -> Image:
     """Read an image file or a DICOM series folder into an :class:`Image`.
 
@@ -80,6 +133,8 @@ def read_image(path, memory_factor: float = 4.0) -> Image:
         img = reader.Execute()
     except RuntimeError as e:
         raise InputError(f"cannot read {path}: the file is truncated or corrupt ({str(e).strip().splitlines()[-1]})") from e
+    if not path.is_dir():
+        check_nifti_complete(path)
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path} has {img.GetNumberOfComponentsPerPixel()} components per voxel; a scalar image is needed")
     dim = img.GetDimension()

@@ -56,6 +56,18 @@ def test_unreadable_inputs(tmp_path, oblique_image):
         read_image(trunc)
 
 
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii", ".nii.gz", ".mha"])
+def test_truncated_files_refused(tmp_path, suffix):
+    # ITK reads a cut NIfTI without complaint (the missing voxels come back as 0): we must not
+    good = write_image(Image(np.random.rand(20, 30, 40).astype(np.float32)), tmp_path / f"v{suffix}")
+    data = good.read_bytes()
+    for frac in (0.5, 0.99):
+        cut = tmp_path / f"cut{suffix}"
+        cut.write_bytes(data[: int(len(data) * frac)])
+        with pytest.raises(InputError, match="truncated"):
+            read_image(cut)
+
+
 def test_huge_volume_refused_from_header(tmp_path):
     # a header that promises 100000^3 voxels: refused before any allocation
     hdr = tmp_path / "huge.nhdr"
