@@ -25,10 +25,10 @@ from . import labels as L
 DEFAULT_NETWORK = {
     "stage1": {"arch": "monai.UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": L.N_STAGE1,
                "channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 1, "norm": "instance",
-               "spacing_mm": 1.0, "roi": [80, 96, 96]},
+               "spacing_mm": 1.0, "roi": [64, 80, 80]},
     "stage2": {"arch": "monai.UNet", "spatial_dims": 3, "in_channels": 4, "out_channels": L.N_STAGE2,
                "channels": [16, 32, 64, 128, 192], "strides": [2, 2, 2, 2], "num_res_units": 1,
-               "norm": "instance", "spacing_mm": 0.5, "roi": [64, 96, 96], "margin_mm": 4.0,
+               "norm": "instance", "spacing_mm": 0.5, "roi": [48, 80, 80], "margin_mm": 4.0,
                "coord_scale_mm": 30.0},
     "intensity": {"clip": [-1000.0, 3500.0], "scale": 1000.0},
     "axes": "canonical (S, P, L)",

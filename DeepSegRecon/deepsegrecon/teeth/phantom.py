@@ -37,6 +37,8 @@ from scipy import ndimage as ndi
 
 from . import labels as L
 
+PHANTOM_VERSION = 2  # bump when the generator's output changes (training caches key on it)
+
 # --------------------------------------------------------------------------------------------
 # tooth catalogue: mesiodistal width, buccolingual width, crown height, root length (mm), roots
 UPPER = {
@@ -52,6 +54,9 @@ LOWER = {
 
 # tissue codes (intensity lookup)
 AIR, SOFT, TRAB, CORT, PDL, DENTIN, ENAMEL, PULP, METAL, CANAL, INNER_AIR = range(11)
+TISSUES = {AIR: "air", SOFT: "soft tissue", TRAB: "trabecular bone", CORT: "cortical bone", PDL: "periodontal ligament",
+           DENTIN: "dentin", ENAMEL: "enamel", PULP: "pulp", METAL: "metal", CANAL: "mandibular canal",
+           INNER_AIR: "air (sinus, nose, mouth, airway)"}
 HU = {AIR: -1000.0, SOFT: 45.0, TRAB: 380.0, CORT: 1350.0, PDL: 80.0, DENTIN: 1750.0, ENAMEL: 2750.0,
       PULP: 160.0, METAL: 7000.0, CANAL: 90.0, INNER_AIR: -930.0}
 
@@ -145,15 +150,23 @@ def _grid(rng, fam, shape, spacing):
 # the generator
 
 
+def phantom_grid(seed: int, shape=None, spacing=None, family: str = "A"):
+    """The grid ``generate_teeth_phantom`` would use: ((X, Y, Z) shape, (i, j, k) spacing, origin), cheaply."""
+    fam = _fam(family)
+    rng = np.random.default_rng([int(seed), ord(str(family).upper()[0])])
+    shape, sp, origin, _ = _grid(rng, fam, shape, spacing)
+    return shape, tuple(sp.tolist()), tuple(origin.tolist())
+
+
 def generate_teeth_phantom(seed: int, shape=None, spacing=None, family: str = "A", missing=None,
-                           metal=None, third_molars=None):
+                           metal=None, third_molars=None, return_tissue: bool = False):
     """Generate a phantom CBCT and its ground-truth labelmap.
 
     ``shape`` is (X, Y, Z) = (i, j, k) voxels; ``spacing`` a scalar or (i, j, k) mm. Leaving them
     out picks a random voxel size of the family and a field of view of about 9-10 x 8-10 x 6-8 cm;
     giving only ``shape`` picks the voxel size that fits the jaws. ``missing`` (list of FDI numbers),
     ``metal`` (True/False or list of FDI numbers) and ``third_molars`` (True/False) override the
-    random choices. Returns ``(cbct, labels, info)``: two :class:`~deepsegrecon.image.Image` on the
+    random choices; ``return_tissue`` adds the tissue-class array (``TISSUES``) as ``info["tissue"]``. Returns ``(cbct, labels, info)``: two :class:`~deepsegrecon.image.Image` on the
     same grid (int16 HU-like, uint8 labels) and a dict describing the phantom.
     """
     from ..image import Image  # numpy only
@@ -251,7 +264,7 @@ def generate_teeth_phantom(seed: int, shape=None, spacing=None, family: str = "A
                                     + rng.uniform(-4, 4))
                 if not upper and p >= 6:
                     incl = math.radians(-rng.uniform(2, 8))
-                tip = math.radians(rng.uniform(-5, 5) + (4 if p <= 3 else 0))
+                tip = math.radians(rng.uniform(-3, 3) + (2 if p <= 3 else 0))
                 vz = -1.0 if upper else 1.0
                 v = _unit(np.array([0, 0, vz]) * math.cos(incl) + b * math.sin(incl) - m * math.sin(tip))
                 m2 = _unit(m - np.dot(m, v) * v)
@@ -262,7 +275,7 @@ def generate_teeth_phantom(seed: int, shape=None, spacing=None, family: str = "A
                 if upper and p <= 3:
                     z_tip -= rng.uniform(1.0, 2.5)  # overbite of the upper front teeth
                 cej = np.array([pos_xy[0], pos_xy[1], z_tip]) - hc * v
-                cej[:2] -= 0.35 * hc * v[:2]  # keep the crown over the arch line
+                cej[:2] = pos_xy - 0.65 * hc * v[:2]  # the contact height (widest part) sits on the arch slot
                 teeth[fdi] = dict(fdi=fdi, upper=upper, right=right, pos=p, s=q, cej=cej, v=v, m=m2, b=b2,
                                   md=w, bl=bl, hc=hc, hr=hr, nroots=nroots if not (upper and p == 4 and rng.random() < 0.3) else 1,
                                   z_crest=cej[2] + (1.6 if upper else -1.6))
@@ -438,6 +451,8 @@ def generate_teeth_phantom(seed: int, shape=None, spacing=None, family: str = "A
         "intensity": {"scale": fam["scale"], "offset": fam["offset"]},
         "time_s": round(time.perf_counter() - t0, 2),
     }
+    if return_tissue:
+        info["tissue"] = tissue
     return cbct_img, lab_img, info
 
 
@@ -465,7 +480,7 @@ def _raster_tooth(t, origin, sp, shape, tissue, lab, best, rng, metal_kind):
     X, Y, Z = shape
     p = t["pos"]
     hc, hr, md, bl = t["hc"], t["hr"], t["md"], t["bl"]
-    a0 = md / 2 * 1.045  # slightly wider than the slot: neighbours overlap at the contact points
+    a0 = md / 2 * 1.03  # slightly wider than the slot: neighbours overlap at the contact points
     b0 = bl / 2
     R = max(a0, b0) * 1.5 + 0.2 * hr
     corners = np.array([t["cej"] + su * R * t["m"] + sw * R * t["b"] + h * t["v"]

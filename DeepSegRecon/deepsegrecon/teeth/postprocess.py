@@ -31,6 +31,12 @@ from . import labels as L
 MIN_TOOTH_MM3 = 25.0
 MIN_COMPONENT_MM3 = 8.0
 MIN_MARKER_MM3 = 6.0
+CORE_MM = 1.0  # markers lie farther than this from the surface of their class region
+TOOTH_SIZED_MM3 = 60.0  # an instance this large is a tooth: numbering keeps it
+SKIP_TOOTH = 1e-3  # vote-equivalent cost of dropping a tooth-sized instance
+SKIP_FRAGMENT = 0.05  # ... and of dropping a smaller fragment
+H_MAXIMA_MM = 0.7  # a distance maximum is a tooth of its own when it stands this much above the saddle
+MERGE_SECTION = 0.6  # same-key pieces merge when their contact area >= this x volume^(2/3)
 _EPS = 1e-4
 
 
@@ -98,12 +104,16 @@ def _adjacency(lab: np.ndarray) -> dict:
     return pairs
 
 
-def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: float = MIN_TOOTH_MM3):
+def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: float = MIN_TOOTH_MM3,
+                    mid: float = None, x_axis: int = 2):
     """Split the teeth foreground into instances.
 
-    ``fg``: bool mask; ``key``: int map (>0 inside fg) of class-consistent keys (jaw, position, side).
-    Returns (instances int32 map 0..n, {instance: key of its marker}).
+    ``fg``: bool mask; ``key``: int map (>0 inside fg) of class keys (jaw x position). Markers are the
+    cores of each class region; with ``mid`` (the midline, index along ``x_axis``) a marker takes the
+    side of its centre, and a core lying across the midline is cut there (the two central incisors).
+    Returns (instances int32 map 0..n, {instance: marker key = class + 16 * side}).
     """
+    from skimage.morphology import h_maxima
     from skimage.segmentation import watershed
 
     vox = float(np.prod(spacing))
@@ -115,23 +125,64 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
     marker_key = {}
     n = 0
     min_marker = max(1, int(MIN_MARKER_MM3 / vox))
-    st = ndi.generate_binary_structure(3, 1)
-    for k in np.unique(key[mask]):
-        if k <= 0:
+    keyed = np.where(mask, key, 0)
+    objs = ndi.find_objects(np.clip(keyed, 0, None).astype(np.int32))
+    for k0, sl in enumerate(objs):
+        k = k0 + 1
+        if sl is None:
             continue
-        region = mask & (key == k)
-        core = ndi.binary_erosion(region, st)
-        if core.sum() < min_marker:
-            core = region
-        lab, m = ndi.label(core)
+        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        region = keyed[sl] == k
+        # markers: the regional maxima of the distance to the region's surface that stand out by
+        # H_MAXIMA_MM (one per tooth body: two neighbours of the same key meet at a lower saddle);
+        # thin parts (roots, incisal edges) are reached by the watershed later
+        dist = ndi.distance_transform_edt(region, sampling=spacing)
+        lab, m = ndi.label(dist > CORE_MM)
         if m == 0:
-            continue
+            lab, m = ndi.label(region)
+        else:
+            # a core holding several distance maxima that stand out by H_MAXIMA_MM is several teeth
+            # (neighbours of the same key meet at a lower saddle): the maxima become the markers
+            peaks = h_maxima(np.round(dist * 20).astype(np.int32), int(round(H_MAXIMA_MM * 20))) > 0
+            plab, pm = ndi.label(peaks & (lab > 0), structure=np.ones((3, 3, 3)))
+            if pm > 1:
+                owner = ndi.maximum(lab, plab, index=np.arange(1, pm + 1)).astype(int)
+                counts = np.bincount(owner, minlength=m + 1)
+                multi = np.nonzero(counts > 1)[0]
+                if multi.size:
+                    keep = np.isin(lab, multi, invert=True) & (lab > 0)
+                    new = np.zeros_like(lab)
+                    new[keep] = lab[keep]
+                    extra = np.isin(owner, multi)
+                    nxt = m
+                    for pk in np.nonzero(extra)[0] + 1:
+                        nxt += 1
+                        new[plab == pk] = nxt
+                    lab, m = new, nxt
         sizes = np.bincount(lab.ravel())
+        xs = None
+        if mid is not None:
+            shape = [1, 1, 1]
+            shape[x_axis] = -1
+            xs = np.arange(sl[x_axis].start, sl[x_axis].stop).reshape(shape)
         for c in range(1, m + 1):
-            if sizes[c] >= min_marker:
+            if sizes[c] == 0:
+                continue
+            comp = lab == c
+            if xs is None:
+                parts = [(comp, 0)]
+            else:
+                right_side = np.broadcast_to(xs >= mid, comp.shape)
+                a, b = comp & ~right_side, comp & right_side
+                na, nb = int(a.sum()), int(b.sum())
+                if min(na, nb) >= 0.25 * (na + nb) and min(na, nb) >= min_marker:
+                    parts = [(a, 0), (b, 1)]  # across the midline: two teeth
+                else:
+                    parts = [(comp, int(nb > na))]
+            for part, side in parts:
                 n += 1
-                markers[lab == c] = n
-                marker_key[n] = int(k)
+                markers[sl][part] = n
+                marker_key[n] = int(k) + 16 * side
     if n == 0:
         lab, m = ndi.label(mask)
         return lab.astype(np.int32), {i: 0 for i in range(1, m + 1)}
@@ -148,8 +199,12 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
         return i
 
     adj = _adjacency(inst)
+    sizes = np.bincount(inst.ravel(), minlength=n + 1)
+    face = float(np.prod(spacing)) ** (2.0 / 3.0)
     for (a, b), cnt in sorted(adj.items(), key=lambda kv: -kv[1]):
-        if marker_key.get(a) == marker_key.get(b):
+        # pieces of one tooth meet over a broad section; neighbours touch at a small contact point
+        broad = cnt * face >= MERGE_SECTION * (min(sizes[a], sizes[b]) * vox) ** (2.0 / 3.0)
+        if marker_key.get(a) == marker_key.get(b) and broad:
             ra, rb = find(a), find(b)
             if ra != rb:
                 parent[rb] = ra
@@ -224,13 +279,25 @@ def fit_occlusal_plane(points_upper: np.ndarray, points_lower: np.ndarray):
     return centre, normal
 
 
-def assign_positions(scores: np.ndarray, skip_penalty: float = math.log(0.02)):
+def smooth_votes(v: np.ndarray) -> np.ndarray:
+    """Position votes with some mass moved to the neighbouring positions (confusions are mostly +-1)
+    and a small floor, so that a tooth voted like its neighbour can still take the next position."""
+    v = np.asarray(v, float)
+    v = v / max(v.sum(), 1e-12)
+    nb = np.zeros_like(v)
+    nb[1:] += v[:-1]
+    nb[:-1] += v[1:]
+    return 0.8 * v + 0.08 * nb + 0.04 / len(v) + 1e-6
+
+
+def assign_positions(scores: np.ndarray, skip_penalty=math.log(0.02)):
     """Best strictly increasing positions for instances ordered along the arch.
 
     ``scores``: (n, 8) log-votes of each instance for positions 1..8. An instance may be left
-    unassigned at ``skip_penalty`` (it is then dropped, never renamed into a tooth it is not).
-    Returns a list of positions (1..8) or 0 for unassigned, in the instances' order."""
+    unassigned at ``skip_penalty`` (a number, or one per instance; it is then dropped, never renamed
+    into a tooth it is not). Returns a list of positions (1..8) or 0 for unassigned, in order."""
     n = scores.shape[0]
+    skip = np.broadcast_to(np.asarray(skip_penalty, float), (n,))
     NEG = -1e18
     # best[i][p]: best total for the first i instances with the last assigned position <= p (p = 0..8)
     best = np.full((n + 1, 9), NEG)
@@ -239,7 +306,7 @@ def assign_positions(scores: np.ndarray, skip_penalty: float = math.log(0.02)):
     for i in range(1, n + 1):
         for p in range(0, 9):
             # skip instance i-1
-            cand = best[i - 1, p] + skip_penalty
+            cand = best[i - 1, p] + skip[i - 1]
             ch = 0
             if p >= 1:
                 # assign position p to instance i-1: previous instances use positions < p
@@ -342,8 +409,11 @@ def number_teeth(inst: np.ndarray, probs: np.ndarray, index_to_lps, spacing, mid
             ap = float(np.dot(details[i]["centroid"] - arch_c, e_post))
             ang.append(math.atan2(lr, -ap))
         order = [members[k] for k in np.argsort(ang)]
-        scores = np.log(np.array([details[i]["pos_votes"] for i in order]) + _EPS)
-        pos = assign_positions(scores)
+        scores = np.log(np.array([smooth_votes(details[i]["pos_votes"]) for i in order]))
+        # a tooth-sized instance is kept (at its best free position); a small fragment may be dropped
+        skip = [math.log(SKIP_TOOTH if details[i]["volume_mm3"] >= TOOTH_SIZED_MM3 else SKIP_FRAGMENT)
+                for i in order]
+        pos = assign_positions(scores, skip)
         for i, p in zip(order, pos):
             fdi[i] = q * 10 + p if p else 0
             details[i]["fdi"] = fdi[i]
@@ -363,15 +433,10 @@ def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_l
     idx = np.nonzero(fg)
     xs = idx[x_axis_index].astype(float)
     mid = estimate_midline(xs, cls[idx], mid_hint, min_count=max(5, int(4.0 / float(np.prod(spacing)))))
-    # left/right along the grid's x axis: the physical direction decides which is which later,
-    # here only the two sides must get different keys
-    side = np.zeros(fg.shape, np.int16)
-    coord = np.arange(fg.shape[x_axis_index], dtype=float)
-    shape = [1, 1, 1]
-    shape[x_axis_index] = -1
-    side = np.broadcast_to((coord.reshape(shape) >= mid).astype(np.int16), fg.shape)
-    key = np.where(fg, cls + 16 * side, 0).astype(np.int16)
-    inst, _ = split_instances(fg, key, spacing, min_tooth_mm3)
+    # markers per class; each takes the side of the midline its centre is on (the physical direction
+    # decides which side is the patient's left later, here the two sides only get different keys)
+    key = np.where(fg, cls, 0).astype(np.int16)
+    inst, _ = split_instances(fg, key, spacing, min_tooth_mm3, mid=mid, x_axis=x_axis_index)
     fdi, details = number_teeth(inst, class_prob, index_to_lps, spacing, mid, x_axis_index, min_tooth_mm3)
     lut = np.zeros(int(inst.max()) + 1, np.uint8)
     for i, f in fdi.items():

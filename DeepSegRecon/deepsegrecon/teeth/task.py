@@ -87,8 +87,16 @@ def _sliding(net, x, roi, device, amp, overlap, progress):
 
     if not amp and amp_enabled(device):
         net = _NoAmp(net)
-    return sliding_window(net, x, roi, device, overlap=overlap, sw_batch_size=1 if device.type == "cpu" else 4,
-                          progress=progress)
+    # the networks need whole windows: pad a volume smaller than the window (zeros, as in training)
+    size = x.shape[2:]
+    pad = [max(0, int(r) - int(s)) for r, s in zip(roi, size)]
+    if any(pad):
+        x = torch.nn.functional.pad(x, [v for p in reversed(pad) for v in (p // 2, p - p // 2)])
+    out = sliding_window(net, x, roi, device, overlap=overlap, sw_batch_size=1 if device.type == "cpu" else 4,
+                         progress=progress)
+    if any(pad):
+        out = out[(slice(None), slice(None)) + tuple(slice(p // 2, p // 2 + s) for p, s in zip(pad, size))]
+    return out
 
 
 def stage2_box(teeth1: np.ndarray, shape, n1, sp, margin_mm: float):

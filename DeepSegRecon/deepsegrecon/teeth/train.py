@@ -112,11 +112,11 @@ def _phantom_spacing(family: str, rng) -> float:
 
 def make_sample(seed: int, family: str, network: dict, cache_dir=None) -> dict:
     """Generate (or load from ``cache_dir``) the prepared sample of one phantom seed."""
-    from .phantom import generate_teeth_phantom
+    from .phantom import PHANTOM_VERSION, generate_teeth_phantom
 
     path = None
     if cache_dir is not None:
-        tag = hashlib.sha1(json.dumps([network["stage1"]["spacing_mm"], network["stage2"]["spacing_mm"],
+        tag = hashlib.sha1(json.dumps([PHANTOM_VERSION, network["stage1"]["spacing_mm"], network["stage2"]["spacing_mm"],
                                        network["stage2"]["margin_mm"], network["intensity"]]).encode()).hexdigest()[:8]
         path = Path(cache_dir) / f"{family}-{seed}-{tag}.npz"
         if path.is_file():
@@ -263,11 +263,13 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
                         version: str = DEFAULT_VERSION, n_phantoms: int = None, workers: int = None,
                         cache_dir=None, eval_seeds=None, network: dict = None, lr: float = 2e-3,
                         batch1: int = 2, batch2: int = None, patches_per_phantom: int = None,
-                        init_from=None, log=print, eval_shape=None):
+                        init_from=None, log=print, eval_shape=None, resume=None):
     """Train stage 1 and stage 2 together for ``minutes`` of wall time, then evaluate on held-out phantoms
     and write the version folder ``out_dir/<version>``. Returns the :class:`~deepsegrecon.store.ModelEntry`.
 
     ``init_from``: a model version folder to start from (fine-tuning); its network config is kept.
+    A checkpoint ``out_dir/.<version>-checkpoint.pt`` is written every 10 minutes; ``resume=True``
+    continues from it (same schedule), ``resume=False`` writes none.
     """
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism
@@ -294,7 +296,7 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
         net1.load_state_dict(m.net1.state_dict())
         net2.load_state_dict(m.net2.state_dict())
     net1, net2 = net1.to(dev).train(), net2.to(dev).train()
-    n_phantoms = n_phantoms or (4000 if cuda else 160)
+    n_phantoms = n_phantoms or (4000 if cuda else 96)
     workers = workers if workers is not None else (min(12, (os.cpu_count() or 2) - 2) if cuda else 1)
     batch2 = batch2 or (4 if cuda else 1)
     patches_per_phantom = patches_per_phantom or (2 if cuda else 4)
@@ -311,11 +313,21 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
     amp = amp_enabled(dev)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     budget = float(minutes) * 60.0
-    t_start = time.monotonic()
     it = 0
     phantoms_seen = 0
+    elapsed0 = 0.0
+    checkpoint = Path(out_dir) / f".{version}-checkpoint.pt" if resume is not False else None
+    if checkpoint is not None and resume and checkpoint.is_file():
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        net1.load_state_dict(ck["net1"])
+        net2.load_state_dict(ck["net2"])
+        opt.load_state_dict(ck["opt"])
+        scaler.load_state_dict(ck["scaler"])
+        it, phantoms_seen, elapsed0 = int(ck["it"]), int(ck["phantoms"]), float(ck["elapsed"])
+        log(f"[train] resumed from {checkpoint}: iteration {it}, {elapsed0 / 60:.1f} min done")
+    t_start = time.monotonic() - elapsed0
     hist = []
-    last_log = t_start
+    last_log = last_ckpt = time.monotonic()
 
     def run_step(net, x, y, lossf):
         with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=amp):
@@ -346,8 +358,11 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
             scaler.step(opt)
             scaler.update()
             it += 1
-            hist.append((float(l1), float(l2)))
+            hist.append((l1.item(), l2.item()))
         now = time.monotonic()
+        if checkpoint is not None and now - last_ckpt > 600:
+            _save_checkpoint(checkpoint, net1, net2, opt, scaler, it, phantoms_seen, now - t_start)
+            last_ckpt = now
         if now - last_log > 60 or now - t_start > budget:
             h = np.array(hist[-50:])
             log(f"[train] {now - t_start:7.0f}s it {it} phantoms {phantoms_seen} loss1 {h[:, 0].mean():.4f} "
@@ -397,6 +412,14 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
         entry = write_version(out_dir, version, {"stage1.pt": state_dict_fp16(net1),
                                                  "stage2.pt": state_dict_fp16(net2)}, manifest)
     return ModelEntry("teeth", version, entry.dir, manifest)
+
+
+def _save_checkpoint(path: Path, net1, net2, opt, scaler, it, phantoms, elapsed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"net1": net1.state_dict(), "net2": net2.state_dict(), "opt": opt.state_dict(),
+                "scaler": scaler.state_dict(), "it": it, "phantoms": phantoms, "elapsed": elapsed}, tmp)
+    os.replace(tmp, path)
 
 
 def write_version(out_dir: Path, version: str, states: dict, manifest: dict):
@@ -517,11 +540,13 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-seeds", type=int, nargs="*", default=None)
     ap.add_argument("--init-from", default=None, help="version folder to fine-tune from")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     args = ap.parse_args(argv)
     entry = train_from_phantoms(Path(args.out), minutes=args.minutes, device=args.device, seed=args.seed,
                                 family=args.family, version=args.version, n_phantoms=args.phantoms,
                                 workers=args.workers, cache_dir=args.cache, eval_seeds=args.eval_seeds,
-                                init_from=args.init_from, lr=args.lr, log=lambda m: print(m, flush=True))
+                                init_from=args.init_from, lr=args.lr, resume=args.resume or None,
+                                log=lambda m: print(m, flush=True))
     print(json.dumps({"dir": str(entry.dir), "metrics": entry.manifest.get("metrics")}, default=_json_default))
     return 0
 
