@@ -52,38 +52,99 @@ def _components(mask, min_vox):
     return lab, n
 
 
-def estimate_midline(coords_x: np.ndarray, cls: np.ndarray, fallback: float, min_count: int = 20) -> float:
-    """Midline x (in the same units as ``coords_x``) from the left/right pairs of each tooth class."""
-    ests, weights = [], []
+class Midline:
+    """The mid-sagittal line in the axial plane, in LPS mm: x = a + b * (y - y0) (x: patient left)."""
+
+    def __init__(self, a: float, b: float = 0.0, y0: float = 0.0):
+        self.a, self.b, self.y0 = float(a), float(b), float(y0)
+
+    def signed(self, pts) -> np.ndarray:
+        """Distance (mm) of LPS points from the mid-sagittal plane, positive toward the patient's left."""
+        pts = np.atleast_2d(pts)
+        return (pts[:, 0] - self.a - self.b * (pts[:, 1] - self.y0)) / math.sqrt(1 + self.b ** 2)
+
+    def along(self, pts) -> np.ndarray:
+        """Position (mm) along the midline, growing posteriorly."""
+        pts = np.atleast_2d(pts)
+        return (pts[:, 1] + self.b * pts[:, 0]) / math.sqrt(1 + self.b ** 2)
+
+    def as_dict(self) -> dict:
+        return {"x_at_y0": self.a, "slope_dx_dy": self.b, "y0": self.y0}
+
+
+def _two_means(x: np.ndarray):
+    lo, hi = float(x.min()), float(x.max())
+    for _ in range(30):
+        cut = (lo + hi) / 2
+        left, right = x[x < cut], x[x >= cut]
+        if left.size == 0 or right.size == 0:
+            return None
+        nlo, nhi = float(left.mean()), float(right.mean())
+        if abs(nlo - lo) < 1e-6 and abs(nhi - hi) < 1e-6:
+            break
+        lo, hi = nlo, nhi
+    cut = (lo + hi) / 2
+    return x < cut
+
+
+def estimate_midline(pts: np.ndarray, cls: np.ndarray, fallback_x: float, min_count: int = 20) -> Midline:
+    """Mid-sagittal line from the left/right pairs of each tooth class (LPS points, their classes).
+
+    Each class is split into a left and a right cluster along x; the midpoints of the pairs give the
+    line (its slope too when pairs lie at different depths, which absorbs a head turned in the axial
+    plane). A class with one side missing or too unequal is skipped; with no pair, x = ``fallback_x``."""
+    mids, weights = [], []
     for c in np.unique(cls):
-        x = np.sort(coords_x[cls == c])
-        if x.size < 2 * min_count:
+        sel = cls == c
+        if sel.sum() < 2 * min_count:
             continue
-        # 2-means on x, initialised at the extremes
-        lo, hi = x[0], x[-1]
-        for _ in range(20):
-            cut = (lo + hi) / 2
-            left, right = x[x < cut], x[x >= cut]
-            if left.size == 0 or right.size == 0:
+        p = pts[sel]
+        left_mask = _two_means(p[:, 0])
+        if left_mask is None:
+            continue
+        nl, nr = int(left_mask.sum()), int((~left_mask).sum())
+        if min(nl, nr) < min_count or min(nl, nr) / max(nl, nr) < 0.35:
+            continue
+        ml, mr = p[left_mask].mean(0), p[~left_mask].mean(0)
+        # two teeth, not one tooth cut in halves: fewer points at the cut than around either centre
+        x = p[:, 0]
+        cut = (p[left_mask, 0].max() + p[~left_mask, 0].min()) / 2
+
+        def near(v):
+            return int(np.sum(np.abs(x - v) < 0.75))
+
+        if near(cut) > 0.6 * min(near(ml[0]), near(mr[0])):
+            continue
+        mids.append((ml + mr) / 2)
+        # the central incisors lie at the midline itself: they pin it best
+        weights.append(min(nl, nr) * (3.0 if int(c) in (1, 9) else 1.0))
+    if not mids:
+        return Midline(fallback_x, 0.0, float(np.mean(pts[:, 1])) if len(pts) else 0.0)
+    mids, w = np.array(mids), np.array(weights, float)
+    y0 = float(np.average(mids[:, 1], weights=w))
+    b = 0.0
+    if len(mids) >= 4 and np.ptp(mids[:, 1]) > 15.0:
+        # a slope (head turned in the axial plane) only when the pairs show it clearly
+        keep = np.ones(len(mids), bool)
+        for _ in range(3):  # least squares, dropping pairs more than 2 mm off the line
+            A = np.c_[np.ones(keep.sum()), mids[keep, 1] - y0]
+            sw = np.sqrt(w[keep])
+            coef, *_ = np.linalg.lstsq(A * sw[:, None], mids[keep, 0] * sw, rcond=None)
+            res_all = mids[:, 0] - coef[0] - coef[1] * (mids[:, 1] - y0)
+            new_keep = np.abs(res_all) <= max(2.0, 2.5 * float(np.std(res_all[keep])))
+            if new_keep.sum() < 4 or np.array_equal(new_keep, keep):
                 break
-            nlo, nhi = left.mean(), right.mean()
-            if abs(nlo - lo) < 1e-6 and abs(nhi - hi) < 1e-6:
-                break
-            lo, hi = nlo, nhi
-        left, right = x[x < (lo + hi) / 2], x[x >= (lo + hi) / 2]
-        if min(left.size, right.size) < min_count:
-            continue
-        ratio = min(left.size, right.size) / max(left.size, right.size)
-        if ratio < 0.35:  # one side missing or a fragment: not a pair
-            continue
-        ests.append((left.mean() + right.mean()) / 2)
-        weights.append(min(left.size, right.size))
-    if not ests:
-        return float(fallback)
-    order = np.argsort(ests)
-    ests, weights = np.asarray(ests)[order], np.asarray(weights, float)[order]
-    cw = np.cumsum(weights)
-    return float(ests[np.searchsorted(cw, cw[-1] / 2)])  # weighted median
+            keep = new_keep
+        res = res_all[keep]
+        dy = mids[keep, 1] - mids[keep, 1].mean()
+        se = math.sqrt(float(np.sum(res ** 2)) / max(int(keep.sum()) - 2, 1) / max(float(np.sum(dy ** 2)), 1e-6))
+        if abs(coef[1]) > 3.0 * se and abs(coef[1]) > math.tan(math.radians(2.5)):
+            b = float(np.clip(coef[1], -math.tan(math.radians(25)), math.tan(math.radians(25))))
+    r = mids[:, 0] - b * (mids[:, 1] - y0)
+    order = np.argsort(r)
+    cw = np.cumsum(w[order])
+    a = float(r[order][np.searchsorted(cw, cw[-1] / 2)])  # weighted median
+    return Midline(a, b, y0)
 
 
 def _adjacency(lab: np.ndarray) -> dict:
@@ -105,12 +166,13 @@ def _adjacency(lab: np.ndarray) -> dict:
 
 
 def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: float = MIN_TOOTH_MM3,
-                    mid: float = None, x_axis: int = 2):
+                    side: np.ndarray = None):
     """Split the teeth foreground into instances.
 
     ``fg``: bool mask; ``key``: int map (>0 inside fg) of class keys (jaw x position). Markers are the
-    cores of each class region; with ``mid`` (the midline, index along ``x_axis``) a marker takes the
-    side of its centre, and a core lying across the midline is cut there (the two central incisors).
+    cores of each class region (several when distance maxima show several teeth); with ``side`` (bool
+    map: the patient's left of the midline) a marker takes the side most of it is on, and a core lying
+    across the midline is cut there (the two central incisors).
     Returns (instances int32 map 0..n, {instance: marker key = class + 16 * side}).
     """
     from skimage.morphology import h_maxima
@@ -160,29 +222,24 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
                         new[plab == pk] = nxt
                     lab, m = new, nxt
         sizes = np.bincount(lab.ravel())
-        xs = None
-        if mid is not None:
-            shape = [1, 1, 1]
-            shape[x_axis] = -1
-            xs = np.arange(sl[x_axis].start, sl[x_axis].stop).reshape(shape)
         for c in range(1, m + 1):
             if sizes[c] == 0:
                 continue
             comp = lab == c
-            if xs is None:
+            if side is None:
                 parts = [(comp, 0)]
             else:
-                right_side = np.broadcast_to(xs >= mid, comp.shape)
-                a, b = comp & ~right_side, comp & right_side
+                other = side[sl]
+                a, b = comp & ~other, comp & other
                 na, nb = int(a.sum()), int(b.sum())
                 if min(na, nb) >= 0.25 * (na + nb) and min(na, nb) >= min_marker:
                     parts = [(a, 0), (b, 1)]  # across the midline: two teeth
                 else:
                     parts = [(comp, int(nb > na))]
-            for part, side in parts:
+            for part, left in parts:
                 n += 1
                 markers[sl][part] = n
-                marker_key[n] = int(k) + 16 * side
+                marker_key[n] = int(k) + 16 * left
     if n == 0:
         lab, m = ndi.label(mask)
         return lab.astype(np.int32), {i: 0 for i in range(1, m + 1)}
@@ -336,14 +393,12 @@ def assign_positions(scores: np.ndarray, skip_penalty=math.log(0.02)):
     return out
 
 
-def number_teeth(inst: np.ndarray, probs: np.ndarray, index_to_lps, spacing, mid_index_x: float,
-                 x_axis_index: int = 2, min_tooth_mm3: float = MIN_TOOTH_MM3):
+def number_teeth(inst: np.ndarray, probs: np.ndarray, index_to_lps, spacing, midline: Midline):
     """FDI number for each instance.
 
     ``inst``: instance map; ``probs``: (16, ...) tooth-class probabilities on the same grid (upper
     positions 1..8 then lower 1..8); ``index_to_lps``: maps (N, 3) grid indices (array order) to LPS
-    mm; ``mid_index_x``: the midline along the grid's left-right axis (grid index units).
-    Returns ({instance: FDI or 0}, per-instance details).
+    mm; ``midline``: the mid-sagittal line (LPS). Returns ({instance: FDI or 0}, per-instance details).
     """
     ids = [int(i) for i in np.unique(inst) if i > 0]
     if not ids:
@@ -374,40 +429,28 @@ def number_teeth(inst: np.ndarray, probs: np.ndarray, index_to_lps, spacing, mid
     lo_pts = np.concatenate(lo_pts) if lo_pts else np.zeros((0, 3))
     centre, normal = fit_occlusal_plane(up_pts, lo_pts)
 
-    # a point on the midline (in physical space)
-    allc = np.array([details[i]["centroid"] for i in ids])
-    mid_idx = np.array([[float(np.mean(a)) for a in np.nonzero(inst)]])
-    mid_idx[0, x_axis_index] = mid_index_x
-    mid_pt = index_to_lps(mid_idx)[0]
-    e_left = np.array([1.0, 0.0, 0.0])  # LPS +x is the patient's left
-    # side is measured along the patient's left-right axis projected off the occlusal normal
-    e_lr = e_left - normal * np.dot(e_left, normal)
-    e_lr /= np.linalg.norm(e_lr)
-
+    # quadrant: jaw from the occlusal plane (the jaw vote only very near it), side from the midline
     quads = {q: [] for q in L.QUADRANTS}
     for i in ids:
         c = details[i]["centroid"]
         h = float(np.dot(c - centre, normal))
         upper = h > 0 if abs(h) > 1.5 else details[i]["upper_vote"] >= 0.5
-        right = float(np.dot(c - mid_pt, e_lr)) < 0
-        details[i].update(upper=bool(upper), right=bool(right), height_mm=h)
-        q = L.fdi_from(upper, right, 1) // 10
+        lr = float(midline.signed(c)[0])
+        details[i].update(upper=bool(upper), right=bool(lr < 0), height_mm=h, midline_mm=lr)
+        q = L.fdi_from(upper, lr < 0, 1) // 10
         quads[q].append(i)
 
     # order along the arch: angle around the arch centre, measured from the front
-    e_post = np.array([0.0, 1.0, 0.0]) - normal * normal[1]
-    e_post /= np.linalg.norm(e_post)
-    arch_c = allc.mean(0)
+    allc = np.array([details[i]["centroid"] for i in ids])
+    arch_c = float(np.mean(midline.along(allc)))
     fdi = {}
     for q, members in quads.items():
         if not members:
             continue
         ang = []
         for i in members:
-            d = details[i]["centroid"] - mid_pt
-            lr = abs(float(np.dot(d, e_lr)))
-            ap = float(np.dot(details[i]["centroid"] - arch_c, e_post))
-            ang.append(math.atan2(lr, -ap))
+            c = details[i]["centroid"]
+            ang.append(math.atan2(abs(float(midline.signed(c)[0])), -(float(midline.along(c)[0]) - arch_c)))
         order = [members[k] for k in np.argsort(ang)]
         scores = np.log(np.array([smooth_votes(details[i]["pos_votes"]) for i in order]))
         # a tooth-sized instance is kept (at its best free position); a small fragment may be dropped
@@ -430,17 +473,21 @@ def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_l
     if not fg.any():
         return np.zeros(fg.shape, np.uint8), {}
     cls = np.argmax(class_prob, 0).astype(np.int16) + 1  # 1..16
-    idx = np.nonzero(fg)
-    xs = idx[x_axis_index].astype(float)
-    mid = estimate_midline(xs, cls[idx], mid_hint, min_count=max(5, int(4.0 / float(np.prod(spacing)))))
-    # markers per class; each takes the side of the midline its centre is on (the physical direction
-    # decides which side is the patient's left later, here the two sides only get different keys)
+    idx = np.argwhere(fg)
+    pts = index_to_lps(idx)
+    centre_idx = np.array([[float(v) for v in np.array(fg.shape) / 2.0 - 0.5]])
+    centre_idx[0, x_axis_index] = mid_hint
+    fallback_x = float(index_to_lps(centre_idx)[0, 0])
+    sub = slice(None, None, max(1, len(idx) // 300000))
+    midline = estimate_midline(pts[sub], cls[tuple(idx[sub].T)], fallback_x,
+                               min_count=max(5, int(4.0 / float(np.prod(spacing)))))
+    side = np.zeros(fg.shape, bool)
+    side[tuple(idx.T)] = midline.signed(pts) >= 0  # patient's left
+    del pts, idx
     key = np.where(fg, cls, 0).astype(np.int16)
-    inst, _ = split_instances(fg, key, spacing, min_tooth_mm3, mid=mid, x_axis=x_axis_index)
-    fdi, details = number_teeth(inst, class_prob, index_to_lps, spacing, mid, x_axis_index, min_tooth_mm3)
+    inst, _ = split_instances(fg, key, spacing, min_tooth_mm3, side=side)
+    fdi, details = number_teeth(inst, class_prob, index_to_lps, spacing, midline)
     lut = np.zeros(int(inst.max()) + 1, np.uint8)
     for i, f in fdi.items():
         lut[i] = f
-    out = lut[inst]
-    # two instances that ended with the same number (should not happen after the DP): keep both
-    return out, {"midline_index": mid, "instances": details}
+    return lut[inst], {"midline": midline.as_dict(), "instances": details}

@@ -269,6 +269,7 @@ def make_result(image: Image, labelmap: np.ndarray, info: dict, extra: dict) -> 
         "bones": {L.segment_name(v): {"volume_mm3": round(float(counts[v] * vox), 1)}
                   for v in (L.MAXILLA, L.MANDIBLE) if counts[v] > 0},
         "dropped_fragments": sum(1 for d in instances.values() if not d.get("fdi")),
+        "midline_lps": (info or {}).get("midline"),
     }
     return SegmentationResult(result_img, L.segment_infos(present), absent, report)
 
