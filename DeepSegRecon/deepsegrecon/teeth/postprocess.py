@@ -166,7 +166,7 @@ def _adjacency(lab: np.ndarray) -> dict:
 
 
 def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: float = MIN_TOOTH_MM3,
-                    side: np.ndarray = None):
+                    side: np.ndarray = None, step=None):
     """Split the teeth foreground into instances.
 
     ``fg``: bool mask; ``key``: int map (>0 inside fg) of class keys (jaw x position). Markers are the
@@ -191,6 +191,8 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
     objs = ndi.find_objects(np.clip(keyed, 0, None).astype(np.int32))
     for k0, sl in enumerate(objs):
         k = k0 + 1
+        if step:
+            step(0.1 + 0.5 * k0 / len(objs))
         if sl is None:
             continue
         sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
@@ -393,7 +395,7 @@ def assign_positions(scores: np.ndarray, skip_penalty=math.log(0.02)):
     return out
 
 
-def number_teeth(inst: np.ndarray, probs: np.ndarray, index_to_lps, spacing, midline: Midline):
+def number_teeth(inst: np.ndarray, probs: np.ndarray, index_to_lps, spacing, midline: Midline, step=None):
     """FDI number for each instance.
 
     ``inst``: instance map; ``probs``: (16, ...) tooth-class probabilities on the same grid (upper
@@ -407,7 +409,9 @@ def number_teeth(inst: np.ndarray, probs: np.ndarray, index_to_lps, spacing, mid
     objs = ndi.find_objects(inst)
     details = {}
     up_pts, lo_pts = [], []
-    for i in ids:
+    for n_i, i in enumerate(ids):
+        if step:
+            step(0.7 + 0.25 * n_i / len(ids))
         sl = objs[i - 1]
         m = inst[sl] == i
         idx = np.argwhere(m) + np.array([s.start for s in sl])
@@ -422,9 +426,9 @@ def number_teeth(inst: np.ndarray, probs: np.ndarray, index_to_lps, spacing, mid
                       "upper_vote": upper_v / max(upper_v + lower_v, 1e-9), "n": int(m.sum())}
         # voxel samples for the occlusal plane, by the voxel's own jaw vote
         up = pr[:8].sum(0) > pr[8:].sum(0)
-        step = max(1, len(pts) // 400)
-        up_pts.append(pts[up][::step])
-        lo_pts.append(pts[~up][::step])
+        every = max(1, len(pts) // 400)
+        up_pts.append(pts[up][::every])
+        lo_pts.append(pts[~up][::every])
     up_pts = np.concatenate(up_pts) if up_pts else np.zeros((0, 3))
     lo_pts = np.concatenate(lo_pts) if lo_pts else np.zeros((0, 3))
     centre, normal = fit_occlusal_plane(up_pts, lo_pts)
@@ -464,11 +468,12 @@ def number_teeth(inst: np.ndarray, probs: np.ndarray, index_to_lps, spacing, mid
 
 
 def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_lps, mid_hint: float,
-                x_axis_index: int = 2, min_tooth_mm3: float = MIN_TOOTH_MM3):
+                x_axis_index: int = 2, min_tooth_mm3: float = MIN_TOOTH_MM3, step=None):
     """Stage-2 probabilities -> (FDI map on the same grid, per-tooth details).
 
     ``class_prob`` is (16, ...) (upper 1..8, lower 1..8), ``mid_hint`` a fallback midline (grid index
-    along ``x_axis_index``), ``index_to_lps`` maps grid indices to LPS mm."""
+    along ``x_axis_index``), ``index_to_lps`` maps grid indices to LPS mm; ``step(fraction)`` is called
+    often (progress and cancel)."""
     fg = fg_prob > 0.5
     if not fg.any():
         return np.zeros(fg.shape, np.uint8), {}
@@ -485,8 +490,8 @@ def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_l
     side[tuple(idx.T)] = midline.signed(pts) >= 0  # patient's left
     del pts, idx
     key = np.where(fg, cls, 0).astype(np.int16)
-    inst, _ = split_instances(fg, key, spacing, min_tooth_mm3, side=side)
-    fdi, details = number_teeth(inst, class_prob, index_to_lps, spacing, midline)
+    inst, _ = split_instances(fg, key, spacing, min_tooth_mm3, side=side, step=step)
+    fdi, details = number_teeth(inst, class_prob, index_to_lps, spacing, midline, step=step)
     lut = np.zeros(int(inst.max()) + 1, np.uint8)
     for i, f in fdi.items():
         lut[i] = f

@@ -223,7 +223,8 @@ def segment(image: Image, model: TeethModel, device="cpu", step: Optional[Callab
         sp2 = (hi - lo) * sp / np.array(n2)
         mid_hint = (ref[2] - lo[2] + 0.5) * n2[2] / (hi[2] - lo[2]) - 0.5
         fg2 = 1.0 - probs2[0]
-        fdi2, info = postprocess(fg2, probs2[1:], tuple(sp2), grid_mapper(image, can, lo, hi, n2), mid_hint)
+        fdi2, info = postprocess(fg2, probs2[1:], tuple(sp2), grid_mapper(image, can, lo, hi, n2), mid_hint,
+                                 step=lambda f: step("instances", f, "splitting and numbering teeth"))
         del probs2
         timings["instances_s"] = time.perf_counter() - t0
         step("instances", 1.0)
