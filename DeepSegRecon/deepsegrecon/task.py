@@ -172,7 +172,31 @@ class TransformResult:
         return cls(np.array(meta["matrix_lps"]), imgs, meta.get("report", {}))
 
 
-RESULT_TYPES = {"segmentation": SegmentationResult, "volume": VolumeResult, "transform": TransformResult}
+@dataclass
+class ModelResult:
+    """A new model version written into the store by a training or fine-tuning job."""
+
+    task: str
+    version: str
+    manifest: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)  # one dict per epoch: epoch, loss, val_dice, ...
+    report: dict = field(default_factory=dict)
+    kind: str = "model"
+
+    def save(self, folder: Path) -> None:
+        meta = {"kind": self.kind, "task": self.task, "version": self.version, "manifest": self.manifest,
+                "history": self.history, "report": self.report}
+        (Path(folder) / "result.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+
+    @classmethod
+    def load(cls, folder: Path) -> "ModelResult":
+        meta = json.loads((Path(folder) / "result.json").read_text())
+        return cls(meta["task"], meta["version"], meta.get("manifest", {}), meta.get("history", []),
+                   meta.get("report", {}))
+
+
+RESULT_TYPES = {"segmentation": SegmentationResult, "volume": VolumeResult, "transform": TransformResult,
+                "model": ModelResult}
 
 
 def load_result(folder: Path):
