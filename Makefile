@@ -12,10 +12,11 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.lock pyproject.toml
+$(VENV)/.installed: requirements.lock requirements-nodeps.txt pyproject.toml
 	@test -x "$(UV)" || python3 -m pip install --quiet --user uv
 	@test -d $(VENV) || $(UV) venv --quiet --python 3.11 $(VENV)
 	$(UV) pip install --quiet -p $(VENV) --compile-bytecode --find-links "$(FIND_LINKS)" -r requirements.lock
+	$(UV) pip install --quiet -p $(VENV) --compile-bytecode --no-deps -r requirements-nodeps.txt
 	$(UV) pip install --quiet -p $(VENV) --compile-bytecode --no-deps -e .
 	@touch $@
 
