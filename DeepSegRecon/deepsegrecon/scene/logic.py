@@ -38,13 +38,18 @@ class TaskLogic:
     """
 
     task_name: str = ""
+    model_task: str = ""  # the model store's task name for the weights (default: task_name)
+    needs_inputs = True  # a job without input volumes (training) sets this False
+    uses_model_selection = True  # take params["model"] from the scene's chosen version (TrainingLogic)
 
-    def __init__(self, scene, task_name: str = None, python: str = None, job_root=None, plugins=(), env=None):
+    def __init__(self, scene, task_name: str = None, python: str = None, job_root=None, plugins=(), env=None,
+                 model_task: str = None):
         check_scene(scene)
         self.scene = scene
         self.task_name = task_name or self.task_name
         if not self.task_name:
             raise InputError("TaskLogic needs a task name")
+        self.model_task = model_task or self.model_task or self.task_name
         self.python = python or sys.executable
         self.job_root = Path(job_root) if job_root is not None else None
         self.plugins = tuple(str(p) for p in plugins)
@@ -62,13 +67,23 @@ class TaskLogic:
         return self._handle is not None
 
     def start(self, inputs: dict, params: dict, output_node=None) -> None:
-        """Write the job (inputs taken from the volume nodes with their world geometry) and start the worker."""
+        """Write the job (inputs taken from the volume nodes with their world geometry) and start the worker.
+
+        Without a ``"model"`` in ``params``, the model version chosen in the scene for :attr:`model_task`
+        (``TrainingLogic.set_active_version``) is used, if one was chosen."""
         from .. import worker
 
         if self.running:
             raise InputError(f"a {self.task_name} job is already running: cancel it or wait for it to finish")
-        if not inputs:
+        if not inputs and self.needs_inputs:
             raise InputError(f"{self.task_name} needs at least one input volume")
+        params = dict(params or {})
+        if self.uses_model_selection and not params.get("model"):
+            from .training import active_model_version
+
+            chosen = active_model_version(self.scene, self.model_task)
+            if chosen:
+                params["model"] = chosen
         slicer = slicer_module()
         if output_node is not None and not isinstance(output_node, slicer.vtkMRMLNode):
             raise InputError("the output must be a node of the scene")
@@ -81,7 +96,7 @@ class TaskLogic:
         self.result = None
         self._inputs = dict(inputs)
         self._output_node = output_node
-        job = worker.create_job(self.task_name, images, dict(params or {}), job_root=self.job_root,
+        job = worker.create_job(self.task_name, images, params, job_root=self.job_root,
                                 plugins=self.plugins)
         try:
             self._handle = worker.start_job(job, python=self.python, env=self.env or None)
@@ -176,6 +191,21 @@ class TaskLogic:
             raise Cancelled(status.get("error") or "cancelled by the user")
         raise ERROR_TYPES.get(status.get("error_type") or "", DeepSegReconError)(status.get("error") or "the job failed")
 
+    def model_versions(self) -> list:
+        """Installed versions of :attr:`model_task` in the model store, the store's default version first."""
+        from ..errors import ModelError
+        from ..store import ModelStore
+
+        store = ModelStore()
+        entries = [e for e in store.list(self.model_task) if e.task == self.model_task]
+        if not entries:
+            return []
+        try:
+            default = store.get(self.model_task).version
+        except ModelError:
+            default = None
+        return sorted((e.version for e in entries), key=lambda v: v != default)
+
     # ------------------------------------------------------------------------------------------------ results
     def _first_input(self):
         return next(iter(self._inputs.values()), None)
@@ -250,9 +280,12 @@ class SegmentTeethLogic(TaskLogic):
     """Segment Teeth: the "teeth" task, plus surfaces, models and surface files for its segmentation."""
 
     task_name = "teeth"
+    model_task = "teeth"
 
-    def __init__(self, scene, python: str = None, job_root=None, plugins=(), env=None, task_name: str = None):
-        super().__init__(scene, task_name or "teeth", python=python, job_root=job_root, plugins=plugins, env=env)
+    def __init__(self, scene, python: str = None, job_root=None, plugins=(), env=None, task_name: str = None,
+                 model_task: str = None):
+        super().__init__(scene, task_name or "teeth", python=python, job_root=job_root, plugins=plugins, env=env,
+                         model_task=model_task)
 
     def create_surfaces(self, seg_node, smoothing: float = 0.5) -> dict:
         return create_closed_surfaces(seg_node, smoothing)
