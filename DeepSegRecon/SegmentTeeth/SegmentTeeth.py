@@ -4,6 +4,9 @@ Slicer module of the DeepSegRecon extension. This file is Qt wiring only: every 
 :class:`SegmentTeethLogic`, which is the headless scene logic of the engine
 (``deepsegrecon.scene.logic.SegmentTeethLogic``) with Slicer's module-logic base added. The work runs in a
 separate worker process (Slicer's ``PythonSlicer``) so the application stays responsive; a QTimer polls it.
+The shared "Improve the model" section (``DeepSegReconCommon.FinetuneSection``, around
+``deepsegrecon.scene.training.TrainingLogic``) adds corrected segmentations to the training set, fine-tunes the
+model and switches model versions.
 """
 
 import importlib
@@ -83,10 +86,11 @@ setUpEngine()
 try:
     from deepsegrecon.scene.logic import FINAL as FINAL_STATES
     from deepsegrecon.scene.logic import SegmentTeethLogic as SceneSegmentTeethLogic
+    from DeepSegReconCommon.FinetuneSection import FinetuneSection, formatEta
 except ImportError as _error:
     raise ImportError(
-        f"Segment Teeth cannot find or import its engine (the 'deepsegrecon' package beside {MODULE_DIR}): "
-        f"{_error}. Reinstall the DeepSegRecon extension.") from _error
+        f"Segment Teeth cannot find or import its engine (the 'deepsegrecon' and 'DeepSegReconCommon' packages "
+        f"beside {MODULE_DIR}): {_error}. Reinstall the DeepSegRecon extension.") from _error
 
 
 # ------------------------------------------------------------------------------------ Python packages
@@ -136,6 +140,11 @@ reported absent, never invented.
 the device, and click <b>Segment Teeth</b>. The work runs in a background process; <b>Cancel</b> stops it and
 leaves the scene as it was.</li>
 <li><b>Show 3D surfaces</b> builds smoothed closed surfaces; <b>Export</b> writes one STL or OBJ file per segment.</li>
+<li><b>Improve the model</b>: correct the output segmentation in the Segment Editor, optionally choose the reviewed
+region (an ROI box, labelmap or segmentation; voxels outside it do not count), and click <b>Add to training set</b>.
+With a few cases, <b>Fine-tune</b> trains a new model version within the time budget (loss and validation Dice are
+plotted as epochs finish). <b>Use this version</b> switches the model used for segmentation; older versions are
+never removed, so you can always go back.</li>
 </ol>
 <p><b>Honest status of the weights:</b> the weights shipped with the extension are trained <b>only on synthetic
 jaw phantoms</b>, not on patient scans. Every accuracy figure is measured on held-out phantoms. Expect to fine-tune
@@ -165,10 +174,13 @@ class SegmentTeethWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.trainingLogic = None
+        self.finetuneSection = None
         self._parameterNode = None
         self._updatingGUIFromParameterNode = False
         self._pollTimer = None
         self._running = False
+        self._fillingModelComboBox = False
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -182,6 +194,7 @@ class SegmentTeethWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = SegmentTeethLogic()
+        self.trainingLogic = self.logic.createTrainingLogic()
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
@@ -192,7 +205,7 @@ class SegmentTeethWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelComboBoxChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.smoothingSlider.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
         self.ui.exportFormatComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
@@ -204,6 +217,10 @@ class SegmentTeethWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
 
         self.fillModelComboBox()
+        self.finetuneSection = FinetuneSection(self.trainingLogic, caseInputs=self.caseInputs,
+                                               device=lambda: self.ui.deviceComboBox.currentText,
+                                               onModelChange=self.onModelChange)
+        self.finetuneSection.setup(self.ui.finetuneSectionPlaceholder.layout())
         if not self.ui.exportDirectoryButton.directory:
             self.ui.exportDirectoryButton.directory = qt.QDir.homePath()
         self.initializeParameterNode()
@@ -219,6 +236,8 @@ class SegmentTeethWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._pollTimer.stop()
         if self.logic is not None and self._running:
             self.logic.cancel()  # never leave a worker process behind
+        if self.finetuneSection is not None:
+            self.finetuneSection.cleanup()
         self.removeObservers()
 
     def enter(self):
@@ -232,9 +251,14 @@ class SegmentTeethWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._running:
             self.logic.cancel()
             self._finishRun({"state": "cancelled", "error": "the scene was closed"})
+        if self.finetuneSection is not None:
+            self.finetuneSection.onSceneStartClose()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
+        self.fillModelComboBox()  # the model chosen in the closed scene is gone with it
+        if self.finetuneSection is not None:
+            self.finetuneSection.refresh()
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -300,22 +324,54 @@ class SegmentTeethWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.enabled = (hasSegmentation and not self._running
                                         and bool(self.ui.exportDirectoryButton.directory))
 
-    def fillModelComboBox(self):
-        """Model versions of the "teeth" task; the first entry is the store's default version."""
+    def fillModelComboBox(self, select=None):
+        """Model versions of the "teeth" task; the first entry is the store's default version. Selected: ``select``,
+        else the version chosen in the scene ("Use this version"), else the default."""
         combo = self.ui.modelComboBox
-        combo.clear()
+        current = combo.currentText if combo.count else None
         try:
             versions = self.logic.model_versions()
+            active = self.trainingLogic.active_version() if self.trainingLogic is not None else None
         except Exception as e:  # a broken store must not break the module panel
             logging.warning(f"Segment Teeth: cannot list the model versions: {e}")
-            versions = []
-        for version in versions:
-            combo.addItem(version)
-        if not versions:
-            combo.addItem("(no model installed)")
-            combo.enabled = False
-            self.ui.statusLabel.text = ("No teeth model is installed. Import one with "
-                                        "'deepsegrecon models import' (see the README).")
+            versions, active = [], None
+        self._fillingModelComboBox = True
+        try:
+            combo.clear()
+            combo.enabled = bool(versions)
+            for version in versions:
+                combo.addItem(version)
+            _setComboText(combo, select or active or current or "")
+            if not versions:
+                combo.addItem("(no model installed)")
+                combo.enabled = False
+                self.ui.statusLabel.text = ("No teeth model is installed. Import one with "
+                                            "'deepsegrecon models import' (see the README).")
+        finally:
+            self._fillingModelComboBox = False
+        self.updateParameterNodeFromGUI()
+
+    def caseInputs(self):
+        """What "Add to training set" saves: the input volume and the (corrected) output segmentation."""
+        return {"image": self.ui.inputVolumeSelector.currentNode()}, self.ui.outputSegmentationSelector.currentNode()
+
+    def onModelChange(self, activeVersion):
+        """A fine-tune added a version, or "Use this version" chose one: list them, select the one in use."""
+        self.fillModelComboBox(select=activeVersion)
+
+    def onModelComboBoxChanged(self, index=None):
+        """The model chosen here is the one in use in this scene (the "Improve the model" section shows it)."""
+        self.updateParameterNodeFromGUI()
+        combo = self.ui.modelComboBox
+        if self._fillingModelComboBox or self.trainingLogic is None or not combo.enabled or not combo.currentText:
+            return
+        try:
+            if combo.currentText != self.trainingLogic.active_version():
+                self.trainingLogic.set_active_version(combo.currentText)
+        except Exception as e:
+            logging.warning(f"Segment Teeth: cannot choose the model version {combo.currentText}: {e}")
+        if self.finetuneSection is not None:
+            self.finetuneSection.refresh()
 
     # ----------------------------------------------------------------------------------------- buttons
     def onApplyButton(self):
@@ -438,6 +494,13 @@ class SegmentTeethLogic(SceneSegmentTeethLogic, ScriptedLoadableModuleLogic):
                                         python=python or pythonSlicerExecutable(), job_root=job_root)
         ScriptedLoadableModuleLogic.__init__(self)
 
+    def createTrainingLogic(self, training_root=None):
+        """The "Improve the model" logic for the teeth model: training set, fine-tuning jobs, model versions."""
+        from deepsegrecon.scene.training import TrainingLogic
+
+        return TrainingLogic(self.scene, self.model_task, training_root=training_root, python=self.python,
+                             job_root=self.job_root, plugins=self.plugins, env=self.env)
+
     def model_versions(self):
         """Installed versions of the teeth model, the default one first."""
         base = getattr(super(), "model_versions", None)
@@ -476,19 +539,6 @@ def _setComboText(combo, text):
     index = combo.findText(text)
     if index >= 0:
         combo.currentIndex = index
-
-
-def formatEta(seconds):
-    if seconds is None:
-        return ""
-    seconds = int(round(float(seconds)))
-    if seconds < 60:
-        return f"about {seconds} s left"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"about {minutes} min {seconds:02d} s left"
-    hours, minutes = divmod(minutes, 60)
-    return f"about {hours} h {minutes:02d} min left"
 
 
 def describeSegmentation(segNode, result=None):

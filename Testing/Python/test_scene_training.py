@@ -478,3 +478,28 @@ def test_epoch_rows_from_progress_lines():
     assert epoch_row({"stage": "x", "metrics": {"epoch": 5, "loss": 0.1, "val_dice": 0.7}}) == \
         {"epoch": 5, "loss": 0.1, "val_dice": 0.7}
     assert epoch_row({"epoch": 1.5, "loss": 1}) is None
+
+
+# ------------------------------------------------------------------------------------ the Slicer module side
+from test_slicer_module_logic import module  # noqa: E402,F401  (Segment Teeth with stand-in Qt, real MRML)
+
+
+def test_segment_teeth_module_creates_the_training_logic(module, tmp_path):
+    import sys
+    from pathlib import Path
+
+    logic = module.SegmentTeethLogic(python=sys.executable)
+    training = logic.createTrainingLogic()
+    assert isinstance(training, TrainingLogic)
+    assert training.task_name == "teeth" and training.scene is slicer.mrmlScene
+    assert training._job.python == sys.executable and Path(training._job.job_root) == Path(logic.job_root)
+    assert training.training_folder == tmp_path / "home" / "training" / "teeth"
+    assert training.model_versions() == [] and training.case_count() == 0
+
+    from DeepSegReconCommon.FinetuneSection import describeProgress, findSectionUI
+
+    assert Path(findSectionUI()) == Path(__file__).resolve().parents[2] / "Resources" / "UI" / "FinetuneSection.ui"
+    assert module.formatEta(125) == "about 2 min 05 s left"
+    assert describeProgress({"epoch": 3, "epochs": 10, "loss": 0.25, "val_dice": 0.5, "best_val_dice": 0.75}) == \
+        "epoch 3/10, loss 0.2500, validation Dice 0.500, best 0.750"
+    assert describeProgress({"stage": "check cases", "message": ""}) == "check cases"

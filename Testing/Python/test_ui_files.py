@@ -3,7 +3,8 @@
 - every ``Resources/UI/*.ui`` loads with PySide6's QUiLoader (offscreen); Slicer/CTK classes it declares in
   ``<customwidgets>`` are registered as placeholder QWidget subclasses carrying the signals and slots of the
   real classes that the .ui connects; a class that is neither Qt's nor declared fails the test;
-- every ``self.ui.<name>`` used by a module exists in the module's .ui;
+- every ``self.ui.<name>`` used by a module exists in the module's .ui; the same for the panel sections shared by
+  the modules (``DeepSegRecon/DeepSegReconCommon/<Section>.py`` with ``Resources/UI/<Section>.ui``);
 - each module ``DeepSegRecon/<Module>/<Module>.py`` has the Slicer module structure (parsed with ``ast``);
 - the CMake files list every module folder, script and resource that exists (and nothing that does not).
 """
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 UI_DIR = ROOT / "Resources" / "UI"
 ICON_DIR = ROOT / "Resources" / "Icons"
 MODULES_DIR = ROOT / "DeepSegRecon"
+COMMON_DIR = MODULES_DIR / "DeepSegReconCommon"
 CATEGORY = "DeepSegRecon"
 
 # Slicer and CTK widget classes a module .ui may use: {class: (signals, slots)} with the signatures of the real
@@ -70,6 +72,18 @@ SLICER_WIDGETS = {
 def module_names():
     return sorted(p.name for p in MODULES_DIR.iterdir()
                   if p.is_dir() and (p / f"{p.name}.py").is_file())
+
+
+def section_names():
+    """Shared panel sections: ``DeepSegReconCommon/<Section>.py`` defining class ``<Section>``."""
+    if not COMMON_DIR.is_dir():
+        return []
+    out = []
+    for py in sorted(COMMON_DIR.glob("*.py")):
+        tree = ast.parse(py.read_text(encoding="utf-8"))
+        if py.stem in {n.name for n in tree.body if isinstance(n, ast.ClassDef)}:
+            out.append(py.stem)
+    return out
 
 
 def ui_files():
@@ -163,7 +177,9 @@ def load_ui(qt, path: Path):
 def test_there_are_ui_files_for_the_modules():
     assert ui_files(), "no Resources/UI/*.ui"
     for path in ui_files():
-        assert path.stem in module_names(), f"{path.name} belongs to no module folder DeepSegRecon/{path.stem}/"
+        assert path.stem in module_names() or path.stem in section_names(), (
+            f"{path.name} belongs to no module folder DeepSegRecon/{path.stem}/ and no shared section "
+            f"DeepSegRecon/DeepSegReconCommon/{path.stem}.py")
 
 
 @pytest.mark.parametrize("path", ui_files(), ids=lambda p: p.name)
@@ -343,13 +359,12 @@ def test_segment_teeth_help_states_the_weights_are_synthetic():
     assert "synthetic" in help_text and "phantom" in help_text
 
 
-@pytest.mark.parametrize("module", module_names())
-def test_every_button_calls_exactly_one_logic_method(module):
-    """A button's slot calls one method of ``self.logic`` (the one the headless tests call too)."""
-    py = MODULES_DIR / module / f"{module}.py"
+def _check_buttons_call_one_logic_method(py: Path, class_name: str, ui: Path) -> dict:
+    """Every button of ``ui`` is connected in ``class_name.setup()`` to a slot that calls exactly one method of
+    ``self.logic``; returns {button: slot}."""
     tree = ast.parse(py.read_text(encoding="utf-8"))
-    widget = _classes(tree)[f"{module}Widget"]
-    info = parse_ui(UI_DIR / f"{module}.ui")
+    widget = _classes(tree)[class_name]
+    info = parse_ui(ui)
     buttons = {n for n, c in info["widgets"].items() if c in ("QPushButton", "QToolButton", "ctkCheckablePushButton",
                                                               "ctkMenuButton")}
     slots = {}
@@ -370,6 +385,14 @@ def test_every_button_calls_exactly_one_logic_method(module):
                  and isinstance(n.func.value, ast.Attribute) and n.func.value.attr == "logic"
                  and isinstance(n.func.value.value, ast.Name) and n.func.value.value.id == "self"}
         assert len(calls) == 1, f"{button} -> {slot}() calls logic methods {sorted(calls)}; it should call exactly one"
+    return slots
+
+
+@pytest.mark.parametrize("module", module_names())
+def test_every_button_calls_exactly_one_logic_method(module):
+    """A button's slot calls one method of ``self.logic`` (the one the headless tests call too)."""
+    _check_buttons_call_one_logic_method(MODULES_DIR / module / f"{module}.py", f"{module}Widget",
+                                         UI_DIR / f"{module}.ui")
 
 
 def test_segment_teeth_buttons_call_the_scene_logic_api():
@@ -490,8 +513,15 @@ def test_every_icon_and_ui_is_installed_by_some_module():
     for module in module_names():
         text = _cmake(MODULES_DIR / module / "CMakeLists.txt")
         listed |= {i.replace("${MODULE_NAME}", module) for i in _cmake_list(text, "MODULE_SHARED_RESOURCES")}
+    shared = _cmake_list(_cmake(MODULES_DIR / "CMakeLists.txt"), "DeepSegRecon_COMMON_UI")
     for path in ui_files():
-        assert f"UI/{path.name}" in listed, f"Resources/UI/{path.name} is not installed by any module"
+        if path.stem in section_names():
+            assert f"UI/{path.name}" in shared, f"DeepSegRecon/CMakeLists.txt must list Resources/UI/{path.name}"
+            assert f"UI/{path.name}" not in listed, f"the shared {path.name} is installed once, not by a module"
+        else:
+            assert f"UI/{path.name}" in listed, f"Resources/UI/{path.name} is not installed by any module"
+    for item in shared:
+        assert (ROOT / "Resources" / item).is_file(), f"DeepSegRecon_COMMON_UI lists a missing Resources/{item}"
     for path in ICON_DIR.glob("*.png"):
         if path.stem == "DeepSegRecon":
             assert "Icons/DeepSegRecon.png" in _cmake(MODULES_DIR / "CMakeLists.txt")
@@ -506,3 +536,113 @@ def test_icons_are_128_pixel_pngs():
         with Image.open(ICON_DIR / name) as im:
             assert im.format == "PNG" and im.size == (128, 128), name
             assert im.mode in ("RGBA", "LA", "P"), f"{name} should have a transparent background"
+
+
+# ------------------------------------------------------------------------------ shared panel sections
+@pytest.mark.parametrize("section", section_names())
+def test_every_widget_a_section_uses_exists_in_its_ui(section):
+    py = COMMON_DIR / f"{section}.py"
+    ui = UI_DIR / f"{section}.ui"
+    assert ui.is_file(), f"the shared section {section}.py has no Resources/UI/{section}.ui"
+    info = parse_ui(ui)
+    missing = sorted(ui_names_used(py) - set(info["widgets"]) - set(info["layouts"]))
+    assert not missing, f"{section}.py uses widgets that {ui.name} does not have: {missing}"
+    assert f'"{section}.ui"' in py.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("section", section_names())
+def test_every_section_button_calls_exactly_one_logic_method(section):
+    _check_buttons_call_one_logic_method(COMMON_DIR / f"{section}.py", section, UI_DIR / f"{section}.ui")
+
+
+def test_shared_helpers_import_no_engine_internals_and_the_engine_imports_no_qt():
+    """The Qt side lives in module folders and DeepSegReconCommon; the engine (incl. its scene adapter) has none."""
+    qt_modules = {"qt", "ctk", "PythonQt", "PySide2", "PySide6", "PyQt5", "PyQt6", "slicer.util",
+                  "slicer.ScriptedLoadableModule"}
+    for py in (MODULES_DIR / "deepsegrecon").rglob("*.py"):
+        tree = ast.parse(py.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name not in qt_modules and name.split(".")[0] not in {"qt", "ctk", "PySide6", "PyQt5"}, (
+                    f"{py.relative_to(ROOT)} imports {name}: the engine must not use Qt")
+
+
+def test_finetune_section_ui_has_the_expected_controls():
+    info = parse_ui(UI_DIR / "FinetuneSection.ui")
+    w = info["widgets"]
+    expected = {
+        "finetuneCollapsibleButton": "ctkCollapsibleButton", "caseCountLabel": "QLabel",
+        "roiSelector": "qMRMLNodeComboBox", "addCaseButton": "QPushButton", "budgetSpinBox": "QSpinBox",
+        "finetuneButton": "QPushButton", "finetuneProgressBar": "QProgressBar", "finetuneEtaLabel": "QLabel",
+        "finetuneCancelButton": "QPushButton", "finetuneStatusLabel": "QLabel", "versionComboBox": "QComboBox",
+        "useVersionButton": "QPushButton",
+    }
+    for name, cls in expected.items():
+        assert w.get(name) == cls, (name, w.get(name))
+    root = ET.parse(UI_DIR / "FinetuneSection.ui").getroot()
+
+    def prop(name, prop_name):
+        widget = next(x for x in root.iter("widget") if x.get("name") == name)
+        p = widget.find(f"property[@name='{prop_name}']")
+        return None if p is None else " ".join(t.strip() for t in p.itertext() if t.strip())
+
+    assert prop("finetuneCollapsibleButton", "text") == "Improve the model"
+    assert prop("finetuneCollapsibleButton", "collapsed") == "true"
+    assert prop("roiSelector", "nodeTypes").split() == ["vtkMRMLMarkupsROINode", "vtkMRMLLabelMapVolumeNode",
+                                                        "vtkMRMLSegmentationNode"]
+    assert prop("roiSelector", "noneEnabled") == "true"
+    assert prop("addCaseButton", "text") == "Add to training set"
+    assert prop("finetuneButton", "text") == "Fine-tune" and prop("useVersionButton", "text") == "Use this version"
+    assert prop("budgetSpinBox", "suffix") == "min" and int(prop("budgetSpinBox", "minimum")) >= 1
+    assert "%p%" in prop("finetuneProgressBar", "format")
+    # the node selector gets the scene from the section's root widget
+    assert {"sender": "FinetuneSection", "signal": "mrmlSceneChanged(vtkMRMLScene*)", "receiver": "roiSelector",
+            "slot": "setMRMLScene(vtkMRMLScene*)"} in info["connections"]
+
+
+def test_finetune_section_buttons_call_the_training_logic_api():
+    slots = _check_buttons_call_one_logic_method(COMMON_DIR / "FinetuneSection.py", "FinetuneSection",
+                                                 UI_DIR / "FinetuneSection.ui")
+    assert slots == {"addCaseButton": "onAddCaseButton", "finetuneButton": "onFinetuneButton",
+                     "finetuneCancelButton": "onCancelButton", "useVersionButton": "onUseVersionButton"}
+    tree = ast.parse((COMMON_DIR / "FinetuneSection.py").read_text(encoding="utf-8"))
+    section = _classes(tree)["FinetuneSection"]
+    expected = {"onAddCaseButton": "add_to_training_set", "onFinetuneButton": "start_finetune",
+                "onCancelButton": "cancel", "onUseVersionButton": "set_active_version", "onPollTimer": "poll"}
+    for slot, logic_method in expected.items():
+        assert f"self.logic.{logic_method}(" in ast.unparse(_method(section, slot)), (slot, logic_method)
+    setup = ast.unparse(_method(section, "setup"))
+    for call in ("slicer.util.loadUI", "slicer.util.childWidgetVariables", "setMRMLScene", "qt.QTimer()",
+                 "self.onPollTimer"):
+        assert call in setup, f"FinetuneSection.setup() does not call {call}"
+    from deepsegrecon.scene.training import TrainingLogic
+
+    for name in ("add_to_training_set", "start_finetune", "poll", "cancel", "wait", "model_versions",
+                 "set_active_version", "active_version", "case_count"):
+        assert callable(getattr(TrainingLogic, name, None)), name
+
+
+def test_segment_teeth_panel_has_the_finetune_section():
+    info = parse_ui(UI_DIR / "SegmentTeeth.ui")
+    assert info["widgets"].get("finetuneSectionPlaceholder") == "QWidget"
+    tree = ast.parse((MODULES_DIR / "SegmentTeeth" / "SegmentTeeth.py").read_text(encoding="utf-8"))
+    classes = _classes(tree)
+    setup = ast.unparse(_method(classes["SegmentTeethWidget"], "setup"))
+    assert "FinetuneSection(self.trainingLogic" in setup
+    assert "self.finetuneSection.setup(self.ui.finetuneSectionPlaceholder.layout())" in setup
+    assert "self.logic.createTrainingLogic()" in setup
+    assert "self.finetuneSection.cleanup()" in ast.unparse(_method(classes["SegmentTeethWidget"], "cleanup"))
+    assert _method(classes["SegmentTeethLogic"], "createTrainingLogic") is not None
+
+
+def test_extension_cmake_installs_the_shared_helpers():
+    text = _cmake(MODULES_DIR / "CMakeLists.txt")
+    assert re.search(r'deepsegrecon_glob_files\(DeepSegRecon_COMMON_SCRIPTS\s+\$\{CMAKE_CURRENT_SOURCE_DIR\}\s+'
+                     r'"DeepSegReconCommon/\*\.py"\)', text)
+    assert re.search(r'SCRIPTS\s+"\$\{DeepSegRecon_COMMON_SCRIPTS\}"', text)
+    assert re.search(r"deepsegrecon_copy_files\(\s*\S+\s+\$\{DeepSegRecon_RESOURCES_SOURCE_DIR\}\s+\"Resources\"\s+"
+                     r"\$\{DeepSegRecon_COMMON_UI\}\)", text)
+    assert not (COMMON_DIR / "DeepSegReconCommon.py").exists(), "DeepSegReconCommon is a package, not a module"
+    assert (COMMON_DIR / "__init__.py").is_file()

@@ -1,0 +1,249 @@
+"""The "Improve the model" panel section, shared by every segmentation module.
+
+Qt wiring only, around :class:`deepsegrecon.scene.training.TrainingLogic` (``self.logic``): each button calls one
+logic method, and a QTimer calls ``poll()`` while a fine-tuning job runs. A module adds the section with::
+
+    self.finetuneSection = FinetuneSection(trainingLogic, caseInputs=self.caseInputs,
+                                           device=self.currentDevice,
+                                           onModelChange=self.onModelChange)
+    self.finetuneSection.setup(someLayout)
+
+``caseInputs()`` returns ``({modality: volume node}, corrected segmentation node)``: what "Add to training set"
+saves. ``onModelChange(activeVersion)`` is called when the installed or the active model versions change (a
+fine-tune succeeded, "Use this version" was clicked), so the module can update its own model selector.
+The module calls ``cleanup()`` from its own cleanup and ``onSceneStartClose()`` when the scene closes.
+"""
+
+import logging
+import os
+
+import qt
+import slicer
+
+POLL_INTERVAL_MS = 500
+UI_NAME = "FinetuneSection.ui"
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+def findSectionUI(name=UI_NAME):
+    """The section's .ui: <qt-scripted-modules>/Resources/UI (installed) or <repo>/Resources/UI (source tree)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(os.path.dirname(here), "Resources", "UI"),
+                   os.path.join(os.path.dirname(os.path.dirname(here)), "Resources", "UI")):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    raise RuntimeError(f"{name} was not found beside {here}; reinstall the DeepSegRecon extension")
+
+
+def formatEta(seconds):
+    if seconds is None:
+        return ""
+    seconds = int(round(float(seconds)))
+    if seconds < 60:
+        return f"about {seconds} s left"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"about {minutes} min {seconds:02d} s left"
+    hours, minutes = divmod(minutes, 60)
+    return f"about {hours} h {minutes:02d} min left"
+
+
+def describeProgress(status):
+    """One line about a running or finished training job, from ``TrainingLogic.poll()``."""
+    parts = []
+    if status.get("epoch"):
+        epochs = status.get("epochs")
+        parts.append(f"epoch {status['epoch']}" + (f"/{epochs}" if epochs else ""))
+    if status.get("loss") is not None:
+        parts.append(f"loss {status['loss']:.4f}")
+    if status.get("val_dice") is not None:
+        parts.append(f"validation Dice {status['val_dice']:.3f}")
+    if status.get("best_val_dice") is not None and status.get("best_val_dice") != status.get("val_dice"):
+        parts.append(f"best {status['best_val_dice']:.3f}")
+    if not parts:
+        return status.get("message") or status.get("stage") or "Starting the training worker..."
+    return ", ".join(parts)
+
+
+class FinetuneSection:
+    """Collapsible "Improve the model" section: training set, fine-tuning with progress, model versions."""
+
+    def __init__(self, logic, caseInputs, device=None, onModelChange=None):
+        self.logic = logic
+        self.caseInputs = caseInputs
+        self.device = device or (lambda: "auto")
+        self.onModelChange = onModelChange
+        self.widget = None
+        self.ui = None
+        self._pollTimer = None
+        self._running = False
+
+    def setup(self, parentLayout):
+        self.widget = slicer.util.loadUI(findSectionUI())
+        parentLayout.addWidget(self.widget)
+        self.ui = slicer.util.childWidgetVariables(self.widget)
+        self.widget.setMRMLScene(self.logic.scene)
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self.onPollTimer)
+
+        self.ui.addCaseButton.connect("clicked(bool)", self.onAddCaseButton)
+        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneButton)
+        self.ui.finetuneCancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.useVersionButton.connect("clicked(bool)", self.onUseVersionButton)
+        self.ui.versionComboBox.connect("currentIndexChanged(int)", self.updateButtons)
+        self.refresh()
+
+    def cleanup(self):
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+        if self._running:
+            self.logic.cancel()  # never leave a training worker behind
+            self._running = False
+
+    def onSceneStartClose(self):
+        if self._running:
+            self._pollTimer.stop()
+            self.logic.cancel()
+            self._running = False
+            self.ui.finetuneStatusLabel.text = "Fine-tuning was cancelled: the scene was closed."
+        self.updateButtons()
+
+    # ----------------------------------------------------------------------------------------- state
+    def refresh(self, selectVersion=None):
+        """Case count and model versions from the logic (the training folder and the model store)."""
+        try:
+            count = self.logic.case_count()
+        except Exception as e:  # an unreadable training folder must not break the panel
+            logging.warning(f"DeepSegRecon: cannot read the training set: {e}")
+            count = 0
+        folder = str(self.logic.training_folder)
+        self.ui.caseCountLabel.text = ("no cases yet" if count == 0 else f"{count} case{'s' if count != 1 else ''}")
+        self.ui.caseCountLabel.toolTip = f"Training cases are saved in {folder}"
+        try:
+            versions = self.logic.model_versions()
+            active = self.logic.active_version()
+        except Exception as e:
+            logging.warning(f"DeepSegRecon: cannot list the model versions: {e}")
+            versions, active = [], None
+        combo = self.ui.versionComboBox
+        current = selectVersion or combo.itemData(combo.currentIndex) or active
+        wasBlocked = combo.blockSignals(True)
+        try:
+            combo.clear()
+            for version, description in versions:
+                text = version + (" (in use)" if version == active else "")
+                combo.addItem(text, version)
+                combo.setItemData(combo.count - 1, description or version, qt.Qt.ToolTipRole)
+            for index in range(combo.count):
+                if combo.itemData(index) == current:
+                    combo.currentIndex = index
+        finally:
+            combo.blockSignals(wasBlocked)
+        self._caseCount = count
+        self.updateButtons()
+
+    def updateButtons(self, *args):
+        running = self._running
+        hasCases = getattr(self, "_caseCount", 0) > 0
+        self.ui.addCaseButton.enabled = not running
+        self.ui.finetuneButton.enabled = hasCases and not running
+        self.ui.finetuneButton.toolTip = ("Fine-tune the model version in use on the training set." if hasCases
+                                          else "Add corrected cases to the training set first.")
+        self.ui.finetuneCancelButton.enabled = running
+        self.ui.budgetSpinBox.enabled = not running
+        self.ui.useVersionButton.enabled = self.ui.versionComboBox.count > 0
+
+    # --------------------------------------------------------------------------------------- buttons
+    def onAddCaseButton(self):
+        inputs, segmentation = self.caseInputs()
+        with slicer.util.tryWithErrorDisplay("Could not add the case to the training set.", waitCursor=True):
+            folder = self.logic.add_to_training_set(inputs, segmentation, roi=self.ui.roiSelector.currentNode())
+            self.ui.finetuneStatusLabel.text = f"Added the case {os.path.basename(str(folder))} to the training set."
+        self.refresh()
+
+    def onFinetuneButton(self):
+        if self._running:
+            return
+        with slicer.util.tryWithErrorDisplay("Fine-tuning could not start.", waitCursor=True):
+            version = self.logic.start_finetune(None, None, minutes=self.ui.budgetSpinBox.value, device=self.device())
+            self._running = True
+            self.ui.finetuneProgressBar.value = 0
+            self.ui.finetuneEtaLabel.text = ""
+            self.ui.finetuneStatusLabel.text = f"Fine-tuning into the new version {version}..."
+            self.showCurves()
+            self._pollTimer.start()
+        self.updateButtons()
+
+    def onCancelButton(self):
+        self.logic.cancel()  # the next timer tick reports the cancelled state
+        self.ui.finetuneStatusLabel.text = "Cancelling..."
+
+    def onUseVersionButton(self):
+        combo = self.ui.versionComboBox
+        version = combo.itemData(combo.currentIndex)
+        with slicer.util.tryWithErrorDisplay("Could not choose the model version.", waitCursor=True):
+            active = self.logic.set_active_version(version)
+            self.ui.finetuneStatusLabel.text = f"The next segmentation uses the model version {active}."
+            self._notifyModelChange(active)
+        self.refresh(selectVersion=version)
+
+    # --------------------------------------------------------------------------------------- polling
+    def onPollTimer(self):
+        try:
+            status = self.logic.poll()
+        except Exception as e:  # the timer must never keep firing on an error
+            logging.exception("DeepSegRecon: polling the training worker failed")
+            status = {"state": "failed", "error": f"{type(e).__name__}: {e}"}
+        state = status.get("state")
+        if state in FINAL_STATES or state == "idle":
+            self._finish(status)
+            return
+        self.ui.finetuneProgressBar.value = int(round(100 * float(status.get("fraction") or 0.0)))
+        self.ui.finetuneEtaLabel.text = formatEta(status.get("eta_s"))
+        self.ui.finetuneStatusLabel.text = describeProgress(status)
+
+    def _finish(self, status):
+        self._pollTimer.stop()
+        self._running = False
+        self.ui.finetuneEtaLabel.text = ""
+        state = status.get("state")
+        version = status.get("version")
+        if state == "succeeded":
+            self.ui.finetuneProgressBar.value = 100
+            dice = status.get("best_val_dice")
+            self.ui.finetuneStatusLabel.text = (
+                f"New model version {version}" + (f" (best validation Dice {dice:.3f})" if dice is not None else "")
+                + ". Choose it below and click \"Use this version\" to segment with it.")
+            self.refresh(selectVersion=version)
+            self._notifyModelChange(None)
+            return
+        self.ui.finetuneProgressBar.value = 0
+        if state in ("cancelled", "idle"):
+            self.ui.finetuneStatusLabel.text = "Fine-tuning cancelled; no model version was written."
+        else:
+            error = status.get("error") or "unknown error"
+            self.ui.finetuneStatusLabel.text = f"Fine-tuning failed: {error}"
+            slicer.util.errorDisplay(f"Fine-tuning failed; no model version was written.\n\n{error}",
+                                     windowTitle="DeepSegRecon")
+        self.refresh()
+
+    # --------------------------------------------------------------------------------------- helpers
+    def _notifyModelChange(self, active):
+        if self.onModelChange is not None:
+            try:
+                self.onModelChange(active)
+            except Exception:
+                logging.exception("DeepSegRecon: updating the module after a model change failed")
+
+    def showCurves(self):
+        """Show the loss / validation Dice chart in the layout's plot view (Slicer's Plots module)."""
+        chart = getattr(self.logic, "chart_node", None)
+        if chart is None:
+            return
+        try:
+            slicer.modules.plots.logic().ShowChartInLayout(chart)
+        except Exception as e:  # no Plots module or no plot view: the chart is still in the scene
+            logging.info(f"DeepSegRecon: cannot show the training curves ({e})")
