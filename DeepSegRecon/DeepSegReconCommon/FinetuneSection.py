@@ -54,7 +54,8 @@ def describeProgress(status):
     parts = []
     if status.get("epoch"):
         epochs = status.get("epochs")
-        parts.append(f"epoch {status['epoch']}" + (f"/{epochs}" if epochs else ""))
+        part = f"{status['part']} " if status.get("part") else ""
+        parts.append(f"{part}epoch {status['epoch']}" + (f"/{epochs}" if epochs else ""))
     if status.get("loss") is not None:
         parts.append(f"loss {status['loss']:.4f}")
     if status.get("val_dice") is not None:

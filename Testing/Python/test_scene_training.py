@@ -65,17 +65,21 @@ PLUGIN = textwrap.dedent('''
             base = store.get(params["task"], params.get("base")) if params.get("base") else None
             epochs = int(params.get("epochs") or 3)
             history = []
-            for e in range(1, epochs + 1):
-                if params.get("fail_at") == e:
-                    raise InputError("training diverged (on purpose)")
-                time.sleep(float(params.get("dt", 0.0)))
-                row = {"event": "epoch", "epoch": e, "loss": round(1.0 / e, 6),
-                       "val_dice": round(0.5 + 0.1 * e, 6) if e % 2 == 0 else None}
-                history.append(row)
-                _report(ctx, "train", e / epochs, f"epoch {e}/{epochs}: loss {row['loss']:.3f}",
-                        {**row, "epochs": epochs})
-                # an iteration line of the next epoch, which is not a row
-                _report(ctx, "train", e / epochs, "batch", {"event": "iteration", "epoch": e + 1, "iteration": 1})
+            parts = params.get("parts") or [None]
+            for n, part in enumerate(parts):  # networks trained in turn, their epochs each counted from 1
+                for e in range(1, epochs + 1):
+                    if params.get("fail_at") == e:
+                        raise InputError("training diverged (on purpose)")
+                    time.sleep(float(params.get("dt", 0.0)))
+                    row = {"event": "epoch", "epoch": e, "loss": round(1.0 / e + n, 6),
+                           "val_dice": round(0.5 + 0.1 * e, 6) if e % 2 == 0 else None}
+                    if part:
+                        row["part"] = part
+                    history.append(row)
+                    f = (n + e / epochs) / len(parts)
+                    _report(ctx, "train", f, f"epoch {e}/{epochs}: loss {row['loss']:.3f}", {**row, "epochs": epochs})
+                    # an iteration line of the next epoch, which is not a row
+                    _report(ctx, "train", f, "batch", {"event": "iteration", "epoch": e + 1, "iteration": 1})
             weights = ctx.model_dir  # unused
             files = dict((n, base.dir / n) for n in base.files) if base else {}
             manifest = {"base_version": params.get("base"), "description": "fine-tuned in a test",
@@ -331,7 +335,8 @@ def test_finetune_fills_the_curves_epoch_by_epoch_and_adds_a_version(env):
     assert new == "v1-ft1"
     table, chart = logic.table_node, logic.chart_node
     assert table.GetScene() is mrml and chart.GetScene() is mrml
-    assert [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())] == ["epoch", "loss", "val_dice"]
+    assert [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())] == \
+        ["epoch", "loss", "val_dice", "part", "part_epoch"]
     seen_rows = []
     end = time.monotonic() + 120
     while True:
@@ -368,6 +373,21 @@ def test_finetune_fills_the_curves_epoch_by_epoch_and_adds_a_version(env):
     assert logic.active_version() == "v1"
     assert logic.result.version == "v1-ft1" and logic.result.report["cases"] == logic.case_names()
     assert list(env["jobs"].iterdir()) == []
+
+
+def test_networks_trained_in_turn_follow_each_other_in_the_table(env):
+    """Teeth trains stage1 then stage2, each counting epochs from 1: the table runs on, with the part named."""
+    logic = env["logic"]
+    logic.add_to_training_set({"image": env["volume"]}, env["seg"])
+    logic.start_finetune("v1", "two-parts", epochs=3, device="cpu", options={"parts": ["stage1", "stage2"]})
+    status = logic.wait(timeout=120, poll_interval=0.05)
+    assert status["state"] == "succeeded", status
+    assert status["part"] == "stage2" and status["epoch"] == 3 and status["rows"] == 6
+    data = logic.table_node.GetTable()
+    rows = [(data.GetValue(r, 0).ToInt(), data.GetValue(r, 3).ToString(), data.GetValue(r, 4).ToInt(),
+             round(data.GetValue(r, 1).ToDouble(), 4)) for r in range(logic.table_node.GetNumberOfRows())]
+    assert rows == [(1, "stage1", 1, 1.0), (2, "stage1", 2, 0.5), (3, "stage1", 3, 0.3333),
+                    (4, "stage2", 1, 2.0), (5, "stage2", 2, 1.5), (6, "stage2", 3, 1.3333)]
 
 
 def test_cancel_keeps_the_curves_and_writes_no_version(env):
@@ -469,14 +489,14 @@ def test_rollback_selects_the_version_the_next_segmentation_uses(env):
 
 def test_epoch_rows_from_progress_lines():
     assert epoch_row({"stage": "train", "epoch": 3, "loss": 0.5, "val_dice": None}) == \
-        {"epoch": 3, "loss": 0.5, "val_dice": None}
-    assert epoch_row({"event": "epoch", "epoch": 2, "loss": "nan", "val_dice": 0.8}) == \
-        {"epoch": 2, "loss": None, "val_dice": 0.8}
+        {"part": "", "epoch": 3, "loss": 0.5, "val_dice": None}
+    assert epoch_row({"event": "epoch", "part": "stage2", "epoch": 2, "loss": "nan", "val_dice": 0.8}) == \
+        {"part": "stage2", "epoch": 2, "loss": None, "val_dice": 0.8}
     assert epoch_row({"event": "iteration", "epoch": 4, "loss": 0.3}) is None
     assert epoch_row({"stage": "train", "epoch": 4}) is None  # no loss, no "event": not an end-of-epoch line
     assert epoch_row({"state": "succeeded", "epoch": 4, "loss": 1}) is None
     assert epoch_row({"stage": "x", "metrics": {"epoch": 5, "loss": 0.1, "val_dice": 0.7}}) == \
-        {"epoch": 5, "loss": 0.1, "val_dice": 0.7}
+        {"part": "", "epoch": 5, "loss": 0.1, "val_dice": 0.7}
     assert epoch_row({"epoch": 1.5, "loss": 1}) is None
 
 
@@ -503,3 +523,62 @@ def test_segment_teeth_module_creates_the_training_logic(module, tmp_path):
     assert describeProgress({"epoch": 3, "epochs": 10, "loss": 0.25, "val_dice": 0.5, "best_val_dice": 0.75}) == \
         "epoch 3/10, loss 0.2500, validation Dice 0.500, best 0.750"
     assert describeProgress({"stage": "check cases", "message": ""}) == "check cases"
+
+
+# ------------------------------------------------------------------------------------ the engine's own tasks
+@pytest.mark.slow
+def test_the_engines_train_and_finetune_tasks_through_the_logic(tmp_path, monkeypatch):
+    """The real "train" and "finetune" worker tasks (deepsegrecon.training.jobs) on a tiny made-up task: the table
+    gets the epochs, the versions land in the store, and a cancelled fine-tune writes nothing."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepsegrecon.training.jobs") is None:
+        pytest.skip("the engine's training tasks (deepsegrecon.training.jobs) are not there")
+    pytest.importorskip("torch")
+    pytest.importorskip("monai")
+    monkeypatch.setenv("DEEPSEGRECON_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DEEPSEGRECON_BUILTIN_MODELS", str(tmp_path / "builtin"))
+    mrml = slicer.vtkMRMLScene()
+    rng = np.random.default_rng(0)
+    arr = rng.normal(0, 10, (32, 32, 32)).astype(np.float32)
+    lab = np.zeros(arr.shape, np.uint8)
+    lab[4:14, 6:20, 8:24], lab[18:28, 10:26, 4:16] = 11, 2
+    arr[lab == 11] += 300
+    arr[lab == 2] += 150
+    img = Image(arr, spacing=(1.0, 1.0, 1.0))
+    volume = sc.image_to_volume_node(mrml, img, "toy")
+    seg = _segmentation(mrml, img.with_array(lab), [SegmentInfo("tooth_11", 11, (1, 0, 0)),
+                                                    SegmentInfo("mandible", 2, (0, 1, 0))], reference=volume)
+    logic = TrainingLogic(mrml, "toytask", job_root=tmp_path / "jobs")
+    for _ in range(3):
+        logic.add_to_training_set({"image": volume}, seg)
+    small = {"settings": {"patch_size": [32, 32, 32], "samples_per_case": 1, "batch_size": 1}}
+    try:
+        logic.start_training("toy-v1", epochs=1, device="cpu",
+                             options={**small, "label_map": {"tooth_11": 11, "mandible": 2}})
+        status = logic.wait(timeout=300)
+        assert status["state"] == "succeeded", status
+        assert logic.table_node.GetNumberOfRows() == 1 and status["version"] == "toy-v1"
+
+        logic.start_finetune("toy-v1", "toy-v2", epochs=2, device="cpu", options=small)
+        status = logic.wait(timeout=300)
+        assert status["state"] == "succeeded", status
+        assert logic.table_node.GetNumberOfRows() == 2 and [r["epoch"] for r in logic.history] == [1, 2]
+        assert all(r["loss"] is not None for r in logic.history)
+        assert sorted(v for v, _ in logic.model_versions()) == ["toy-v1", "toy-v2"]
+        assert ModelStore().get("toytask", "toy-v2").manifest["base_version"] == "toy-v1"
+
+        store = ModelStore()
+        before = ([(e.version, str(e.dir)) for e in store.list("toytask")], _tree(store.root))
+        logic.start_finetune("toy-v2", "toy-v3", minutes=10, device="cpu", options=small)
+        end = time.monotonic() + 120
+        while logic.poll()["stage"] != "train":
+            assert logic.poll()["state"] == "running" and time.monotonic() < end
+            time.sleep(0.1)
+        logic.cancel()
+        assert logic.poll()["state"] == "cancelled"
+        assert ([(e.version, str(e.dir)) for e in store.list("toytask")], _tree(store.root)) == before
+        assert list((tmp_path / "jobs").iterdir()) == []
+    finally:
+        logic.cancel()
+        mrml.Clear(1)

@@ -57,7 +57,9 @@ from .volumes import volume_node_to_image
 SELECTION_TAG = "DeepSegReconModels"  # singleton tag of the scene's model-selection parameter node
 _SELECTION_PREFIX = "ActiveModelVersion."
 OUTSIDE_TOLERANCE = 0.005  # fraction of labelled voxels that may lie outside the volume (edge rounding)
-TABLE_COLUMNS = ("epoch", "loss", "val_dice")
+TABLE_COLUMNS = ("epoch", "loss", "val_dice", "part", "part_epoch")
+ENGINE_TRAINING_TASKS = ("finetune", "train")
+JOBS_PLUGIN = "deepsegrecon.training.jobs"  # the worker imports it to register the engine's training tasks
 _SAFE = re.compile(r"[^A-Za-z0-9_.+\-]+")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]*$")
 
@@ -165,10 +167,11 @@ def _number(value) -> Optional[float]:
 
 
 def epoch_row(event: dict) -> Optional[dict]:
-    """{"epoch", "loss", "val_dice"} of an end-of-epoch progress event, else None.
+    """{"part", "epoch", "loss", "val_dice"} of an end-of-epoch progress event, else None.
 
     An end-of-epoch event has an integer ``epoch`` and a ``loss`` (or ``"event": "epoch"``); the per-batch
-    ``"event": "iteration"`` lines also name the epoch but are not rows.
+    ``"event": "iteration"`` lines also name the epoch but are not rows. ``part``: the network being trained,
+    for tasks with several trained in turn (teeth: stage1, stage2; their epochs each count from 1), else "".
     """
     if not isinstance(event, dict) or event.get("state"):
         return None
@@ -182,7 +185,8 @@ def epoch_row(event: dict) -> Optional[dict]:
     epoch = _number(fields.get("epoch"))
     if epoch is None or epoch != int(epoch) or (kind is None and "loss" not in fields):
         return None
-    return {"epoch": int(epoch), "loss": _number(fields.get("loss")), "val_dice": _number(fields.get("val_dice"))}
+    return {"part": str(fields.get("part") or ""), "epoch": int(epoch), "loss": _number(fields.get("loss")),
+            "val_dice": _number(fields.get("val_dice"))}
 
 
 class _TrainingJob(TaskLogic):
@@ -258,12 +262,14 @@ class TrainingLogic:
         self.training_root = Path(training_root).expanduser()
         self.modalities = list(modalities) if modalities else None
         self._store = store
+        self._plugins = tuple(str(p) for p in plugins)
         self._job = _TrainingJob(scene, self.finetune_task, self._on_events, python=python, job_root=job_root,
                                  plugins=plugins, env=env)
         self.table_node = None
         self.chart_node = None
         self.series_nodes: dict = {}  # "loss" / "val_dice" -> vtkMRMLPlotSeriesNode
-        self.history: list = []  # rows of the current / last job
+        self.history: list = []  # table rows of the current / last job: epoch (running), part, part_epoch, ...
+        self._rows: dict = {}  # (part, epoch of the part) -> row
         self.result: Optional[ModelResult] = None  # of the last succeeded job
         self.new_version: Optional[str] = None  # the version the current / last job writes
         self.base_version: Optional[str] = None
@@ -638,8 +644,11 @@ class TrainingLogic:
             params["seed"] = int(seed)
 
         self._job.task_name = worker_task
+        self._job.plugins = self._plugins + ((JOBS_PLUGIN,) if worker_task in ENGINE_TRAINING_TASKS
+                                             and JOBS_PLUGIN not in self._plugins else ())
         self._job.start({}, params)
         self.history = []
+        self._rows = {}
         self.result = None
         self.new_version = new_name
         self.base_version = base_version
@@ -661,7 +670,8 @@ class TrainingLogic:
         what = f"fine-tune {base_version} -> {new_name}" if base_version else f"training {new_name}"
         table = slicer.vtkMRMLTableNode()
         table.SetName(self.scene.GenerateUniqueName(f"{self.task_name} {what}"))
-        for name, cls in zip(TABLE_COLUMNS, (vtk.vtkIntArray, vtk.vtkDoubleArray, vtk.vtkDoubleArray)):
+        for name, cls in zip(TABLE_COLUMNS, (vtk.vtkIntArray, vtk.vtkDoubleArray, vtk.vtkDoubleArray,
+                                             vtk.vtkStringArray, vtk.vtkIntArray)):
             column = cls()
             column.SetName(name)
             table.AddColumn(column)
@@ -711,12 +721,23 @@ class TrainingLogic:
             self._add_rows(rows)
 
     def _add_rows(self, rows: list) -> None:
-        seen = {r["epoch"] for r in self.history}
-        new = [r for r in rows if r["epoch"] not in seen]
-        if not new:
+        """Add end-of-epoch rows (new ones only) and rewrite the table. Several parts (networks trained in turn)
+        are shown one after the other: ``epoch`` counts on over the parts, ``part_epoch`` is the part's own."""
+        new = False
+        for r in rows:
+            key = (r["part"], r["epoch"])
+            if key not in self._rows:
+                new = True
+            self._rows[key] = r
+        if not new and rows:
             return
-        self.history.extend(new)
-        self.history.sort(key=lambda r: r["epoch"])
+        order = []
+        for part, _ in self._rows:
+            if part not in order:
+                order.append(part)
+        keys = sorted(self._rows, key=lambda k: (order.index(k[0]), k[1]))
+        self.history = [{"epoch": n + 1, "loss": self._rows[k]["loss"], "val_dice": self._rows[k]["val_dice"],
+                         "part": k[0], "part_epoch": k[1]} for n, k in enumerate(keys)]
         self._write_table()
 
     def _write_table(self) -> None:
@@ -727,14 +748,17 @@ class TrainingLogic:
         columns = [data.GetColumnByName(c) for c in TABLE_COLUMNS]
         if any(c is None for c in columns):
             return
+        nan = float("nan")
         was = table.StartModify()
         try:
             for c in columns:
-                c.SetNumberOfTuples(len(self.history))
+                c.SetNumberOfValues(len(self.history))
             for n, r in enumerate(self.history):
                 columns[0].SetValue(n, int(r["epoch"]))
-                columns[1].SetValue(n, float("nan") if r["loss"] is None else float(r["loss"]))
-                columns[2].SetValue(n, float("nan") if r["val_dice"] is None else float(r["val_dice"]))
+                columns[1].SetValue(n, nan if r["loss"] is None else float(r["loss"]))
+                columns[2].SetValue(n, nan if r["val_dice"] is None else float(r["val_dice"]))
+                columns[3].SetValue(n, str(r["part"]))
+                columns[4].SetValue(n, int(r["part_epoch"]))
             for c in columns:
                 c.Modified()
             data.Modified()
@@ -757,6 +781,8 @@ class TrainingLogic:
         row), ``rows`` (table rows) and ``version`` (the new version; written into the store only on success)."""
         if self._job_state == "running":
             status = self._job.poll()
+            if status["state"] == "running" and not status.get("stage"):  # a line without a stage (the last one)
+                status["stage"] = self._status.get("stage")
             if status["state"] == "idle":  # cancelled through the job logic directly
                 status = {**status, "state": "cancelled", "error": "cancelled"}
             if status["state"] != "running":
@@ -773,8 +799,8 @@ class TrainingLogic:
                 history = [r for r in (epoch_row({**h, "event": "epoch"}) for h in (result.history or [])
                                        if isinstance(h, dict)) if r is not None]
                 if history:  # the result's history is the full record: the table shows exactly it
-                    self.history = sorted(history, key=lambda r: r["epoch"])
-                    self._write_table()
+                    self._rows = {}
+                    self._add_rows(history)
                 if result.version:
                     self.new_version = result.version
             if not self._version_installed():
@@ -788,7 +814,8 @@ class TrainingLogic:
     def _with_curves(self, status: dict) -> dict:
         last = self.history[-1] if self.history else {}
         dice = [r["val_dice"] for r in self.history if r["val_dice"] is not None]
-        return {**status, "epoch": last.get("epoch"), "epochs": self._planned_epochs, "loss": last.get("loss"),
+        return {**status, "epoch": last.get("part_epoch"), "part": last.get("part") or None,
+                "epochs": self._planned_epochs, "loss": last.get("loss"),
                 "val_dice": last.get("val_dice"), "best_val_dice": max(dice) if dice else None,
                 "rows": len(self.history), "version": self.new_version, "base_version": self.base_version}
 
