@@ -565,6 +565,8 @@ class SegmentTeethTest(ScriptedLoadableModuleTest):
         self.test_SegmentTeeth_phantom()
         self.setUp()
         self.test_SegmentTeeth_cancel()
+        self.setUp()
+        self.test_SegmentTeeth_training_set()
 
     def _phantomVolume(self, seed=11):
         from deepsegrecon.scene.volumes import image_to_volume_node
@@ -635,3 +637,30 @@ class SegmentTeethTest(ScriptedLoadableModuleTest):
         self.assertEqual(logic.poll()["state"], "cancelled")
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before, "a cancelled run leaves the scene as it was")
         self.delayDisplay("Segment Teeth cancel test passed")
+
+    def test_SegmentTeeth_training_set(self):
+        """Improve the model: a corrected segmentation becomes a training case (in a temporary training folder)."""
+        import numpy
+
+        from deepsegrecon.scene.segmentations import result_to_segmentation_node
+        from deepsegrecon.task import SegmentationResult
+        from deepsegrecon.teeth import labels as L
+        from deepsegrecon.training.cases import load_case
+
+        volume, labels = self._phantomVolume(seed=13)
+        present = [int(v) for v in numpy.unique(labels.array) if v]
+        segNode = result_to_segmentation_node(slicer.mrmlScene, SegmentationResult(labels, L.segment_infos(present)),
+                                              reference_volume_node=volume, name="Corrected teeth")
+        folder = tempfile.mkdtemp(prefix="SegmentTeethTrainingSet-")
+        try:
+            training = SegmentTeethLogic().createTrainingLogic(training_root=os.path.join(folder, "teeth"))
+            nodes = slicer.mrmlScene.GetNumberOfNodes()
+            case = training.add_to_training_set({"image": volume}, segNode)
+            self.assertEqual(training.case_count(), 1)
+            self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes, "adding a case adds no node")
+            data = load_case(case).load()
+            numpy.testing.assert_array_equal(data.label.array, labels.array)
+            self.assertEqual(training.active_version(), SegmentTeethLogic().model_versions()[0])
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.delayDisplay("Segment Teeth training-set test passed")
