@@ -1,7 +1,8 @@
 """One interface for every method: segmentation, reconstruction and registration.
 
 A :class:`Task` takes named input images and a parameter dict, reports progress through
-``ctx.progress(stage, fraction)``, checks ``ctx.cancel`` between steps, and returns a typed result.
+``ctx.progress(stage, fraction)`` (optionally with ``extra={...}`` task-specific fields, see
+:meth:`TaskContext.step`), checks ``ctx.cancel`` between steps, and returns a typed result.
 Results save to and load from a folder, which is how they cross the worker's process boundary.
 """
 
@@ -55,7 +56,7 @@ class Progress:
         self.start = time.monotonic()
         self.last = {"stage": None, "fraction": 0.0}
 
-    def __call__(self, stage: str, fraction: float = 0.0, message: str = "") -> dict:
+    def __call__(self, stage: str, fraction: float = 0.0, message: str = "", extra: Optional[dict] = None) -> dict:
         done = 0.0
         for name, w in self.weights.items():
             if name == stage:
@@ -66,6 +67,8 @@ class Progress:
         eta = elapsed * (1 - done) / done if done > 0.02 else None
         event = {"stage": stage, "fraction": round(done, 4), "elapsed_s": round(elapsed, 2),
                  "eta_s": None if eta is None else round(eta, 1), "message": message}
+        if extra:
+            event.update({k: v for k, v in extra.items() if k not in event})
         self.last = event
         if self.sink:
             self.sink(event)
@@ -75,14 +78,33 @@ class Progress:
 @dataclass
 class TaskContext:
     device: str = "cpu"
-    progress: Callable = field(default=lambda stage, fraction=0.0, message="": None)
+    progress: Callable = field(default=lambda stage, fraction=0.0, message="", extra=None: None)
     cancel: CancelToken = field(default_factory=CancelToken)
     model_dir: Optional[Path] = None  # resolved model version folder, if the task uses weights
 
-    def step(self, stage: str, fraction: float = 0.0, message: str = "") -> None:
-        """Check for cancellation, then report progress."""
+    def step(self, stage: str, fraction: float = 0.0, message: str = "", extra: Optional[dict] = None) -> None:
+        """Check for cancellation, then report progress. ``extra``: optional task-specific fields for the
+        progress event (e.g. ``{"epoch": 3, "loss": 0.21, "val_dice": 0.84}``); a ``progress`` callable that
+        takes only ``(stage, fraction, message)`` still works (the extra fields are then left out)."""
         self.cancel.raise_if_cancelled()
-        self.progress(stage, fraction, message)
+        self.report(stage, fraction, message, extra)
+
+    def report(self, stage: str, fraction: float = 0.0, message: str = "", extra: Optional[dict] = None) -> None:
+        """Report progress (without the cancel check), passing ``extra`` where the sink accepts it."""
+        if extra and _accepts_extra(self.progress):
+            self.progress(stage, fraction, message, extra=extra)
+        else:
+            self.progress(stage, fraction, message)
+
+
+def _accepts_extra(fn) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "extra" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 @dataclass

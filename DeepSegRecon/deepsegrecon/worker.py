@@ -4,7 +4,8 @@ Job folder::
 
     <job>/params.json      {"task", "params", "inputs": {name: file}, "plugins": [module, ...]}
     <job>/inputs/<name>.nrrd
-    <job>/progress.jsonl   one JSON object a line: stage, fraction, elapsed_s, eta_s, message;
+    <job>/progress.jsonl   one JSON object a line: stage, fraction, elapsed_s, eta_s, message (and any
+                           task-specific fields, e.g. epoch, loss, val_dice of a training job);
                            the last line has "state" (succeeded | failed | cancelled), "exit_code"
                            and, on failure, "error" and "error_type"
     <job>/cancel           flag file: its existence asks the task to stop at its next step
@@ -36,7 +37,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -51,6 +52,8 @@ OUTPUT = "output"
 LOG = "worker.log"
 INPUTS = "inputs"
 FINAL_STATES = ("succeeded", "failed", "cancelled")
+_STANDARD_KEYS = ("stage", "fraction", "elapsed_s", "eta_s", "message", "pid", "state", "exit_code", "error",
+                  "error_type")
 ERROR_TYPES = {c.__name__: c for c in (DeepSegReconError, InputError, ModelError, Cancelled, ResourceError)}
 
 
@@ -60,7 +63,10 @@ def default_job_root() -> Path:
 
 # ---------------------------------------------------------------------------------------- progress
 class ProgressReporter:
-    """``reporter(stage, fraction, message)`` -> event dict (also passed to ``sink``), with an ETA.
+    """``reporter(stage, fraction, message, extra=None)`` -> event dict (also passed to ``sink``), with an ETA.
+
+    ``extra``: optional task-specific fields added to the event (e.g. ``epoch``, ``loss``, ``val_dice`` of a
+    training job); they cannot replace the standard fields.
 
     With ``stages`` ({name: weight}) the fraction is within the stage; without, it is overall.
     The overall fraction never goes backwards; an unknown stage keeps the fraction reached so far.
@@ -74,7 +80,7 @@ class ProgressReporter:
         self.done = 0.0
         self.last: dict = {"stage": None, "fraction": 0.0, "elapsed_s": 0.0, "eta_s": None, "message": ""}
 
-    def __call__(self, stage: str, fraction: float = 0.0, message: str = "") -> dict:
+    def __call__(self, stage: str, fraction: float = 0.0, message: str = "", extra: Optional[dict] = None) -> dict:
         f = min(max(float(fraction or 0.0), 0.0), 1.0)
         if self.weights is None:
             done = f
@@ -92,6 +98,8 @@ class ProgressReporter:
         eta = elapsed * (1 - self.done) / self.done if self.done > 0.02 else None
         event = {"stage": stage, "fraction": round(self.done, 4), "elapsed_s": round(elapsed, 2),
                  "eta_s": None if eta is None else round(eta, 1), "message": message or ""}
+        if extra:  # task-specific fields (training: epoch, loss, val_dice ...); never the standard ones
+            event.update({k: v for k, v in extra.items() if k not in event and k != "state"})
         self.last = event
         if self.sink is not None:
             self.sink(event)
@@ -212,6 +220,7 @@ class JobStatus:
     error: Optional[str] = None
     exit_code: Optional[int] = None
     error_type: Optional[str] = None
+    extra: dict = field(default_factory=dict)  # task-specific fields of the last progress event (epoch, loss ...)
 
     @property
     def done(self) -> bool:
@@ -266,7 +275,8 @@ class JobHandle:
         last = self._final or self._last
         status = JobStatus("running", fraction=last.get("fraction") or 0.0, stage=last.get("stage"),
                            eta_s=last.get("eta_s"), elapsed_s=last.get("elapsed_s") or round(time.monotonic() - self._started, 2),
-                           message=last.get("message") or "")
+                           message=last.get("message") or "",
+                           extra={k: v for k, v in self._last.items() if k not in _STANDARD_KEYS})
         if code is None:
             self._status = status
             return status
