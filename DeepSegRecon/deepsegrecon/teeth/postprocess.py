@@ -35,6 +35,7 @@ CORE_MM = 1.0  # markers lie farther than this from the surface of their class r
 TOOTH_SIZED_MM3 = 60.0  # an instance this large is a tooth: numbering keeps it
 SKIP_TOOTH = 1e-3  # vote-equivalent cost of dropping a tooth-sized instance
 SKIP_FRAGMENT = 0.05  # ... and of dropping a smaller fragment
+HMAX_MIN_MM3 = 250.0  # only cores this large are checked for several distance maxima
 H_MAXIMA_MM = 0.7  # a distance maximum is a tooth of its own when it stands this much above the saddle
 MERGE_SECTION = 0.6  # same-key pieces merge when their contact area >= this x volume^(2/3)
 _EPS = 1e-4
@@ -200,48 +201,51 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
         # markers: the regional maxima of the distance to the region's surface that stand out by
         # H_MAXIMA_MM (one per tooth body: two neighbours of the same key meet at a lower saddle);
         # thin parts (roots, incisal edges) are reached by the watershed later
+        if region.sum() < min_marker:
+            continue
         dist = ndi.distance_transform_edt(region, sampling=spacing)
         lab, m = ndi.label(dist > CORE_MM)
         if m == 0:
             lab, m = ndi.label(region)
-        else:
-            # a core holding several distance maxima that stand out by H_MAXIMA_MM is several teeth
-            # (neighbours of the same key meet at a lower saddle): the maxima become the markers
-            peaks = h_maxima(np.round(dist * 20).astype(np.int32), int(round(H_MAXIMA_MM * 20))) > 0
-            plab, pm = ndi.label(peaks & (lab > 0), structure=np.ones((3, 3, 3)))
+        sizes = np.bincount(lab.ravel(), minlength=m + 1)
+        valid = sizes >= min_marker
+        valid[0] = False
+        if not valid.any():
+            valid[int(np.argmax(sizes[1:])) + 1] = True
+        # a large core holding several distance maxima that stand out by H_MAXIMA_MM is several teeth
+        # (neighbours of the same key meet at a lower saddle): its maxima become the markers
+        for c in np.nonzero(valid & (sizes * vox >= HMAX_MIN_MM3))[0]:
+            csl = ndi.find_objects((lab == c).astype(np.int8))[0]
+            comp = lab[csl] == c
+            peaks = h_maxima(np.round(np.where(comp, dist[csl], 0) * 20).astype(np.int32),
+                             int(round(H_MAXIMA_MM * 20))) > 0
+            plab, pm = ndi.label(peaks & comp, structure=np.ones((3, 3, 3)))
             if pm > 1:
-                owner = ndi.maximum(lab, plab, index=np.arange(1, pm + 1)).astype(int)
-                counts = np.bincount(owner, minlength=m + 1)
-                multi = np.nonzero(counts > 1)[0]
-                if multi.size:
-                    keep = np.isin(lab, multi, invert=True) & (lab > 0)
-                    new = np.zeros_like(lab)
-                    new[keep] = lab[keep]
-                    extra = np.isin(owner, multi)
-                    nxt = m
-                    for pk in np.nonzero(extra)[0] + 1:
-                        nxt += 1
-                        new[plab == pk] = nxt
-                    lab, m = new, nxt
-        sizes = np.bincount(lab.ravel())
-        for c in range(1, m + 1):
-            if sizes[c] == 0:
-                continue
-            comp = lab == c
-            if side is None:
-                parts = [(comp, 0)]
-            else:
-                other = side[sl]
-                a, b = comp & ~other, comp & other
-                na, nb = int(a.sum()), int(b.sum())
-                if min(na, nb) >= 0.25 * (na + nb) and min(na, nb) >= min_marker:
-                    parts = [(a, 0), (b, 1)]  # across the midline: two teeth
-                else:
-                    parts = [(comp, int(nb > na))]
-            for part, left in parts:
-                n += 1
-                markers[sl][part] = n
-                marker_key[n] = int(k) + 16 * left
+                sub = lab[csl]
+                sub[comp] = 0
+                sub[plab > 0] = m + plab[plab > 0]
+                valid = np.concatenate([valid, np.ones(pm, bool)])
+                valid[c] = False
+                m += pm
+        sel = (lab > 0) & valid[lab]
+        if side is not None:
+            sd = side[sl]
+            nl = np.bincount(lab[sel & ~sd], minlength=m + 1)
+            nr = np.bincount(lab[sel & sd], minlength=m + 1)
+            lo_, hi_ = np.minimum(nl, nr), nl + nr
+            straddle = (lo_ >= 0.25 * np.maximum(hi_, 1)) & (lo_ >= min_marker)  # across the midline: two teeth
+            comp_side = np.where(straddle[lab], sd, (nr > nl)[lab]).astype(np.int64)
+        else:
+            comp_side = np.zeros(lab.shape, np.int64)
+        ids = lab.astype(np.int64) * 2 + comp_side
+        uniq, inv = np.unique(ids[sel], return_inverse=True)
+        if uniq.size == 0:
+            continue
+        view = markers[sl]
+        view[sel] = (n + 1 + inv).astype(np.int32)
+        for j, u in enumerate(uniq):
+            marker_key[n + 1 + j] = int(k) + 16 * int(u % 2)
+        n += len(uniq)
     if n == 0:
         lab, m = ndi.label(mask)
         return lab.astype(np.int32), {i: 0 for i in range(1, m + 1)}
@@ -274,15 +278,20 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
     min_vox = max(1, int(min_tooth_mm3 / vox))
     for _ in range(3):
         sizes = np.bincount(inst.ravel(), minlength=n + 1)
-        small = [i for i in range(1, n + 1) if 0 < sizes[i] < min_vox]
-        if not small:
+        small = (sizes > 0) & (sizes < min_vox)
+        small[0] = False
+        if not small.any():
             break
-        adj = _adjacency(inst)
+        # each small piece joins the large neighbour it touches most, or is dropped
+        best = {}
+        for (a, b), cnt in _adjacency(inst).items():
+            for i, j in ((a, b), (b, a)):
+                if small[i] and not small[j] and cnt > best.get(i, (0, 0))[0]:
+                    best[i] = (cnt, j)
         remap = np.arange(n + 1, dtype=np.int32)
-        for i in small:
-            nb = [(cnt, b if a == i else a) for (a, b), cnt in adj.items() if i in (a, b)]
-            nb = [(c, j) for c, j in nb if sizes[j] >= min_vox]
-            remap[i] = max(nb)[1] if nb else 0
+        remap[small] = 0
+        for i, (_, j) in best.items():
+            remap[i] = j
         inst = remap[inst]
     # relabel 1..m
     ids = [i for i in np.unique(inst) if i > 0]

@@ -263,7 +263,8 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
                         version: str = DEFAULT_VERSION, n_phantoms: int = None, workers: int = None,
                         cache_dir=None, eval_seeds=None, network: dict = None, lr: float = 2e-3,
                         batch1: int = 2, batch2: int = None, patches_per_phantom: int = None,
-                        init_from=None, log=print, eval_shape=None, resume=None):
+                        init_from=None, log=print, eval_shape=None, resume=None, threads=None,
+                        stage1_every: int = None):
     """Train stage 1 and stage 2 together for ``minutes`` of wall time, then evaluate on held-out phantoms
     and write the version folder ``out_dir/<version>``. Returns the :class:`~deepsegrecon.store.ModelEntry`.
 
@@ -281,8 +282,12 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
     cuda = dev.type == "cuda"
     set_determinism(seed)
     torch.manual_seed(seed)
-    if not cuda:
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    if threads is None and not cuda:
+        # a CPU shared with other work: one thread avoids waiting on descheduled sibling threads
+        busy = os.getloadavg()[0] > 0.75 * (os.cpu_count() or 1) if hasattr(os, "getloadavg") else False
+        threads = 1 if busy else min(4, os.cpu_count() or 1)
+    if threads:
+        torch.set_num_threads(int(threads))
     base_manifest = None
     if init_from is not None:
         base_manifest = json.loads((Path(init_from) / "manifest.json").read_text())
@@ -300,6 +305,7 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
     workers = workers if workers is not None else (min(12, (os.cpu_count() or 2) - 2) if cuda else 1)
     batch2 = batch2 or (4 if cuda else 1)
     patches_per_phantom = patches_per_phantom or (2 if cuda else 4)
+    stage1_every = stage1_every or (1 if cuda else 2)  # stage 1 learns fast: on a CPU train it every other step
     seeds = training_seeds(seed, n_phantoms)
     ds = PhantomPatches(seeds, family, network, cache_dir, batch1 * patches_per_phantom,
                         batch2 * patches_per_phantom, seed)
@@ -346,12 +352,17 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
             for g in opt.param_groups:
                 g["lr"] = lr * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
             opt.zero_grad(set_to_none=True)
-            l1 = run_step(net1, x1[k * batch1:(k + 1) * batch1], y1[k * batch1:(k + 1) * batch1], loss1)
-            loss = l1
+            loss = torch.zeros((), device=dev)
+            l1 = torch.full((), float("nan"))
+            if it % stage1_every == 0:
+                l1 = run_step(net1, x1[k * batch1:(k + 1) * batch1], y1[k * batch1:(k + 1) * batch1], loss1)
+                loss = loss + l1
             l2 = torch.zeros(())
             if has2:
                 l2 = run_step(net2, x2[k * batch2:(k + 1) * batch2], y2[k * batch2:(k + 1) * batch2], loss2)
                 loss = loss + l2
+            if not loss.requires_grad:
+                continue
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(list(net1.parameters()) + list(net2.parameters()), 5.0)
@@ -365,7 +376,7 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
             last_ckpt = now
         if now - last_log > 60 or now - t_start > budget:
             h = np.array(hist[-50:])
-            log(f"[train] {now - t_start:7.0f}s it {it} phantoms {phantoms_seen} loss1 {h[:, 0].mean():.4f} "
+            log(f"[train] {now - t_start:7.0f}s it {it} phantoms {phantoms_seen} loss1 {np.nanmean(h[:, 0]):.4f} "
                 f"loss2 {h[:, 1].mean():.4f} lr {opt.param_groups[0]['lr']:.2e}")
             last_log = now
         if now - t_start > budget:
@@ -392,7 +403,7 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
         "base_version": base_manifest.get("version") if base_manifest else None,
         "training": {"minutes": round(train_s / 60, 1), "iterations": it, "phantoms_seen": phantoms_seen,
                      "device": str(dev), "amp": amp, "batch1": batch1, "batch2": batch2, "lr": lr,
-                     "final_loss1": float(np.mean([h[0] for h in hist[-100:]])) if hist else None,
+                     "final_loss1": float(np.nanmean([h[0] for h in hist[-100:]])) if hist else None,
                      "final_loss2": float(np.mean([h[1] for h in hist[-100:]])) if hist else None,
                      "command": f"python -m deepsegrecon.teeth.train --out DIR --minutes {minutes} --device {device} "
                                 f"--seed {seed} --family {family}"},
@@ -526,6 +537,19 @@ def evaluate(model_dir, seeds, family: str = "A", device: str = "auto", shape=No
             "seeds": [int(s) for s in seeds], "family": family, "per_seed": per_seed}
 
 
+def write_demo_volume(path, seed: int = DEMO_SEED, shape=(162, 154, 116), spacing: float = 0.52, quantum: int = 8):
+    """Write the demo CBCT (``Resources/Data/demo_cbct.nrrd``): held-out phantom ``seed`` on a tight field
+    of view, grey values rounded to ``quantum`` HU (well under the noise) so the compressed file stays
+    under 3 MB. Returns the phantom's info (missing teeth, metal, ...). Needs SimpleITK (io)."""
+    from ..io import write_image
+    from .phantom import generate_teeth_phantom
+
+    cbct, _, info = generate_teeth_phantom(seed, shape=shape, spacing=spacing)
+    q = (np.round(cbct.array.astype(np.float32) / quantum) * quantum).astype(np.int16)
+    write_image(cbct.with_array(q, demo=f"teeth phantom seed {seed} (held out)"), Path(path))
+    return info
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deepsegrecon.teeth.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder that receives the version folder <out>/<version>")
@@ -541,11 +565,13 @@ def main(argv=None) -> int:
     ap.add_argument("--init-from", default=None, help="version folder to fine-tune from")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on a busy machine)")
     args = ap.parse_args(argv)
     entry = train_from_phantoms(Path(args.out), minutes=args.minutes, device=args.device, seed=args.seed,
                                 family=args.family, version=args.version, n_phantoms=args.phantoms,
                                 workers=args.workers, cache_dir=args.cache, eval_seeds=args.eval_seeds,
                                 init_from=args.init_from, lr=args.lr, resume=args.resume or None,
+                                threads=args.threads,
                                 log=lambda m: print(m, flush=True))
     print(json.dumps({"dir": str(entry.dir), "metrics": entry.manifest.get("metrics")}, default=_json_default))
     return 0
