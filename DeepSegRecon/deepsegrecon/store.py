@@ -254,6 +254,7 @@ class ModelStore:
             manifest.setdefault("created", _now())
             for key in MANIFEST_KEYS:
                 manifest.setdefault(key, None)
+            os.chmod(stage, 0o755)  # mkdtemp makes it private; a version folder is readable like any other
             mpath = stage / MANIFEST
             with open(mpath, "w", encoding="utf-8") as f:
                 json.dump(manifest, f, indent=1, ensure_ascii=False)
