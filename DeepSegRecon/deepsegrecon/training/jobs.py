@@ -15,7 +15,8 @@ Both take no input images; everything is in the parameters::
      "stages": ["stage2"],         # optional: train only these parts (multi-network recipes such as teeth)
      "evaluate": false,            # optional: also end-to-end metrics of the base and new version on the
                                    # validation cases (if the recipe can; teeth: full inference + FDI scoring)
-     "recipe": "pkg.module:attr"}  # optional: a recipe reference instead of the task's own
+     "recipe": "pkg.module:attr",  # optional: a recipe reference instead of the task's own (told the task name)
+     "recipe_options": {...}}      # optional: keyword arguments for the recipe (e.g. normalize=[-1000, 2000])
 
 Progress (``ctx.progress`` -> the worker's ``progress.jsonl``): stages ``check cases`` (one event per case),
 ``train`` (per iteration and per epoch), ``evaluate``, ``save``. Training events carry extra fields:
@@ -64,7 +65,7 @@ TRAIN_STAGES = {"check cases": 4, "train": 86, "evaluate": 5, "save": 5}
 WORK_PREFIX = "deepsegrecon-train-"
 PLUGIN = __name__  # what a job lists in "plugins" so the worker registers these tasks
 _PARAM_KEYS = ("task", "cases", "name", "base", "epochs", "minutes", "val_fraction", "seed", "device", "modalities",
-               "label_map", "settings", "stages", "evaluate", "recipe", "description", "model")
+               "label_map", "settings", "stages", "evaluate", "recipe", "recipe_options", "description", "model")
 
 
 @dataclass
@@ -158,7 +159,7 @@ def _check_params(kind: str, params: dict) -> None:
     dev = str(params.get("device") or "auto").lower()
     if not (dev in CHOICES or dev.startswith("cuda:")):
         raise InputError(f"unknown device '{params.get('device')}'; choose one of {', '.join(CHOICES)}")
-    for key in ("settings", "modalities"):
+    for key in ("settings", "modalities", "recipe_options"):
         if params.get(key) is not None and not isinstance(params[key], dict):
             raise InputError(f"{key} must be a dict, got {type(params[key]).__name__}")
     if params.get("stages") is not None and not (isinstance(params["stages"], (list, tuple)) and params["stages"]):
@@ -237,12 +238,18 @@ def _make_recipe(kind: str, params: dict, base_entry):
     if params.get("label_map") is not None:
         options["label_map"] = params["label_map"]
     network = (base_entry.manifest.get("network") if base_entry is not None else None) or None
+    options.update(params.get("recipe_options") or {})
     ref = params.get("recipe") or params["task"]
+    first = dict(options)
+    if params.get("recipe"):  # a generic recipe reference is told the task name
+        first["task"] = params["task"]
+    if network:
+        first["network"] = network
     try:
-        recipe = get_recipe(ref, **({"network": network} if network else {}), **options)
+        recipe = get_recipe(ref, **first)
     except TypeError:
         try:
-            recipe = get_recipe(ref, **options)  # a recipe that takes no network config
+            recipe = get_recipe(ref, **options)  # a recipe that takes no task name or network config
         except TypeError as e:
             raise InputError(f"the recipe of {ref} does not take the options {sorted(options)}: {e}") from e
     except InputError as e:
