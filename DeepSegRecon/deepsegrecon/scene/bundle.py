@@ -19,7 +19,7 @@ def save_mrb(scene, path) -> Path:
     """
     check_scene(scene)
     slicer = slicer_module()
-    path = Path(path)
+    path = Path(path).absolute()  # MRML refuses relative folders ("not a full path")
     if path.suffix.lower() != ".mrb":
         raise InputError(f"a scene bundle must end in .mrb, got {path.name}")
     check_writable_dir(path.parent)
