@@ -24,6 +24,11 @@ RIGHT_QUADRANTS = (1, 4)  # the patient's right
 TOOTH_TYPES = {1: "central incisor", 2: "lateral incisor", 3: "canine", 4: "first premolar",
                5: "second premolar", 6: "first molar", 7: "second molar", 8: "third molar"}
 
+# Typical mesiodistal crown widths (mm) by position 1..8 (textbook averages), used by the numbering
+# as the expected spacing of neighbouring teeth along the arch.
+MESIODISTAL_MM = {"upper": (8.6, 6.6, 7.6, 7.0, 6.6, 10.2, 9.2, 8.6),
+                  "lower": (5.2, 5.8, 7.0, 7.0, 7.2, 11.2, 10.6, 10.2)}
+
 # Stage-2 network classes: 0 background, 1..8 upper positions 1..8, 9..16 lower positions 1..8.
 N_STAGE2 = 17
 # Stage-1 network classes: 0 background, 1 maxilla, 2 mandible, 3 teeth.

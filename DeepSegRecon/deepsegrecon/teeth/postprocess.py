@@ -166,15 +166,63 @@ def _adjacency(lab: np.ndarray) -> dict:
     return pairs
 
 
-def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: float = MIN_TOOTH_MM3,
-                    side: np.ndarray = None, step=None):
-    """Split the teeth foreground into instances.
+def _geometric_markers(mask, dist, side, vox, min_marker):
+    """Markers from the shape alone: the maxima of the distance to the teeth surface that stand out by
+    H_MAXIMA_MM (tooth bodies; neighbours meet at lower saddles), cut at the midline where one lies across it."""
+    from skimage.morphology import h_maxima
 
-    ``fg``: bool mask; ``key``: int map (>0 inside fg) of class keys (jaw x position). Markers are the
-    cores of each class region (several when distance maxima show several teeth); with ``side`` (bool
-    map: the patient's left of the midline) a marker takes the side most of it is on, and a core lying
-    across the midline is cut there (the two central incisors).
-    Returns (instances int32 map 0..n, {instance: marker key = class + 16 * side}).
+    peaks = h_maxima(np.round(dist * 20).astype(np.int32), int(round(H_MAXIMA_MM * 20))) > 0
+    peaks &= dist > CORE_MM
+    lab, m = ndi.label(peaks, structure=np.ones((3, 3, 3)))
+    if m == 0:
+        return ndi.label(mask)[0].astype(np.int32)
+    if side is None:
+        return lab.astype(np.int32)
+    sel = lab > 0
+    nl = np.bincount(lab[sel & ~side], minlength=m + 1)
+    nr = np.bincount(lab[sel & side], minlength=m + 1)
+    straddle = (np.minimum(nl, nr) >= 0.25 * np.maximum(nl + nr, 1)) & (np.minimum(nl, nr) >= 1)
+    ids = lab.astype(np.int64) * 2 + np.where(straddle[lab], side, 0)
+    _, inv = np.unique(ids[sel], return_inverse=True)
+    out = np.zeros(mask.shape, np.int32)
+    out[sel] = inv + 1
+    return out
+
+
+def _split_disconnected(inst: np.ndarray, n: int) -> np.ndarray:
+    """Relabel so that every instance is one connected piece (its largest); stray bits join nothing."""
+    out = np.zeros_like(inst)
+    objs = ndi.find_objects(inst)
+    nxt = 0
+    for i, sl in enumerate(objs, 1):
+        if sl is None:
+            continue
+        m = inst[sl] == i
+        lab, k = ndi.label(m)
+        if k > 1:
+            sizes = np.bincount(lab.ravel())
+            sizes[0] = 0
+            m = lab == int(np.argmax(sizes))
+        nxt += 1
+        out[sl][m] = nxt
+    return out
+
+
+def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: float = MIN_TOOTH_MM3,
+                    side: np.ndarray = None, step=None, mode: str = "geometry"):
+    """Split the teeth foreground into instances (marker-controlled watershed on the distance map).
+
+    ``fg``: bool mask; ``key``: int map (>0 inside fg) of class keys (jaw x position); ``side``: bool map,
+    the patient's left of the midline. Markers (``mode``):
+
+    - ``"geometry"`` (default): the distance maxima of the teeth mask (one per tooth body), cut at the
+      midline where one lies across it (the two central incisors); robust to noisy class maps;
+    - ``"class"``: the cores of each class region (several when distance maxima show several teeth),
+      each taking the side most of it is on, cut at the midline where it lies across it.
+
+    Adjacent pieces with the same key (majority class + side) that meet over a broad section are one
+    tooth and are merged; pieces too small for a tooth join their largest neighbour or are dropped.
+    Returns (instances int32 map 0..n, {instance: key = class + 16 * side}).
     """
     from skimage.morphology import h_maxima
     from skimage.segmentation import watershed
@@ -189,7 +237,13 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
     n = 0
     min_marker = max(1, int(MIN_MARKER_MM3 / vox))
     keyed = np.where(mask, key, 0)
-    objs = ndi.find_objects(np.clip(keyed, 0, None).astype(np.int32))
+    objs = ndi.find_objects(np.clip(keyed, 0, None).astype(np.int32)) if mode == "class" else []
+    if mode == "geometry":
+        if step:
+            step(0.2)
+        dist = ndi.distance_transform_edt(mask, sampling=spacing)
+        markers = _geometric_markers(mask, dist, side, vox, min_marker)
+        n = int(markers.max())
     for k0, sl in enumerate(objs):
         k = k0 + 1
         if step:
@@ -249,8 +303,55 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
     if n == 0:
         lab, m = ndi.label(mask)
         return lab.astype(np.int32), {i: 0 for i in range(1, m + 1)}
-    dist = ndi.distance_transform_edt(mask, sampling=spacing)
+    if mode != "geometry":
+        dist = ndi.distance_transform_edt(mask, sampling=spacing)
+    if step:
+        step(0.5)
     inst = watershed(-dist, markers, mask=mask).astype(np.int32)
+    if mode == "geometry":
+        # a piece that is largely upper-jaw class and largely lower-jaw class is an upper and a lower
+        # tooth touching across the occlusal plane: split it with class markers
+        sel = inst > 0
+        upper_cls = (key >= 1) & (key <= 8)
+        nu = np.bincount(inst[sel & upper_cls], minlength=n + 1)
+        nlw = np.bincount(inst[sel & ~upper_cls], minlength=n + 1)
+        both = np.minimum(nu, nlw) >= np.maximum(0.25 * (nu + nlw), 4 * min_marker)
+        both[0] = False
+        for i in np.nonzero(both)[0]:
+            sl = ndi.find_objects((inst == i).astype(np.int8))[0]
+            sub = inst[sl] == i
+            sub_inst, _ = split_instances(sub, np.where(sub, key[sl], 0), spacing, min_tooth_mm3,
+                                          side=None if side is None else side[sl], mode="class")
+            if sub_inst.max() > 1:
+                view = inst[sl]
+                extra = sub_inst > 1
+                view[extra] = n + sub_inst[extra] - 1
+                n += int(sub_inst.max()) - 1
+    if mode == "geometry" and side is not None:
+        # a piece lying across the midline is the two central incisors: cut it there
+        sel = inst > 0
+        nl = np.bincount(inst[sel & ~side], minlength=n + 1)
+        nr = np.bincount(inst[sel & side], minlength=n + 1)
+        straddle = np.minimum(nl, nr) >= np.maximum(0.25 * (nl + nr), min_marker)
+        straddle[0] = False
+        if straddle.any():
+            cut = sel & straddle[inst] & side
+            ids = np.nonzero(straddle)[0]
+            new_id = np.zeros(n + 1, np.int32)
+            new_id[ids] = n + 1 + np.arange(len(ids))
+            inst[cut] = new_id[inst[cut]]
+            n += len(ids)
+            inst = _split_disconnected(inst, n)
+            n = int(inst.max())
+    if mode == "geometry":
+        # each piece's key: its majority class and side
+        full_key = np.where(mask, key.astype(np.int64) + (16 * side if side is not None else 0), 0)
+        sel = inst > 0
+        pair = inst[sel].astype(np.int64) * 64 + full_key[sel]
+        counts = np.bincount(pair, minlength=(n + 1) * 64).reshape(n + 1, 64)
+        counts[:, 0] = 0
+        major = counts.argmax(1)
+        marker_key = {i: int(major[i]) for i in range(1, n + 1)}
 
     # merge adjacent pieces of the same key, then fragments too small to be a tooth
     parent = {i: i for i in range(1, n + 1)}
@@ -345,6 +446,65 @@ def fit_occlusal_plane(points_upper: np.ndarray, points_lower: np.ndarray):
     hl = np.percentile((lo - centre) @ normal, 95)
     centre = centre + normal * (hu + hl) / 2
     return centre, normal
+
+
+def _expected_gap(widths, p_from: int, p_to: int) -> float:
+    """Expected centre-to-centre distance (mm) between the teeth at positions p_from < p_to."""
+    w = widths
+    return w[p_from - 1] / 2 + sum(w[p_from:p_to - 1]) + w[p_to - 1] / 2
+
+
+def assign_positions_spaced(scores: np.ndarray, skip, dist: np.ndarray, widths, lateral=None,
+                            spacing_weight: float = 1.0):
+    """Positions for instances ordered along the arch from votes *and* spacing.
+
+    Like :func:`assign_positions` (strictly increasing positions, instances may be dropped at ``skip``
+    cost), plus a Gaussian log-likelihood of each distance between consecutive assigned teeth
+    (``dist[j, i]``, mm) given the typical widths of the positions between them: a gap the size of a
+    tooth means a missing tooth, so its neighbours keep their numbers even when their votes waver.
+    ``lateral``: distance of each instance from the mid-sagittal plane (mm), a prior for the first
+    tooth when it would be a central or lateral incisor."""
+    n = scores.shape[0]
+    if n == 0:
+        return []
+    skip = np.broadcast_to(np.asarray(skip, float), (n,))
+    csk = np.concatenate([[0.0], np.cumsum(skip)])  # csk[i] = sum of skip[:i]
+    NEG = -1e18
+
+    def gauss(d, e):
+        sd = 0.12 * e + 1.0
+        return -0.5 * ((d - e) / sd) ** 2 * spacing_weight
+
+    f = np.full((n, 9), NEG)
+    back = {}
+    for i in range(n):
+        for p in range(1, 9):
+            start = csk[i]
+            if lateral is not None and p <= 2:
+                start += gauss(lateral[i], widths[0] / 2 if p == 1 else widths[0] + widths[1] / 2)
+            best, arg = start, None
+            for j in range(i):
+                for q in range(1, p):
+                    if f[j, q] <= NEG / 2:
+                        continue
+                    v = f[j, q] + gauss(dist[j, i], _expected_gap(widths, q, p)) + (csk[i] - csk[j + 1])
+                    if v > best:
+                        best, arg = v, (j, q)
+            f[i, p] = best + scores[i, p - 1]
+            back[(i, p)] = arg
+    # best end state (the rest skipped), or nothing assigned at all
+    total_best, end = csk[n], None
+    for i in range(n):
+        for p in range(1, 9):
+            v = f[i, p] + (csk[n] - csk[i + 1])
+            if v > total_best:
+                total_best, end = v, (i, p)
+    out = [0] * n
+    while end is not None:
+        i, p = end
+        out[i] = p
+        end = back[(i, p)]
+    return out
 
 
 def smooth_votes(v: np.ndarray) -> np.ndarray:
@@ -469,7 +629,11 @@ def number_teeth(inst: np.ndarray, probs: np.ndarray, index_to_lps, spacing, mid
         # a tooth-sized instance is kept (at its best free position); a small fragment may be dropped
         skip = [math.log(SKIP_TOOTH if details[i]["volume_mm3"] >= TOOTH_SIZED_MM3 else SKIP_FRAGMENT)
                 for i in order]
-        pos = assign_positions(scores, skip)
+        cents = np.array([details[i]["centroid"] for i in order])
+        dist = np.linalg.norm((cents[:, None, :2] - cents[None, :, :2]), axis=2)  # axial-plane distances
+        lateral = np.abs(midline.signed(cents))
+        widths = L.MESIODISTAL_MM["upper" if q in L.UPPER_QUADRANTS else "lower"]
+        pos = assign_positions_spaced(scores, skip, dist, widths, lateral)
         for i, p in zip(order, pos):
             fdi[i] = q * 10 + p if p else 0
             details[i]["fdi"] = fdi[i]
@@ -477,7 +641,7 @@ def number_teeth(inst: np.ndarray, probs: np.ndarray, index_to_lps, spacing, mid
 
 
 def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_lps, mid_hint: float,
-                x_axis_index: int = 2, min_tooth_mm3: float = MIN_TOOTH_MM3, step=None):
+                x_axis_index: int = 2, min_tooth_mm3: float = MIN_TOOTH_MM3, step=None, mode: str = "geometry"):
     """Stage-2 probabilities -> (FDI map on the same grid, per-tooth details).
 
     ``class_prob`` is (16, ...) (upper 1..8, lower 1..8), ``mid_hint`` a fallback midline (grid index
@@ -499,7 +663,7 @@ def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_l
     side[tuple(idx.T)] = midline.signed(pts) >= 0  # patient's left
     del pts, idx
     key = np.where(fg, cls, 0).astype(np.int16)
-    inst, _ = split_instances(fg, key, spacing, min_tooth_mm3, side=side, step=step)
+    inst, _ = split_instances(fg, key, spacing, min_tooth_mm3, side=side, step=step, mode=mode)
     fdi, details = number_teeth(inst, class_prob, index_to_lps, spacing, midline, step=step)
     lut = np.zeros(int(inst.max()) + 1, np.uint8)
     for i, f in fdi.items():
