@@ -82,6 +82,17 @@ class _NoAmp(torch.nn.Module):
             return self.net(x.float())
 
 
+def _sliding_tta(net, x, roi, device, amp, overlap, progress, flip: bool = True):
+    """Sliding-window logits, averaged with those of the left-right mirrored volume (the classes are
+    left/right symmetric and training used the same mirroring, coordinate channels included)."""
+    if not flip:
+        return _sliding(net, x, roi, device, amp, overlap, progress)
+    a = _sliding(net, x, roi, device, amp, overlap, lambda f: progress(0.5 * f))
+    b = _sliding(net, torch.flip(x, dims=[-1]), roi, device, amp, overlap, lambda f: progress(0.5 + 0.5 * f))
+    a += torch.flip(b, dims=[-1])
+    return a * 0.5
+
+
 def _sliding(net, x, roi, device, amp, overlap, progress):
     from ..inference import sliding_window
 
@@ -167,8 +178,10 @@ def assemble(shape, probs1, fg2, fdi2, lo, hi, n2, step=None) -> np.ndarray:
 
 
 def segment(image: Image, model: TeethModel, device="cpu", step: Optional[Callable] = None, amp: bool = True,
-            overlap2: float = 0.35) -> SegmentationResult:
-    """Segment teeth, maxilla and mandible in ``image`` (HU-like CBCT) with ``model``."""
+            overlap2: float = 0.35, tta: bool = True) -> SegmentationResult:
+    """Segment teeth, maxilla and mandible in ``image`` (HU-like CBCT) with ``model``.
+
+    ``tta``: average each stage with its left-right mirrored pass (about twice the network time)."""
     step = step or (lambda stage, fraction=0.0, message="": None)
     device = torch.device(device)
     net_cfg = model.network
@@ -190,8 +203,8 @@ def segment(image: Image, model: TeethModel, device="cpu", step: Optional[Callab
     step("prepare", 1.0)
     timings["prepare_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    logits1 = _sliding(model.net1, x1[None], c1["roi"], device, amp, 0.25,
-                       lambda f: step("stage1", f, "stage 1: jaws and teeth"))[0]
+    logits1 = _sliding_tta(model.net1, x1[None], c1["roi"], device, amp, 0.25,
+                           lambda f: step("stage1", f, "stage 1: jaws and teeth"), tta)[0]
     probs1 = torch.softmax(logits1, 0)
     del logits1, x1
     lab1 = torch.argmax(probs1, 0).numpy()
@@ -212,8 +225,8 @@ def segment(image: Image, model: TeethModel, device="cpu", step: Optional[Callab
         coords = coord_channels(lo, hi, n2, sp, ref, float(c2.get("coord_scale_mm", 30.0)))
         x2 = torch.cat([img2, coords], 0)[None]
         del img2, coords
-        logits2 = _sliding(model.net2, x2, c2["roi"], device, amp, overlap2,
-                           lambda f: step("stage2", f, "stage 2: tooth classes"))[0]
+        logits2 = _sliding_tta(model.net2, x2, c2["roi"], device, amp, overlap2,
+                               lambda f: step("stage2", f, "stage 2: tooth classes"), tta)[0]
         del x2
         probs2 = torch.softmax(logits2, 0).numpy()
         del logits2
@@ -314,7 +327,7 @@ class TeethTask(Task):
     stages = STAGES
 
     def default_params(self) -> dict:
-        return {"device": "auto", "model": None, "amp": True}
+        return {"device": "auto", "model": None, "amp": True, "tta": True}
 
     def validate(self, images: dict, params: dict) -> None:
         super().validate(images, params)
@@ -341,7 +354,8 @@ class TeethTask(Task):
         else:
             entry = ModelStore().get(TASK, params.get("model"))
         model = load_model(entry)
-        result = segment(images["image"], model, device, ctx.step, amp=bool(params.get("amp", True)))
+        result = segment(images["image"], model, device, ctx.step, amp=bool(params.get("amp", True)),
+                         tta=bool(params.get("tta", True)))
         return result
 
 
