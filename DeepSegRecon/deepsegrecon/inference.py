@@ -44,7 +44,8 @@ def sliding_window(
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
             return net(x).float()
 
-    with torch.inference_mode():
+    # no_grad, not inference_mode: callers may add to the result in place (e.g. test-time averaging)
+    with torch.no_grad():
         out = sliding_window_inference(
             volume, roi, sw_batch_size, predictor, overlap=overlap, mode=mode,
             sw_device=device, device=torch.device("cpu"),
