@@ -29,6 +29,10 @@ TOOTH_TYPES = {1: "central incisor", 2: "lateral incisor", 3: "canine", 4: "firs
 MESIODISTAL_MM = {"upper": (8.6, 6.6, 7.6, 7.0, 6.6, 10.2, 9.2, 8.6),
                   "lower": (5.2, 5.8, 7.0, 7.0, 7.2, 11.2, 10.6, 10.2)}
 
+# Typical tooth volumes (mm3, crown and roots) by position 1..8, for telling merged teeth apart.
+TYPICAL_VOLUME_MM3 = {"upper": (560, 360, 620, 540, 540, 840, 690, 560),
+                      "lower": (260, 340, 590, 480, 510, 910, 770, 680)}
+
 # Stage-2 network classes: 0 background, 1..8 upper positions 1..8, 9..16 lower positions 1..8.
 N_STAGE2 = 17
 # Stage-1 network classes: 0 background, 1 maxilla, 2 mandible, 3 teeth.

@@ -35,6 +35,7 @@ CORE_MM = 1.0  # markers lie farther than this from the surface of their class r
 TOOTH_SIZED_MM3 = 60.0  # an instance this large is a tooth: numbering keeps it
 SKIP_TOOTH = 1e-3  # vote-equivalent cost of dropping a tooth-sized instance
 SKIP_FRAGMENT = 0.05  # ... and of dropping a smaller fragment
+OVERSIZE = 1.6  # a piece this many times a typical tooth of its class is re-split with class markers
 HMAX_MIN_MM3 = 250.0  # only cores this large are checked for several distance maxima
 H_MAXIMA_MM = 0.7  # a distance maximum is a tooth of its own when it stands this much above the saddle
 MERGE_SECTION = 0.6  # same-key pieces merge when their contact area >= this x volume^(2/3)
@@ -166,6 +167,21 @@ def _adjacency(lab: np.ndarray) -> dict:
     return pairs
 
 
+def class_boundaries(key: np.ndarray, conf: np.ndarray, fg: np.ndarray, min_conf: float = 0.5) -> np.ndarray:
+    """Voxels of ``fg`` next to a voxel of another key where both are confident (>= ``min_conf``)."""
+    out = np.zeros(fg.shape, bool)
+    ok = fg & (conf >= min_conf)
+    for ax in range(3):
+        a = [slice(None)] * 3
+        b = [slice(None)] * 3
+        a[ax], b[ax] = slice(1, None), slice(None, -1)
+        a, b = tuple(a), tuple(b)
+        diff = ok[a] & ok[b] & (key[a] != key[b])
+        out[a] |= diff
+        out[b] |= diff
+    return out
+
+
 def _geometric_markers(mask, dist, side, vox, min_marker):
     """Markers from the shape alone: the maxima of the distance to the teeth surface that stand out by
     H_MAXIMA_MM (tooth bodies; neighbours meet at lower saddles), cut at the midline where one lies across it."""
@@ -209,7 +225,7 @@ def _split_disconnected(inst: np.ndarray, n: int) -> np.ndarray:
 
 
 def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: float = MIN_TOOTH_MM3,
-                    side: np.ndarray = None, step=None, mode: str = "geometry"):
+                    side: np.ndarray = None, step=None, mode: str = "geometry", barrier: np.ndarray = None):
     """Split the teeth foreground into instances (marker-controlled watershed on the distance map).
 
     ``fg``: bool mask; ``key``: int map (>0 inside fg) of class keys (jaw x position); ``side``: bool map,
@@ -219,6 +235,9 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
       midline where one lies across it (the two central incisors); robust to noisy class maps;
     - ``"class"``: the cores of each class region (several when distance maxima show several teeth),
       each taking the side most of it is on, cut at the midline where it lies across it.
+
+    ``barrier`` (geometry mode): voxels left out of the distance map, e.g. confident class boundaries,
+    which deepens the saddle between neighbours whose masks merged.
 
     Adjacent pieces with the same key (majority class + side) that meet over a broad section are one
     tooth and are merged; pieces too small for a tooth join their largest neighbour or are dropped.
@@ -241,8 +260,9 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
     if mode == "geometry":
         if step:
             step(0.2)
-        dist = ndi.distance_transform_edt(mask, sampling=spacing)
-        markers = _geometric_markers(mask, dist, side, vox, min_marker)
+        inner = mask if barrier is None else mask & ~barrier
+        dist = ndi.distance_transform_edt(inner, sampling=spacing)
+        markers = _geometric_markers(inner, dist, side, vox, min_marker)
         n = int(markers.max())
     for k0, sl in enumerate(objs):
         k = k0 + 1
@@ -311,11 +331,18 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
     if mode == "geometry":
         # a piece that is largely upper-jaw class and largely lower-jaw class is an upper and a lower
         # tooth touching across the occlusal plane: split it with class markers
+        # ... and a piece far larger than one tooth of its class is several teeth: split it likewise
         sel = inst > 0
         upper_cls = (key >= 1) & (key <= 8)
         nu = np.bincount(inst[sel & upper_cls], minlength=n + 1)
         nlw = np.bincount(inst[sel & ~upper_cls], minlength=n + 1)
         both = np.minimum(nu, nlw) >= np.maximum(0.25 * (nu + nlw), 4 * min_marker)
+        counts = np.bincount(inst[sel].astype(np.int64) * 17 + key[sel], minlength=(n + 1) * 17).reshape(n + 1, 17)
+        counts[:, 0] = 0
+        top = counts.argmax(1)
+        typical = np.array([0.0] + list(L.TYPICAL_VOLUME_MM3["upper"]) + list(L.TYPICAL_VOLUME_MM3["lower"]))
+        too_big = counts.sum(1) * vox > OVERSIZE * typical[top]
+        both |= too_big
         both[0] = False
         for i in np.nonzero(both)[0]:
             sl = ndi.find_objects((inst == i).astype(np.int8))[0]
@@ -641,7 +668,8 @@ def number_teeth(inst: np.ndarray, probs: np.ndarray, index_to_lps, spacing, mid
 
 
 def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_lps, mid_hint: float,
-                x_axis_index: int = 2, min_tooth_mm3: float = MIN_TOOTH_MM3, step=None, mode: str = "geometry"):
+                x_axis_index: int = 2, min_tooth_mm3: float = MIN_TOOTH_MM3, step=None, mode: str = "geometry",
+                use_barrier: bool = False):
     """Stage-2 probabilities -> (FDI map on the same grid, per-tooth details).
 
     ``class_prob`` is (16, ...) (upper 1..8, lower 1..8), ``mid_hint`` a fallback midline (grid index
@@ -663,7 +691,11 @@ def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_l
     side[tuple(idx.T)] = midline.signed(pts) >= 0  # patient's left
     del pts, idx
     key = np.where(fg, cls, 0).astype(np.int16)
-    inst, _ = split_instances(fg, key, spacing, min_tooth_mm3, side=side, step=step, mode=mode)
+    barrier = None
+    if mode == "geometry" and use_barrier:
+        conf = np.max(class_prob, 0) / np.maximum(class_prob.sum(0), 1e-6)
+        barrier = class_boundaries(key, conf, fg)
+    inst, _ = split_instances(fg, key, spacing, min_tooth_mm3, side=side, step=step, mode=mode, barrier=barrier)
     fdi, details = number_teeth(inst, class_prob, index_to_lps, spacing, midline, step=step)
     lut = np.zeros(int(inst.max()) + 1, np.uint8)
     for i, f in fdi.items():
