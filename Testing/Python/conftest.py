@@ -51,3 +51,17 @@ def readonly_dir(tmp_path):
     if immutable:
         subprocess.run(["chattr", "-i", str(ro)], check=True)
     ro.chmod(0o755)
+
+
+@pytest.fixture(autouse=True)
+def _working_directory_kept():
+    """A test (or code under test) that leaves the process in another or a deleted folder breaks later tests."""
+    before = os.getcwd()
+    yield
+    try:
+        after = os.getcwd()
+    except FileNotFoundError:
+        after = None
+    if after != before:
+        os.chdir(before)
+        pytest.fail(f"the working directory changed from {before} to {after or 'a deleted folder'}")

@@ -60,6 +60,7 @@ def load_mrb(path, scene=None):
     check_scene(scene)
     tmp = Path(tempfile.mkdtemp(prefix="deepsegrecon-mrb-"))
     old_cache, old_io = scene.GetCacheManager(), scene.GetDataIOManager()
+    cwd = os.getcwd()  # a failed ReadFromMRB leaves the process inside its (then deleted) unpack folder
     try:
         cache = slicer.vtkCacheManager()
         cache.SetRemoteCacheDirectory(str(tmp / "cache"))
@@ -73,6 +74,7 @@ def load_mrb(path, scene=None):
             detail = messages.GetAllMessagesAsString().strip() if messages is not None else ""
             raise InputError(f"cannot read scene bundle {path.name}" + (f": {detail}" if detail else ""))
     finally:
+        os.chdir(cwd)
         if old_cache is not None:
             scene.SetCacheManager(old_cache)
         if old_io is not None:
