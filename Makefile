@@ -37,7 +37,7 @@ lock:
 
 # Reproduce the shipped teeth weights (see README: trained on synthetic phantoms only).
 weights: venv
-	$(VENV)/bin/deepsegrecon train-teeth-phantoms --out Resources/Models/teeth
+	$(VENV)/bin/deepsegrecon train-teeth-phantoms --out Resources/Models/teeth --minutes 150 --device auto --seed 0
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) bench-results .pytest_cache
