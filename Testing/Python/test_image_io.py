@@ -17,6 +17,7 @@ def test_round_trip_keeps_geometry(tmp_path, oblique_image, suffix):
     assert np.allclose(back.origin, oblique_image.origin, atol=1e-4)
     assert np.allclose(back.direction, oblique_image.direction, atol=1e-5)
     assert [p.name for p in tmp_path.iterdir()] == [f"vol{suffix}"]  # no temp file left
+    assert path.stat().st_mode & 0o044 == 0o044  # readable by others, like any file the user writes
 
 
 def test_voxel_order_and_physical_points(oblique_image):
