@@ -161,17 +161,7 @@ class TaskLogic:
     def wait(self, timeout: Optional[float] = None, on_progress: Optional[Callable[[dict], None]] = None,
              poll_interval: float = 0.2) -> dict:
         """Poll until the job ends or ``timeout`` seconds pass (then the state is still "running")."""
-        end = None if timeout is None else time.monotonic() + timeout
-        seen = None
-        while True:
-            status = self.poll()
-            key = (status["state"], status["fraction"], status["stage"], status["message"])
-            if on_progress is not None and key != seen:
-                on_progress(status)
-            seen = key
-            if status["state"] not in ("running",) or (end is not None and time.monotonic() >= end):
-                return status
-            time.sleep(poll_interval)
+        return poll_until_done(self.poll, timeout, on_progress, poll_interval)
 
     def run(self, inputs: dict, params: dict, output_node=None, timeout: Optional[float] = None) -> list:
         """Start, wait, and return the new/updated nodes; raise the engine error of a failed job.
@@ -299,6 +289,24 @@ class SegmentTeethLogic(TaskLogic):
         from .models import export_surfaces
 
         return export_surfaces(seg_node, folder, fmt)
+
+
+def poll_until_done(poll: Callable[[], dict], timeout: Optional[float] = None,
+                    on_progress: Optional[Callable[[dict], None]] = None, poll_interval: float = 0.2,
+                    keys=("state", "fraction", "stage", "message")) -> dict:
+    """The headless stand-in for the widget's QTimer: call ``poll()`` until the state is no longer "running"
+    or ``timeout`` seconds pass; ``on_progress`` sees each status that differs in ``keys``."""
+    end = None if timeout is None else time.monotonic() + timeout
+    seen = None
+    while True:
+        status = poll()
+        key = tuple(status.get(k) for k in keys)
+        if on_progress is not None and key != seen:
+            on_progress(status)
+        seen = key
+        if status["state"] != "running" or (end is not None and time.monotonic() >= end):
+            return status
+        time.sleep(poll_interval)
 
 
 def _error_type(e: BaseException) -> str:

@@ -40,7 +40,6 @@ import json
 import math
 import os
 import re
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -50,7 +49,7 @@ from ..errors import DeepSegReconError, InputError, ModelError
 from ..image import Image
 from ..task import ModelResult
 from ._mrml import check_scene, np_matrix, slicer_module, vtk_matrix, world_matrix_of
-from .logic import TaskLogic, _idle_status
+from .logic import TaskLogic, _idle_status, poll_until_done
 from .segmentations import BINARY_LABELMAP, segmentation_node_to_labelmap
 from .volumes import volume_node_to_image
 
@@ -838,17 +837,8 @@ class TrainingLogic:
     def wait(self, timeout: Optional[float] = None, on_progress: Optional[Callable[[dict], None]] = None,
              poll_interval: float = 0.2) -> dict:
         """Poll until the job ends or ``timeout`` seconds pass (then the state is still "running")."""
-        end = None if timeout is None else time.monotonic() + timeout
-        seen = None
-        while True:
-            status = self.poll()
-            key = (status["state"], status["fraction"], status["stage"], status["message"], status["rows"])
-            if on_progress is not None and key != seen:
-                on_progress(status)
-            seen = key
-            if status["state"] != "running" or (end is not None and time.monotonic() >= end):
-                return status
-            time.sleep(poll_interval)
+        return poll_until_done(self.poll, timeout, on_progress, poll_interval,
+                               keys=("state", "fraction", "stage", "message", "rows"))
 
 
 # ------------------------------------------------------------------------------------------ geometry helpers
