@@ -264,7 +264,7 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
                         cache_dir=None, eval_seeds=None, network: dict = None, lr: float = 2e-3,
                         batch1: int = 2, batch2: int = None, patches_per_phantom: int = None,
                         init_from=None, log=print, eval_shape=None, resume=None, threads=None,
-                        stage1_every: int = None, extra_phantoms: int = 0):
+                        stage1_every: int = None):
     """Train stage 1 and stage 2 together for ``minutes`` of wall time, then evaluate on held-out phantoms
     and write the version folder ``out_dir/<version>``. Returns the :class:`~deepsegrecon.store.ModelEntry`.
 
@@ -307,9 +307,6 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
     patches_per_phantom = patches_per_phantom or (2 if cuda else 4)
     stage1_every = stage1_every or (1 if cuda else 2)  # stage 1 learns fast: on a CPU train it every other step
     seeds = training_seeds(seed, n_phantoms)
-    if extra_phantoms:  # more phantoms on top of a first run's set (whose prepared samples may be cached)
-        more = [v for v in training_seeds(seed + 1000, extra_phantoms + len(seeds)) if v not in set(seeds)]
-        seeds = seeds + more[:extra_phantoms]
     ds = PhantomPatches(seeds, family, network, cache_dir, batch1 * patches_per_phantom,
                         batch2 * patches_per_phantom, seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=_EpochSampler(len(seeds), seed),
@@ -400,7 +397,7 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
                        "stage2_spacing_mm": network["stage2"]["spacing_mm"]},
         "network": network,
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "trained_on": (f"synthetic jaw phantoms family {family}: {len(seeds)} seeds drawn from "
+        "trained_on": (f"synthetic jaw phantoms family {family} seeds {len(seeds)} drawn from "
                        f"{TRAIN_SEED_RANGE[0]}..{TRAIN_SEED_RANGE[1] - 1} (training seed {seed}); held-out seeds "
                        f"{HELDOUT_SEEDS.start}..{HELDOUT_SEEDS.stop - 1} never used"),
         "base_version": base_manifest.get("version") if base_manifest else None,
@@ -569,13 +566,12 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on a busy machine)")
-    ap.add_argument("--extra-phantoms", type=int, default=0, help="phantoms added to the --phantoms set")
     args = ap.parse_args(argv)
     entry = train_from_phantoms(Path(args.out), minutes=args.minutes, device=args.device, seed=args.seed,
                                 family=args.family, version=args.version, n_phantoms=args.phantoms,
                                 workers=args.workers, cache_dir=args.cache, eval_seeds=args.eval_seeds,
                                 init_from=args.init_from, lr=args.lr, resume=args.resume or None,
-                                threads=args.threads, extra_phantoms=args.extra_phantoms,
+                                threads=args.threads,
                                 log=lambda m: print(m, flush=True))
     print(json.dumps({"dir": str(entry.dir), "metrics": entry.manifest.get("metrics")}, default=_json_default))
     return 0
