@@ -32,7 +32,6 @@ MIN_TOOTH_MM3 = 25.0
 MIN_COMPONENT_MM3 = 8.0
 MIN_MARKER_MM3 = 6.0
 MERGE_NEIGHBOUR_CLASSES = False
-REJOIN_SECTION = 0.3  # an unnumbered piece joins the numbered tooth it touches over this x volume^(2/3)
 CORE_CONF = 0.75  # class markers use voxels whose class probability (among teeth) is at least this
 CORE_MM = 1.0  # markers lie farther than this from the surface of their class region
 TOOTH_SIZED_MM3 = 60.0  # an instance this large is a tooth: numbering keeps it
@@ -714,24 +713,6 @@ def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_l
     inst, _ = split_instances(fg, key, spacing, min_tooth_mm3, side=side, step=step, mode=mode, barrier=barrier,
                               conf=conf if core_conf else None)
     fdi, details = number_teeth(inst, class_prob, index_to_lps, spacing, midline, step=step)
-    # a piece the numbering left out that touches a numbered tooth over a broad section is part of it
-    adj = _adjacency(inst)
-    face = float(np.prod(spacing)) ** (2.0 / 3.0)
-    for i, d in details.items():
-        if fdi.get(i):
-            continue
-        touching = [(cnt, b if a == i else a) for (a, b), cnt in adj.items()
-                    if i in (a, b) and fdi.get(b if a == i else a)]
-        quad = L.fdi_from(d["upper"], d["right"], 1) // 10
-        touching = [(cnt, j) for cnt, j in touching if L.quadrant(fdi[j]) == quad
-                    and cnt * face >= REJOIN_SECTION * d["volume_mm3"] ** (2.0 / 3.0)]
-        if touching:
-            # the neighbour whose number the piece's own votes support most (contact breaks ties)
-            votes = smooth_votes(d["pos_votes"])
-            cnt, j = max(touching, key=lambda cj: (votes[L.position(fdi[cj[1]]) - 1], cj[0]))
-            fdi[i] = fdi[j]
-            d["fdi"] = fdi[i]
-            d["joined"] = int(j)
     lut = np.zeros(int(inst.max()) + 1, np.uint8)
     for i, f in fdi.items():
         lut[i] = f
