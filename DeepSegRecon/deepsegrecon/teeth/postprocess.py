@@ -31,8 +31,6 @@ from . import labels as L
 MIN_TOOTH_MM3 = 25.0
 MIN_COMPONENT_MM3 = 8.0
 MIN_MARKER_MM3 = 6.0
-MERGE_NEIGHBOUR_CLASSES = False
-CORE_CONF = 0.75  # class markers use voxels whose class probability (among teeth) is at least this
 CORE_MM = 1.0  # markers lie farther than this from the surface of their class region
 TOOTH_SIZED_MM3 = 60.0  # an instance this large is a tooth: numbering keeps it
 SKIP_TOOTH = 1e-3  # vote-equivalent cost of dropping a tooth-sized instance
@@ -227,8 +225,7 @@ def _split_disconnected(inst: np.ndarray, n: int) -> np.ndarray:
 
 
 def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: float = MIN_TOOTH_MM3,
-                    side: np.ndarray = None, step=None, mode: str = "class", barrier: np.ndarray = None,
-                    conf: np.ndarray = None):
+                    side: np.ndarray = None, step=None, mode: str = "geometry", barrier: np.ndarray = None):
     """Split the teeth foreground into instances (marker-controlled watershed on the distance map).
 
     ``fg``: bool mask; ``key``: int map (>0 inside fg) of class keys (jaw x position); ``side``: bool map,
@@ -281,11 +278,7 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
         if region.sum() < min_marker:
             continue
         dist = ndi.distance_transform_edt(region, sampling=spacing)
-        core = dist > CORE_MM
-        if conf is not None:
-            # confident voxels only: class regions can overhang into a neighbour where the class is unsure
-            core &= conf[sl] >= CORE_CONF
-        lab, m = ndi.label(core)
+        lab, m = ndi.label(dist > CORE_MM)
         if m == 0:
             lab, m = ndi.label(region)
         sizes = np.bincount(lab.ravel(), minlength=m + 1)
@@ -361,7 +354,7 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
                 extra = sub_inst > 1
                 view[extra] = n + sub_inst[extra] - 1
                 n += int(sub_inst.max()) - 1
-    if side is not None:
+    if mode == "geometry" and side is not None:
         # a piece lying across the midline is the two central incisors: cut it there
         sel = inst > 0
         nl = np.bincount(inst[sel & ~side], minlength=n + 1)
@@ -402,10 +395,7 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
     for (a, b), cnt in sorted(adj.items(), key=lambda kv: -kv[1]):
         # pieces of one tooth meet over a broad section; neighbours touch at a small contact point
         broad = cnt * face >= MERGE_SECTION * (min(sizes[a], sizes[b]) * vox) ** (2.0 / 3.0)
-        ka, kb = marker_key.get(a, 0), marker_key.get(b, 0)
-        # same key, or the same jaw and side with neighbouring positions (a tooth whose votes were split)
-        near = ka == kb or (MERGE_NEIGHBOUR_CLASSES and ka and kb and (ka - 1) // 8 == (kb - 1) // 8 and abs(ka - kb) == 1)
-        if near and broad:
+        if marker_key.get(a) == marker_key.get(b) and broad:
             ra, rb = find(a), find(b)
             if ra != rb:
                 parent[rb] = ra
@@ -678,8 +668,8 @@ def number_teeth(inst: np.ndarray, probs: np.ndarray, index_to_lps, spacing, mid
 
 
 def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_lps, mid_hint: float,
-                x_axis_index: int = 2, min_tooth_mm3: float = MIN_TOOTH_MM3, step=None, mode: str = "class",
-                use_barrier: bool = False, core_threshold: float = None, core_conf: bool = True):
+                x_axis_index: int = 2, min_tooth_mm3: float = MIN_TOOTH_MM3, step=None, mode: str = "geometry",
+                use_barrier: bool = False):
     """Stage-2 probabilities -> (FDI map on the same grid, per-tooth details).
 
     ``class_prob`` is (16, ...) (upper 1..8, lower 1..8), ``mid_hint`` a fallback midline (grid index
@@ -705,13 +695,7 @@ def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_l
     if mode == "geometry" and use_barrier:
         conf = np.max(class_prob, 0) / np.maximum(class_prob.sum(0), 1e-6)
         barrier = class_boundaries(key, conf, fg)
-    if mode == "geometry" and core_threshold:
-        # uncertain teeth voxels (often the bridges between neighbours) do not count for the shape
-        weak = fg & (fg_prob < core_threshold)
-        barrier = weak if barrier is None else barrier | weak
-    conf = np.max(class_prob, 0) / np.maximum(class_prob.sum(0), 1e-6)
-    inst, _ = split_instances(fg, key, spacing, min_tooth_mm3, side=side, step=step, mode=mode, barrier=barrier,
-                              conf=conf if core_conf else None)
+    inst, _ = split_instances(fg, key, spacing, min_tooth_mm3, side=side, step=step, mode=mode, barrier=barrier)
     fdi, details = number_teeth(inst, class_prob, index_to_lps, spacing, midline, step=step)
     lut = np.zeros(int(inst.max()) + 1, np.uint8)
     for i, f in fdi.items():
