@@ -302,6 +302,8 @@ def _run_training(kind: str, args) -> int:
         params["settings"] = _settings(args.settings)
     if args.evaluate:
         params["evaluate"] = True
+    if getattr(args, "no_base_check", False):
+        params["keep_better_base"] = False
     what = f"fine-tuning {args.task} {args.base} -> {name}" if kind == "finetune" else f"training {args.task} {name}"
     budget = (f"{args.minutes:g} min" if args.minutes is not None
               else f"{args.epochs} epochs" if args.epochs is not None else "the recipe's default epochs")
@@ -503,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
         tp.add_argument("--seed", type=int, metavar="S")
         tp.add_argument("--stages", nargs="+", metavar="PART", help="train only these parts (teeth: stage1 stage2)")
         tp.add_argument("--evaluate", action="store_true", help="also run the whole method on the validation cases")
+        if kind == "finetune":
+            tp.add_argument("--no-base-check", action="store_true",
+                            help="keep the fine-tuned weights even where the base validates better")
         tp.add_argument("--recipe", metavar="MODULE:ATTR", help="a training recipe other than the task's own")
         tp.add_argument("--set", action="append", metavar="KEY=VALUE", dest="settings",
                         help="a training setting (e.g. learning_rate=1e-4, iterations_per_epoch=20, "

@@ -34,7 +34,7 @@ from deepsegrecon.training.cases import write_case
 
 BASE = "tiny-base"
 SEEDS = (3, 4)  # training seeds (family B); not held out, not used by the shipped weights' evaluation
-FAST = {"iterations_per_epoch": 2, "cache_cases": 4}
+FAST = {"iterations_per_epoch": 2, "cache_cases": 4, "learning_rate": 3e-3}
 KILL_POINTS = ("check", "train", "before-write", "mid-write")
 
 PAUSE_PLUGIN = textwrap.dedent('''
@@ -257,16 +257,20 @@ def test_finetune_job_writes_a_new_version_with_provenance(world, jobs_run):
             assert hashlib.sha256((world["cases"] / case / name).read_bytes()).hexdigest() == digest
     assert m["training"]["kind"] == "finetune" and m["training"]["parts_trained"] == ["stage1", "stage2"]
     assert m["training"]["parameters"]["base"] == BASE and m["training"]["parameters"]["epochs"] == 1
-    assert m["training"]["config"]["stage2"]["flip_axes"] == [] and m["training"]["config"]["stage2"]["learning_rate"] == 3e-4
+    assert m["training"]["config"]["stage2"]["flip_axes"] == [] and m["training"]["config"]["stage2"]["learning_rate"] == 3e-3
     assert set(m["metrics"]["parts"]) == {"stage1", "stage2"}
     assert all(0 <= p["best_val_dice"] <= 1 for p in m["metrics"]["parts"].values())
     assert [h_["part"] for h_ in result.history] == ["stage1", "stage2"]
     entry = ModelStore(root=r["home"] / "models", builtin_root=r["dir"] / "builtin").get("teeth", "ft-ok")
     model = load_model(_entry_from_dir(entry.dir))  # what TeethTask --model ft-ok loads
     assert model.network == tiny_network()
-    base_state = torch.load(r["home"] / "models" / "teeth" / BASE / "stage2.pt", weights_only=True)
-    assert any(not torch.equal(base_state[k], v.to(base_state[k].dtype))
-               for k, v in model.net2.state_dict().items() if v.is_floating_point())  # weights did change
+    for part, net in (("stage1", model.net1), ("stage2", model.net2)):
+        info = m["metrics"]["parts"][part]
+        assert 0 <= info["base_val_dice"] <= 1 and info["kept_base"] == (info["base_val_dice"] >= info["best_val_dice"])
+        base_state = torch.load(r["home"] / "models" / "teeth" / BASE / f"{part}.pt", weights_only=True)
+        same = all(torch.equal(base_state[k], v.to(base_state[k].dtype)) for k, v in net.state_dict().items())
+        assert same == info["kept_base"]  # fine-tuned weights, unless the base validated at least as well
+        assert any(part in n and "kept the base" in n for n in m["training"]["notes"]) == info["kept_base"]
 
     # the base is byte-identical; nothing left in the temp folder or beside the versions
     assert tree_hashes(r["home"] / "models" / "teeth" / BASE) == world["base_hashes"]
@@ -430,7 +434,7 @@ def test_inline_cancel_and_a_late_cancel_undo_the_write(world, inproc):
 
 def test_cli_finetune_end_to_end(world, inproc, capsys):
     code = cli.main(["finetune", "teeth", "--cases", str(world["cases"]), "--base", BASE, "--name", "clinic-1",
-                     "--epochs", "1", "--device", "cpu", "--val-fraction", "0.5", "--stages", "stage2",
+                     "--epochs", "1", "--device", "cpu", "--val-fraction", "0.5", "--stages", "stage2", "--no-base-check",
                      "--set", "iterations_per_epoch=2", "--set", "stage2.cache_cases=4"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -441,6 +445,8 @@ def test_cli_finetune_end_to_end(world, inproc, capsys):
     m = vs["clinic-1"]
     assert m["training"]["parts_trained"] == ["stage2"]
     assert m["training"]["config"]["stage2"]["cache_cases"] == 4
+    assert m["training"]["config"]["stage2"]["learning_rate"] == 3e-5  # the teeth fine-tuning default
+    assert "kept_base" not in m["metrics"]["parts"]["stage2"]  # --no-base-check
     base_dir = inproc["home"] / "models" / "teeth" / BASE
     assert m["files"]["stage1.pt"] == hashlib.sha256((base_dir / "stage1.pt").read_bytes()).hexdigest()  # kept
     assert m["files"]["stage2.pt"] != hashlib.sha256((base_dir / "stage2.pt").read_bytes()).hexdigest()

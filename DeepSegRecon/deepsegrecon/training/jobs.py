@@ -13,6 +13,7 @@ Both take no input images; everything is in the parameters::
      "settings": {"learning_rate": 1e-4, "stage2": {"patch_size": [48, 64, 64]}},  # optional TrainConfig
                                             # overrides, for every part or (under a part name) for one part
      "stages": ["stage2"],         # optional: train only these parts (multi-network recipes such as teeth)
+     "keep_better_base": true,     # finetune: keep a part's base weights where they validate better
      "evaluate": false,            # optional: also end-to-end metrics of the base and new version on the
                                    # validation cases (if the recipe can; teeth: full inference + FDI scoring)
      "recipe": "pkg.module:attr",  # optional: a recipe reference instead of the task's own (told the task name)
@@ -32,6 +33,11 @@ until then everything lives in a private work folder under the system temp folde
 left by a killed job is removed by the next job). So a cancel, a crash or a SIGKILL at any point leaves the
 store with exactly the versions it had, and the base version is only ever read. A cancel that arrives
 while the version is being written undoes the write.
+
+Fine-tuning never ships a part that is worse than its base on the validation cases: after a part is trained,
+the base weights are validated the same way, and if they score at least as well they are kept for that part
+(``metrics.parts.<part>.kept_base``, and a note). With no validation cases (``val_fraction`` 0) this check
+cannot run; ``"keep_better_base": false`` turns it off.
 
 Multi-network recipes (teeth) list their networks as ``recipe.parts`` (:class:`TrainPart`: name, weight
 file, the part's own Recipe, share of the time budget); a one-network recipe is one part writing
@@ -65,7 +71,8 @@ TRAIN_STAGES = {"check cases": 4, "train": 86, "evaluate": 5, "save": 5}
 WORK_PREFIX = "deepsegrecon-train-"
 PLUGIN = __name__  # what a job lists in "plugins" so the worker registers these tasks
 _PARAM_KEYS = ("task", "cases", "name", "base", "epochs", "minutes", "val_fraction", "seed", "device", "modalities",
-               "label_map", "settings", "stages", "evaluate", "recipe", "recipe_options", "description", "model")
+               "label_map", "settings", "stages", "evaluate", "recipe", "recipe_options", "keep_better_base",
+               "description", "model")
 
 
 @dataclass
@@ -378,9 +385,21 @@ def run_training(kind: str, params: dict, ctx: TaskContext) -> ModelResult:
             result = train(net, train_cases, config, work / part.name, base_state=base_state, progress=sink,
                            cancel=ctx.cancel, num_classes=num_classes, to_sample=to_sample,
                            inferer=part.recipe.inferer, val_cases=val_cases, device=ctx.device)
-            del net, base_state
+            del net
             results[part.name] = result
             states[part.name] = result.best_state
+            if (base_state is not None and val_cases and result.metrics.get("best_val_dice") is not None
+                    and params.get("keep_better_base", True)):
+                # never ship a part that is worse than the base on the validation cases
+                ctx.step("train", done_share + share, f"{part.name}: validating the base weights")
+                base_val = _validate_state(part, base_state, val_cases, config, num_classes, to_sample, ctx)
+                result.metrics["base_val_dice"] = base_val
+                result.metrics["kept_base"] = bool(base_val is not None and base_val >= result.metrics["best_val_dice"])
+                if result.metrics["kept_base"]:
+                    states[part.name] = base_state
+                    notes.append(f"{part.name} kept the base weights: validation Dice {base_val:.3f} (base) >= "
+                                 f"{result.metrics['best_val_dice']:.3f} (fine-tuned)")
+            del base_state
             history += [{"part": part.name, **{k: v for k, v in h.items() if k != "per_class_dice"}}
                         for h in result.history]
             done_share += share
@@ -419,7 +438,8 @@ def run_training(kind: str, params: dict, ctx: TaskContext) -> ModelResult:
                     files[p.file] = verify_file(base_entry, p.file)
         training_id = uuid.uuid4().hex
         summary = {p: {k: r.metrics.get(k) for k in ("best_val_dice", "best_epoch", "final_loss", "epochs", "stopped",
-                                                     "elapsed_s", "per_class_dice")}
+                                                     "elapsed_s", "per_class_dice", "base_val_dice", "kept_base")
+                       if k in r.metrics}
                    for p, r in results.items()}
         provenance = {
             "base_version": base_entry.version if base_entry is not None else None,
@@ -444,6 +464,22 @@ def run_training(kind: str, params: dict, ctx: TaskContext) -> ModelResult:
               "train_cases": [c.name for c in train_cases], "val_cases": [c.name for c in val_cases],
               **({"validation": evaluation} if evaluation else {})}
     return ModelResult(task, name, dict(entry.manifest), _json_clean(history), _json_clean(report))
+
+
+def _validate_state(part, state, val_cases, config, num_classes, to_sample, ctx):
+    """Mean validation Dice of ``state`` for ``part`` (the engine's own validation)."""
+    from .engine import _Dist, _validate, default_inferer
+
+    import torch
+
+    device = torch.device(ctx.device)
+    net = part.recipe.build_net()
+    net.load_state_dict(state)
+    net.to(device)
+    inferer = part.recipe.inferer or default_inferer(config, device)
+    dice, _ = _validate(net, val_cases, to_sample, inferer, num_classes, device, _Dist(False, device), ctx.cancel,
+                        {}, 0)
+    return dice
 
 
 def _mean(values):
