@@ -152,8 +152,8 @@ def bench_teeth_domain_shift(out: Path) -> dict:
     from deepsegrecon.training.cases import write_case
 
     minutes = float(os.environ.get("BENCH_FINETUNE_MINUTES", 4.5))  # training; with start-up and writing < 5 min
-    settings = os.environ.get("BENCH_FINETUNE_SET", "stage2.patch_size=[48,64,64] learning_rate=1e-4 "
-                              "iterations_per_epoch=10").split()
+    settings = os.environ.get("BENCH_FINETUNE_SET", "stage2.patch_size=[48,64,64] iterations_per_epoch=20").split()
+    val_fraction = os.environ.get("BENCH_FINETUNE_VAL_FRACTION", "0.5")  # 1 case trains, 1 validates (base check)
     train_seeds = (2001, 2002)  # family-B training seeds (never held out)
     eval_seeds = list(HELDOUT_SEEDS)[10:13]
     base = ModelStore().get("teeth")
@@ -169,7 +169,7 @@ def bench_teeth_domain_shift(out: Path) -> dict:
         eval_before_s = time.perf_counter() - t
         cmd = [sys.executable, "-m", "deepsegrecon", "finetune", "teeth", "--cases", str(d / "cases"),
                "--base", base.version, "--name", "bench-family-B", "--minutes", str(minutes), "--device", "cpu",
-               "--val-fraction", "0"]
+               "--val-fraction", val_fraction]
         for item in settings:
             cmd += ["--set", item]
         run = run_measured(cmd, env=_finetune_env(d / "home"))
@@ -182,7 +182,8 @@ def bench_teeth_domain_shift(out: Path) -> dict:
     return {"base": base.version, "base_metrics_in_manifest": {k: (base.manifest.get("metrics") or {}).get(k)
                                                                for k in ("mean_dice", "fdi_accuracy", "family")},
             "train_cases": [f"family B seed {s}" for s in train_seeds], "heldout_seeds": eval_seeds,
-            "finetune_minutes_budget": minutes, "finetune_settings": settings, "finetune_wall_s": run["wall_s"],
+            "finetune_minutes_budget": minutes, "finetune_settings": settings, "val_fraction": float(val_fraction),
+            "notes": (manifest.get("training") or {}).get("notes"), "finetune_wall_s": run["wall_s"],
             "finetune_peak_rss_mb": run["peak_rss_mb"], "finetune_log_tail": run["log_tail"],
             "parts": (manifest.get("metrics") or {}).get("parts"),
             "epochs": {p: v.get("epochs") for p, v in ((manifest.get("metrics") or {}).get("parts") or {}).items()},
