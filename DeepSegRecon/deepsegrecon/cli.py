@@ -33,7 +33,9 @@ from pathlib import Path
 from . import __version__, errors
 from .errors import DeepSegReconError, InputError, ResourceError
 
-VISIBLE_COMMANDS = ("phantom", "teeth", "models", "train-teeth-phantoms", "train", "finetune", "add-case")
+VISIBLE_COMMANDS = ["phantom", "teeth", "models", "train-teeth-phantoms", "train", "finetune", "add-case"]
+# Capabilities that own their subcommands: each module has ``COMMANDS`` (names) and ``add_parsers(sub)``.
+CAPABILITY_CLIS: tuple[str, ...] = ()
 STEM_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".dcm")
 
 
@@ -429,8 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepsegrecon", description="DeepSegRecon: deep-learning segmentation and "
                                 "reconstruction, headless (the same engine as the 3D Slicer modules).")
     p.add_argument("--version", action="version", version=f"deepsegrecon {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(VISIBLE_COMMANDS) + "}")
+    import importlib
+
+    plugins = [importlib.import_module(name, __package__) for name in CAPABILITY_CLIS]
+    visible = VISIBLE_COMMANDS + [c for mod in plugins for c in mod.COMMANDS]
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(visible) + "}")
     sub.required = True
+    for mod in plugins:
+        mod.add_parsers(sub)
 
     ph = sub.add_parser("phantom", help="write a synthetic phantom with ground truth")
     phs = ph.add_subparsers(dest="kind", metavar="{teeth}")

@@ -326,7 +326,18 @@ def bench_vertebrae_half_split(out: Path) -> dict:
             "version_manifest_metrics": result.manifest.get("metrics", {}).get("parts")}
 
 
+def _load_capability_benches() -> None:
+    """Each capability keeps its benchmarks in ``Testing/Benchmarks/bench_<capability>.py`` (using ``@bench``)."""
+    import importlib.util
+
+    sys.modules.setdefault("run_benchmarks", sys.modules[__name__])
+    for path in sorted(Path(__file__).parent.glob("bench_*.py")):
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
 def main(argv=None) -> int:
+    _load_capability_benches()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="bench-results")
     ap.add_argument("--only", nargs="*", help=f"any of: {', '.join(BENCHES)}")
