@@ -7,7 +7,8 @@ from deepsegrecon.image import Image
 from deepsegrecon.teeth import labels as L
 from deepsegrecon.teeth.nets import canonical_frame, grid_size
 from deepsegrecon.teeth.phantom import generate_teeth_phantom
-from deepsegrecon.teeth.postprocess import _adjacency, assign_positions, postprocess, split_instances
+from deepsegrecon.teeth.postprocess import (MAX_DEPTH, _adjacency, _rejoin_unnumbered, assign_positions, postprocess,
+                                            profile_split, split_instances)
 from deepsegrecon.teeth.task import assemble, grid_mapper, make_result, stage2_box
 from deepsegrecon.teeth.train import _onehot_area, score
 
@@ -97,6 +98,28 @@ def test_split_two_touching_blobs():
     assert len(keys) == 2
     assert len(np.unique(inst[a & ~b])) == 1 and len(np.unique(inst[b & ~a])) == 1
     assert inst[20, 20, 20] != inst[20, 20, 41]
+
+
+def test_profile_split_cuts_merged_neighbours_at_the_contact():
+    """Two crowns side by side along the arch (merged by a blurred mask) are cut at their contact; one
+    elongated tooth has no narrow section and is left whole."""
+    z, y, x = np.mgrid[:30, :40, :70]
+    a = ((z - 15) / 10) ** 2 + ((y - 20) / 9) ** 2 + ((x - 22) / 13) ** 2 < 1
+    b = ((z - 15) / 10) ** 2 + ((y - 20) / 9) ** 2 + ((x - 46) / 13) ** 2 < 1
+    pieces, depth = profile_split(a | b, (0.5, 0.5, 0.5), 2)
+    assert depth < MAX_DEPTH
+    near, far = pieces[a & (x < 32)], pieces[b & (x > 36)]  # all but the voxel rows at the contact
+    assert len(np.unique(near)) == 1 and len(np.unique(far)) == 1 and near[0] != far[0]
+    one = ((z - 15) / 10) ** 2 + ((y - 20) / 9) ** 2 + ((x - 34) / 24) ** 2 < 1
+    assert profile_split(one, (0.5, 0.5, 0.5), 2)[1] > MAX_DEPTH
+
+
+def test_unnumbered_piece_joins_the_tooth_it_touches():
+    inst = np.zeros((4, 4, 12), np.int32)
+    inst[:, :, 0:4], inst[:, :, 4:6], inst[:, :, 6:10], inst[:, :, 11] = 1, 2, 3, 4
+    details = {i: {} for i in range(1, 5)}
+    fdi = _rejoin_unnumbered(inst, {1: 36, 2: 0, 3: 37, 4: 0}, details)
+    assert fdi[2] in (36, 37) and fdi[4] == 0  # piece 4 touches nothing: stays out
 
 
 def test_assign_positions_keeps_gaps():

@@ -10,13 +10,16 @@ per-tooth report.
    left and a right tooth (median over classes); side = which side of that line.
 3. Markers: connected cores of voxels that agree on (jaw, position, side); a marker-controlled
    watershed on the distance transform splits touching teeth at their contact points; adjacent
-   pieces with the same key are merged and fragments too small for a tooth are merged or dropped.
+   pieces with the same key are merged (unless together far larger than one tooth) and fragments too
+   small for a tooth are merged or dropped; a piece still far larger than a typical tooth is cut at its
+   narrowest section along the arch (neighbours touch at small contact points).
 4. Numbering, in physical space (so flipped or oblique direction matrices do not matter): the
    occlusal plane is fitted between the upper-class and lower-class voxels and decides the jaw,
    the mid-sagittal line decides the side, so the quadrant follows; within a quadrant the teeth
    are ordered along the arch and given positions 1-8 by a dynamic program that maximises the
    summed stage-2 votes with positions strictly increasing along the arch: a missing tooth leaves
-   a gap and never shifts its neighbours, and a tooth is never invented.
+   a gap and never shifts its neighbours, and a tooth is never invented; a piece left without a
+   position joins the numbered tooth it touches most.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ MIN_TOOTH_MM3 = 25.0
 MIN_COMPONENT_MM3 = 8.0
 MIN_MARKER_MM3 = 6.0
 CORE_MM = 1.0  # markers lie farther than this from the surface of their class region
-TOOTH_SIZED_MM3 = 60.0  # an instance this large is a tooth: numbering keeps it
+TOOTH_SIZED_MM3 = 100.0  # an instance this large is a tooth: numbering keeps it
 SKIP_TOOTH = 1e-3  # vote-equivalent cost of dropping a tooth-sized instance
 SKIP_FRAGMENT = 0.05  # ... and of dropping a smaller fragment
 OVERSIZE = 1.6  # a piece this many times a typical tooth of its class is re-split with class markers
@@ -40,6 +43,16 @@ HMAX_MIN_MM3 = 250.0  # only cores this large are checked for several distance m
 H_MAXIMA_MM = 0.7  # a distance maximum is a tooth of its own when it stands this much above the saddle
 MERGE_SECTION = 0.6  # same-key pieces merge when their contact area >= this x volume^(2/3)
 _EPS = 1e-4
+OVERSIZE_PROFILE = 1.2  # a piece this many times a typical tooth (patient-scaled) is cut at its narrowest section
+MAX_DEPTH = 0.92  # ... if that section is at most this share of the smaller crown beside it
+MERGED_MAX = 1.7  # two same-class pieces together this many times a typical tooth are two teeth
+
+
+def _typical_volume(key: int) -> float:
+    """Typical volume (mm3) of the tooth class in ``key`` (class + 16 * side); the smallest tooth if unknown."""
+    cls = int(key) % 16 or 16
+    vols = L.TYPICAL_VOLUME_MM3["upper" if cls <= 8 else "lower"]
+    return float(vols[(cls - 1) % 8]) if key else float(min(L.TYPICAL_VOLUME_MM3["lower"]))
 
 
 def _components(mask, min_vox):
@@ -224,6 +237,71 @@ def _split_disconnected(inst: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def profile_split(mask: np.ndarray, spacing, k: int):
+    """Cut ``mask`` (several teeth merged side by side) into ``k`` pieces at the narrowest sections across its
+    long axis in the axial plane (array axes 1, 2: teeth touch at small contact points).
+    Returns (piece map 0..k, depth: the cut's section / the smaller peak beside it; 1 = no valley)."""
+    idx = np.argwhere(mask)
+    xy = idx[:, 1:] * np.asarray(spacing[1:], float)
+    xy -= xy.mean(0)
+    _, _, vt = np.linalg.svd(xy[:: max(1, len(xy) // 20000)], full_matrices=False)
+    t = xy @ vt[0]
+    bin_mm = float(max(spacing[1:]))  # no finer than the voxels (finer bins alias into false valleys)
+    edges = np.arange(t.min(), t.max() + bin_mm, bin_mm)
+    prof = ndi.gaussian_filter1d(np.histogram(t, edges)[0].astype(float), 1.5)
+    cdf = np.cumsum(prof) / prof.sum()
+    cuts, depth = [], 1.0
+    for c in range(1, k):  # each cut near its share of the volume, at the profile's lowest point there
+        win = np.nonzero((cdf > (c - 0.5) / k) & (cdf < (c + 0.5) / k))[0]
+        if win.size:
+            # the deepest valley there: section / the smaller of the two peaks beside it
+            left = np.maximum.accumulate(prof)
+            right = np.maximum.accumulate(prof[::-1])[::-1]
+            rel = prof[win] / np.maximum(np.minimum(left[win], right[win]), 1e-9)
+            b = win[np.argmin(rel)]
+            cuts.append(edges[b + 1])
+            depth = min(depth, float(rel.min()))
+    out = np.zeros(mask.shape, np.int32)
+    out[tuple(idx.T)] = 1 + np.searchsorted(np.sort(cuts), t)
+    return out, depth
+
+
+def _split_oversized(inst, n, key, spacing):
+    """Pieces still far larger than a typical tooth of their majority class, all of one jaw, are neighbours
+    merged side by side: cut each at its narrowest sections (:func:`profile_split`). Returns the new map,
+    the new count and the pairs of pieces that must not be merged back."""
+    vox = float(np.prod(spacing))
+    sel = inst > 0
+    counts = np.bincount(inst[sel].astype(np.int64) * 17 + key[sel], minlength=(n + 1) * 17).reshape(n + 1, 17)
+    counts[:, 0] = 0
+    top = counts.argmax(1)
+    upper = counts[:, 1:9].sum(1)
+    one_jaw = np.maximum(upper, counts[:, 9:].sum(1)) >= 0.85 * counts.sum(1)
+    typical = np.array([1.0] + list(L.TYPICAL_VOLUME_MM3["upper"]) + list(L.TYPICAL_VOLUME_MM3["lower"]))
+    ratio = counts.sum(1) * vox / typical[top]
+    sized = one_jaw & (counts.sum(1) * vox >= TOOTH_SIZED_MM3)
+    sized[0] = False
+    if sized.sum() >= 6:  # this patient's tooth size relative to the typical one (robust to a few merges)
+        ratio = ratio / float(np.median(ratio[sized]))
+    no_merge = set()
+    for i in np.nonzero(one_jaw & (ratio > OVERSIZE_PROFILE))[0]:
+        if i == 0:
+            continue
+        sl = ndi.find_objects((inst == i).astype(np.int8))[0]
+        sub = inst[sl] == i
+        k = int(np.clip(round(ratio[i]), 2, 3))
+        pieces, depth = profile_split(sub, spacing, k)
+        if depth > MAX_DEPTH:  # no narrow section: one large tooth
+            continue
+        view = inst[sl]
+        ids = [i] + list(range(n + 1, n + k))
+        for j in range(2, k + 1):
+            view[pieces == j] = ids[j - 1]
+        no_merge.update((a, b) for a in ids for b in ids if a < b)
+        n += k - 1
+    return inst, n, no_merge
+
+
 def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: float = MIN_TOOTH_MM3,
                     side: np.ndarray = None, step=None, mode: str = "geometry", barrier: np.ndarray = None):
     """Split the teeth foreground into instances (marker-controlled watershed on the distance map).
@@ -328,6 +406,7 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
     if step:
         step(0.5)
     inst = watershed(-dist, markers, mask=mask).astype(np.int32)
+    no_merge = set()
     if mode == "geometry":
         # a piece that is largely upper-jaw class and largely lower-jaw class is an upper and a lower
         # tooth touching across the occlusal plane: split it with class markers
@@ -371,6 +450,7 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
             inst = _split_disconnected(inst, n)
             n = int(inst.max())
     if mode == "geometry":
+        inst, n, no_merge = _split_oversized(inst, n, key, spacing)
         # each piece's key: its majority class and side
         full_key = np.where(mask, key.astype(np.int64) + (16 * side if side is not None else 0), 0)
         sel = inst > 0
@@ -395,7 +475,9 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
     for (a, b), cnt in sorted(adj.items(), key=lambda kv: -kv[1]):
         # pieces of one tooth meet over a broad section; neighbours touch at a small contact point
         broad = cnt * face >= MERGE_SECTION * (min(sizes[a], sizes[b]) * vox) ** (2.0 / 3.0)
-        if marker_key.get(a) == marker_key.get(b) and broad:
+        # ... unless together they are far larger than one tooth: two neighbours whose classes were confused
+        both_teeth = (sizes[a] + sizes[b]) * vox >= MERGED_MAX * _typical_volume(marker_key.get(a, 0))
+        if marker_key.get(a) == marker_key.get(b) and broad and not both_teeth and (a, b) not in no_merge:
             ra, rb = find(a), find(b)
             if ra != rb:
                 parent[rb] = ra
@@ -667,6 +749,25 @@ def number_teeth(inst: np.ndarray, probs: np.ndarray, index_to_lps, spacing, mid
     return fdi, details
 
 
+def _rejoin_unnumbered(inst, fdi: dict, details: dict) -> dict:
+    """A piece the numbering left out (its position was taken) that touches a numbered tooth is part of it."""
+    fdi = dict(fdi)
+    adj = _adjacency(inst)
+    for _ in range(3):
+        best = {}
+        for (a, b), cnt in adj.items():
+            for i, j in ((a, b), (b, a)):
+                if not fdi.get(i) and fdi.get(j) and cnt > best.get(i, (0, 0))[0]:
+                    best[i] = (cnt, fdi[j])
+        if not best:
+            break
+        for i, (_, f) in best.items():
+            fdi[i] = f
+            details[i]["fdi"] = f
+            details[i]["joined"] = True
+    return fdi
+
+
 def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_lps, mid_hint: float,
                 x_axis_index: int = 2, min_tooth_mm3: float = MIN_TOOTH_MM3, step=None, mode: str = "geometry",
                 use_barrier: bool = False):
@@ -697,6 +798,7 @@ def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_l
         barrier = class_boundaries(key, conf, fg)
     inst, _ = split_instances(fg, key, spacing, min_tooth_mm3, side=side, step=step, mode=mode, barrier=barrier)
     fdi, details = number_teeth(inst, class_prob, index_to_lps, spacing, midline, step=step)
+    fdi = _rejoin_unnumbered(inst, fdi, details)
     lut = np.zeros(int(inst.max()) + 1, np.uint8)
     for i, f in fdi.items():
         lut[i] = f
