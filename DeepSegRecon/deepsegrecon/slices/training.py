@@ -1,0 +1,108 @@
+"""Training recipe for the slices task: ``get_recipe("slices")`` -> :func:`recipe`.
+
+A case (a CT with an organ labelmap) becomes, in the canonical S/P/L frame, every axial slice at the
+network size with its 2.5D neighbours as channels, ``(C, D, s, s)``, and its labels ``(1, D, s, s)`` (the
+class with the largest area in each pixel) -- exactly what inference feeds the network. The generic engine
+then trains on ``(1, s, s)`` patches: one slice each, ``samples_per_case`` slices a case per batch, through
+:class:`.nets.SliceNet`. Loss: Dice + cross-entropy (equal weights, i.e. 0.5 CE + 0.5 Dice up to a factor 2).
+Optimiser: AdamW for small runs (default); the paper's SGD with ``--set optimizer=sgd --set momentum=0.9
+--set learning_rate=0.01``. No flips (left and right kidneys are different labels) and no 3-D affine
+(it would mix slices); intensity scaling/shift and noise only.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..training.recipe import Recipe
+from .labels import read_label_set
+from .nets import SMALL, build_net
+from .pipeline import labels_to_net, slices_to_net, with_context
+
+
+def default_network(labels=None, **over) -> dict:
+    lset = read_label_set(labels)
+    return {**SMALL, "out_channels": len(lset.organs) + 1, "classes": lset.names, "context": 1,
+            "window": [-125.0, 275.0], **over}
+
+
+class SliceSample:
+    """Case -> ``{"image": (C, D, s, s), "label": (1, D, s, s), "roi": (1, D, s, s)}`` (picklable)."""
+
+    def __init__(self, network: dict, label_values):
+        self.network = network
+        self.values = [int(v) for v in label_values]
+        self.num_classes = len(self.values) + 1
+
+    def __call__(self, case) -> dict:
+        from ..teeth.nets import canonical_frame
+
+        image = next(iter(case.images.values()))
+        can = canonical_frame(image)
+        size = int(self.network["img_size"])
+        x = slices_to_net(can.to_canonical(image.array), size, self.network.get("window", (-125, 275)))
+        x = with_context(x, int(self.network.get("context", 1)), int(self.network["in_channels"]))
+        lab = np.asarray(case.label.array)
+        lut = np.zeros(max(int(lab.max()), max(self.values)) + 1, np.int64)
+        lut[self.values] = np.arange(1, len(self.values) + 1)
+        y = labels_to_net(can.to_canonical(lut[lab]), self.num_classes, size)
+        roi = np.ones(y.shape, np.uint8)
+        if case.roi is not None:
+            r = labels_to_net(can.to_canonical((np.asarray(case.roi.array) > 0).astype(np.int64)), 2, size)
+            roi = r.numpy().astype(np.uint8)
+        return {"image": x.permute(1, 0, 2, 3).contiguous(), "label": y[None].to(torch.int16),
+                "roi": torch.from_numpy(np.asarray(roi)[None].copy())}
+
+
+class SlicesRecipe(Recipe):
+    def export_state(self, part: str, state: dict) -> dict:
+        return {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+
+    def version_manifest(self, results: dict, base_manifest: Optional[dict], provenance: dict) -> dict:
+        res = results["model"]
+        m = self.manifest(res, provenance.get("base_version"))
+        m.pop("metrics", None)
+        m.pop("trained_on", None)
+        m["labels"] = {str(v): n for n, v in self.label_map.items()}
+        m["input_spec"] = {"modality": "CT", "intensity": "Hounsfield units", "ndim": 3,
+                           "window_hu": self.network.get("window"), "slice_size": self.network["img_size"],
+                           "context_slices": self.network.get("context")}
+        m["description"] = ((base_manifest or {}).get("description")
+                            or "TransUNet (small CPU configuration) on axial CT slices, 2.5D.")
+        return m
+
+
+def recipe(network: Optional[dict] = None, modalities: Optional[dict] = None, label_map=None, labels=None,
+           **_) -> SlicesRecipe:
+    """The slices recipe. ``network``: a manifest's (fine-tuning) or the small default for ``labels``
+    (label set name or file; default abdomen); ``label_map``: {name: value} of the cases' labels."""
+    from ..training.labels import read_label_map
+
+    network = dict(network or default_network(labels))
+    classes = list(network.get("classes") or [])
+    if label_map is not None:
+        lmap = read_label_map(label_map)
+    else:
+        lset = read_label_set(labels)
+        lmap = {n: lset.by_name(n).value for n in classes if n in lset.names}
+    if list(lmap) != classes:
+        raise InputError(f"the label map names {list(lmap)} must be the network's classes {classes}, in order")
+    modalities = dict(modalities or {"image": "*"})
+    if len(modalities) != 1:
+        raise InputError(f"slices takes one CT per case, not {len(modalities)} modalities")
+    s = int(network["img_size"])
+    defaults = dict(epochs=100, patch_size=(1, s, s), batch_size=1, samples_per_case=8, iterations_per_epoch=25,
+                    learning_rate=5e-4, weight_decay=1e-4, optimizer="adamw", loss="dicece", flip_axes=(),
+                    affine_prob=0.0, intensity_prob=0.3, intensity_scale=0.1, intensity_shift=0.05,
+                    noise_prob=0.2, noise_std=0.02, crop="posneg", pos_fraction=0.8, val_fraction=0.2,
+                    cache_cases=4, sw_batch_size=16, sw_overlap=0.0)
+    r = SlicesRecipe(task="slices", build_net=partial(build_net, network), modalities=modalities, label_map=lmap,
+                     normalize="custom", defaults=defaults, to_sample=SliceSample(network, list(lmap.values())),
+                     network=network)
+    r.finetune_defaults = {"learning_rate": 1e-4}
+    return r
