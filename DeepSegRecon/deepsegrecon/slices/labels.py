@@ -58,10 +58,12 @@ def builtin_sets() -> list:
 
 
 def read_label_set(source=None) -> LabelSet:
-    """A built-in set by name (default ``abdomen``) or a JSON file; :class:`InputError` names any problem."""
+    """A built-in set by name (default ``abdomen``), a JSON file or its parsed dict; :class:`InputError` names any problem."""
     source = DEFAULT if source is None else source
     if isinstance(source, LabelSet):
         return source
+    if isinstance(source, dict):
+        return parse_label_set(source)
     path = Path(source).expanduser()
     if not path.suffix and not path.exists():
         path = BUILTIN / f"{source}.json"
