@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import oblique_direction
 from deepsegrecon.errors import InputError
@@ -18,25 +19,36 @@ from deepsegrecon.slices.task import SliceModel, ct_warning, segment
 torch.set_num_threads(1)
 
 
-def test_window_pad_and_resize():
-    vol = np.full((2, 8, 5), -1000.0, np.float32)
-    vol[0, :, :] = 275.0
-    vol[1, :, :] = 75.0  # middle of [-125, 275]
-    x = P.slices_to_net(vol, 4)
-    assert x.shape == (2, 4, 4)
-    # 8x5 padded to 8x8 with air (1 column left, 2 right), then 2x2 box average
-    assert x[0, 0].tolist() == [0.5, 1.0, 1.0, 0.0]
-    assert torch.allclose(x[1, :, 1:3], torch.full((4, 2), 0.5))
-    assert P.square_pad(8, 5) == (0, 0, 1, 2)
-    assert float(P.slices_to_net(np.full((1, 4, 4), -3000.0), 4).max()) == 0.0
+def test_window_and_physical_pixel_size():
+    # a disc of radius 30 mm on 0.5 mm pixels, off-centre; the body box centre is the disc's centre
+    r, c = np.meshgrid(np.arange(400), np.arange(300), indexing="ij")
+    disc = ((r - 250) * 0.5) ** 2 + ((c - 120) * 0.5) ** 2 < 30.0 ** 2
+    vol = np.where(disc, 75.0, -1000.0)[None].astype(np.float32)  # 75 HU: the middle of [-125, 275]
+    grid = P.slice_grid(vol, (0.5, 0.5), {"img_size": 32, "pixel_mm": 3.0})
+    assert grid.centre == pytest.approx((250.0, 120.0), abs=0.5)
+    x = P.slices_to_net(vol, grid)
+    assert x.shape == (1, 32, 32)
+    inside = x[0] > 0.25
+    assert float(x[0].max()) == pytest.approx(0.5, abs=1e-4) and float(x[0].min()) == 0.0
+    # 3 mm pixels: the disc covers pi * 10^2 pixels, centred on the grid
+    assert inside.sum().item() == pytest.approx(math.pi * 100, rel=0.08)
+    rows, cols = np.nonzero(inside.numpy())
+    assert rows.mean() == pytest.approx(15.5, abs=0.3) and cols.mean() == pytest.approx(15.5, abs=0.3)
 
 
-def test_labels_take_the_largest_area_class():
-    lab = np.zeros((1, 4, 4), np.int64)
-    lab[0, :2, :2] = [[1, 1], [1, 2]]  # 3 of 4 pixels are class 1
-    lab[0, 2:, 2:] = [[2, 2], [0, 2]]
-    y = P.labels_to_net(lab, 3, 2)
-    assert y.tolist() == [[[1, 0], [0, 2]]]
+def test_grid_round_trip_and_outside_is_background():
+    r, c = np.meshgrid(np.arange(90), np.arange(120), indexing="ij")
+    lab = np.zeros((1, 90, 120), np.int64)
+    lab[0, 30:60, 40:80] = 1  # 15 x 20 mm box on 0.5 mm pixels
+    lab[0, 50:60, 60:80] = 2
+    grid = P.SliceGrid((90, 120), (0.5, 0.5), (45.0, 60.0), 24, 1.0)  # 24 mm field of view: part of the slice
+    y = P.labels_to_net(lab, 3, grid)
+    assert (y == 1).sum() == 15 * 20 - (y == 2).sum() and (y == 2).sum() == 5 * 10
+    back = grid.from_net(F.one_hot(y, 3).permute(0, 3, 1, 2).float()).argmax(1)[0].numpy()
+    assert back.shape == (90, 120)
+    inner = slice(22, 68), slice(12, 108)  # within the field of view
+    assert (back[inner] == lab[0][inner]).mean() > 0.97
+    assert (back[:, :10] == 0).all()  # outside the network's field of view: background
 
 
 def test_context_channels():
@@ -78,7 +90,8 @@ def test_segment_returns_labels_on_the_input_grid(oblique):
     img, ball = _phantom(direction, (0.8, 0.6, 2.5))
     lset = read_label_set()
     classes = ["liver"]
-    model = SliceModel(_ThresholdNet(), {"img_size": 32, "classes": classes, "context": 1, "in_channels": 3},
+    model = SliceModel(_ThresholdNet(), {"img_size": 32, "pixel_mm": 1.5, "classes": classes, "context": 1,
+                                           "in_channels": 3},
                        "test")
     res = segment(img, model, read_label_set(_one_organ_set(lset)), "cpu", batch=5)
     assert res.labelmap.same_grid(img)

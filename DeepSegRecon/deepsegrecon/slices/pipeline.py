@@ -2,12 +2,15 @@
 
 Slices are taken in the canonical S/P/L re-indexing of the input (any direction matrix): axis 0 runs
 inferior -> superior, each slice has rows posterior-wards and columns left-wards. Each slice is windowed
-(HU ``window`` -> [0, 1]), padded to a square with 0 (air) and resized (box average) to ``img_size``;
-``context`` neighbours on each side become extra channels (2.5D; with no context the slice is repeated
-into the network's channels). Probabilities go back to each slice's size (bilinear) before the argmax.
+(HU ``window`` -> [0, 1]) and resized to the network's ``img_size`` x ``img_size`` grid of ``pixel_mm``
+pixels (so organs have the same size in pixels whatever the scanner's field of view), centred on the body;
+``context`` neighbours on each side become extra channels (2.5D; with no context the slice is repeated into
+the network's channels). Probabilities go back to the input slices (bilinear) before the argmax.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,45 +19,88 @@ import torch.nn.functional as F
 WINDOW = (-125.0, 275.0)
 
 
-def square_pad(h: int, w: int) -> tuple:
-    """(top, bottom, left, right) padding that makes an h x w slice square, centred."""
-    n = max(h, w)
-    return (n - h) // 2, n - h - (n - h) // 2, (n - w) // 2, n - w - (n - w) // 2
+@dataclass
+class SliceGrid:
+    """Where the network's ``size`` x ``size`` grid of ``pixel_mm`` pixels lies on the input slices: centred on
+    ``centre`` (row, col index), input pixels ``spacing`` (row, col mm). Pixels outside the input are air."""
+
+    hw: tuple
+    spacing: tuple
+    centre: tuple
+    size: int
+    pixel_mm: float
+
+    def _factors(self) -> tuple:
+        return tuple(max(1, int(self.pixel_mm / s + 1e-6)) for s in self.spacing)
+
+    def to_net(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, size, size): box average by whole factors, then bilinear to ``pixel_mm``."""
+        f = self._factors()
+        if f != (1, 1):
+            x = F.avg_pool2d(x, f, f)
+        hp, wp = x.shape[-2:]
+        u = torch.arange(self.size, dtype=torch.float64) + 0.5 - self.size / 2.0
+        norm = []
+        for a, n in ((0, hp), (1, wp)):
+            r = self.centre[a] + u * self.pixel_mm / self.spacing[a]  # input index
+            q = (r - (f[a] - 1) / 2.0) / f[a]  # pooled index
+            norm.append((2 * q + 1) / n - 1)
+        gy, gx = torch.meshgrid(norm[0], norm[1], indexing="ij")
+        grid = torch.stack([gx, gy], -1).float()[None].expand(x.shape[0], -1, -1, -1)
+        return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def from_net(self, p: torch.Tensor) -> torch.Tensor:
+        """(N, K, size, size) -> (N, K, H, W), bilinear; zero outside the network's field of view."""
+        norm = []
+        for a in (0, 1):
+            r = torch.arange(self.hw[a], dtype=torch.float64)
+            u = (r - self.centre[a]) * self.spacing[a] / self.pixel_mm + self.size / 2.0 - 0.5
+            norm.append((2 * u + 1) / self.size - 1)
+        gy, gx = torch.meshgrid(norm[0], norm[1], indexing="ij")
+        grid = torch.stack([gx, gy], -1).float()[None].expand(p.shape[0], -1, -1, -1)
+        return F.grid_sample(p.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def slices_to_net(vol, size: int, window=WINDOW, chunk: int = 16) -> torch.Tensor:
-    """(D, H, W) HU array (canonical) -> (D, size, size) float32 in [0, 1]."""
+def body_centre(vol, threshold: float = -500.0) -> tuple:
+    """(row, col) index of the centre of the in-plane box around the body (voxels over ``threshold`` HU in
+    any slice); the slice centre when there are none."""
+    proj = np.zeros(vol.shape[1:], bool)
+    for z in range(0, vol.shape[0], 32):
+        proj |= (np.asarray(vol[z:z + 32]) > threshold).any(0)
+    out = []
+    for a in (0, 1):
+        idx = np.flatnonzero(proj.any(1 - a))
+        out.append((idx[0] + idx[-1]) / 2.0 if len(idx) else (vol.shape[1 + a] - 1) / 2.0)
+    return tuple(float(v) for v in out)
+
+
+def slice_grid(vol, spacing_rc, network: dict) -> SliceGrid:
+    """The network grid for a canonical (D, H, W) volume with in-plane spacing (row mm, col mm)."""
+    return SliceGrid(tuple(vol.shape[1:]), tuple(float(s) for s in spacing_rc), body_centre(vol),
+                     int(network["img_size"]), float(network.get("pixel_mm", 3.0)))
+
+
+def slices_to_net(vol, grid: SliceGrid, window=WINDOW, chunk: int = 16) -> torch.Tensor:
+    """(D, H, W) HU array (canonical) -> (D, size, size) float32 in [0, 1] (window, then resample)."""
     lo, hi = float(window[0]), float(window[1])
-    d, h, w = vol.shape
-    t, b, l, r = square_pad(h, w)
-    out = torch.empty((d, size, size), dtype=torch.float32)
+    d = vol.shape[0]
+    out = torch.empty((d, grid.size, grid.size), dtype=torch.float32)
     for z in range(0, d, chunk):
         x = torch.from_numpy(np.asarray(vol[z:z + chunk], dtype=np.float32))
         x = ((x.clamp(lo, hi) - lo) / (hi - lo))[:, None]
-        x = F.pad(x, [l, r, t, b], value=0.0)
-        out[z:z + chunk] = _resize(x, size)[:, 0]
+        out[z:z + chunk] = grid.to_net(x)[:, 0]
     return out
 
 
-def labels_to_net(lab, n_classes: int, size: int, chunk: int = 8) -> torch.Tensor:
-    """(D, H, W) class indices -> (D, size, size) int64: the class with the largest area in each pixel."""
-    d, h, w = lab.shape
-    t, b, l, r = square_pad(h, w)
-    out = torch.empty((d, size, size), dtype=torch.int64)
+def labels_to_net(lab, n_classes: int, grid: SliceGrid, chunk: int = 8) -> torch.Tensor:
+    """(D, H, W) class indices -> (D, size, size) int64: the class with the largest share of each pixel."""
+    d = lab.shape[0]
+    out = torch.empty((d, grid.size, grid.size), dtype=torch.int64)
     for z in range(0, d, chunk):
         y = torch.from_numpy(np.asarray(lab[z:z + chunk], dtype=np.int64))
-        y = F.pad(y, [l, r, t, b], value=0)
         onehot = F.one_hot(y, n_classes).permute(0, 3, 1, 2).float()
-        out[z:z + chunk] = _resize(onehot, size).argmax(1)
+        out[z:z + chunk] = grid.to_net(onehot).argmax(1)
     return out
-
-
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    if x.shape[-1] > size:
-        return F.interpolate(x, size=(size, size), mode="area")
-    if x.shape[-1] < size:
-        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x
 
 
 def with_context(x: torch.Tensor, context: int, channels: int) -> torch.Tensor:
@@ -70,25 +116,21 @@ def with_context(x: torch.Tensor, context: int, channels: int) -> torch.Tensor:
     return out
 
 
-def predict(net, x: torch.Tensor, out_hw: tuple, network: dict, device, batch: int = 16, step=None) -> np.ndarray:
-    """Class indices (D, H, W) uint8 for prepared slices ``x`` (D, s, s), back on (H, W) slices."""
+def predict(net, x: torch.Tensor, grid: SliceGrid, network: dict, device, batch: int = 16, step=None) -> np.ndarray:
+    """Class indices (D, H, W) uint8 for prepared slices ``x`` (D, s, s), back on the input slices."""
     net.eval()
     d = x.shape[0]
-    h, w = out_hw
-    t, b, l, r = square_pad(h, w)
-    n = max(h, w)
+    h, w = grid.hw
     ctx = int(network.get("context", 1))
     ch = int(network.get("in_channels", 3))
     out = np.zeros((d, h, w), np.uint8)
     with torch.inference_mode():
         for z in range(0, d, batch):
             idx = torch.arange(z, min(z + batch, d))
-            xb = with_context(x, ctx, ch)[idx] if ctx <= 0 else _context_batch(x, idx, ctx)
-            logits = net(xb.to(device)).float()
-            p = torch.softmax(logits, 1).cpu()
-            if n != p.shape[-1]:
-                p = F.interpolate(p, size=(n, n), mode="bilinear", align_corners=False)
-            out[z:z + len(idx)] = p[:, :, t:t + h, l:l + w].argmax(1).to(torch.uint8).numpy()
+            xb = with_context(x[idx], 0, ch) if ctx <= 0 else _context_batch(x, idx, ctx)
+            p = torch.softmax(net(xb.to(device)).float(), 1).cpu()
+            for i in range(0, len(idx), 4):  # back to the input slices a few at a time (bounded memory)
+                out[z + i:z + i + 4] = grid.from_net(p[i:i + 4]).argmax(1).to(torch.uint8).numpy()
             if step:
                 step(min(z + batch, d) / d)
     return out

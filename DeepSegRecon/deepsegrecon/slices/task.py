@@ -83,12 +83,12 @@ def segment(image: Image, model: SliceModel, labelset: LabelSet, device="cpu", s
     step("prepare", 0.0, "windowing and resizing slices")
     can = canonical_frame(image)
     vol = can.to_canonical(image.array)
-    x = P.slices_to_net(vol, int(cfg["img_size"]), cfg.get("window", P.WINDOW))
-    hw = vol.shape[1:]
+    grid = P.slice_grid(vol, can.spacing[1:], cfg)
+    x = P.slices_to_net(vol, grid, cfg.get("window", P.WINDOW))
     del vol
     timings = {"prepare_s": time.perf_counter() - t0}
     t1 = time.perf_counter()
-    lab = P.predict(net, x, hw, cfg, device, batch, lambda f: step("network", f, "TransUNet, slice by slice"))
+    lab = P.predict(net, x, grid, cfg, device, batch, lambda f: step("network", f, "TransUNet, slice by slice"))
     timings["network_s"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     # network classes -> the label set's values (organs outside the set become background)
@@ -108,7 +108,7 @@ def segment(image: Image, model: SliceModel, labelset: LabelSet, device="cpu", s
     vox_ml = float(np.prod(image.spacing)) / 1000.0
     present = [o for o in labelset.organs if counts[o.value] > 0]
     report = {"model": model.version, "device": str(device), "label_set": labelset.name,
-              "network_size": int(cfg["img_size"]), "context": int(cfg.get("context", 0)),
+              "network_size": int(cfg["img_size"]), "pixel_mm": grid.pixel_mm, "context": int(cfg.get("context", 0)),
               "organs": {o.name: {"label": o.value, "volume_ml": round(float(counts[o.value] * vox_ml), 2)}
                          for o in present},
               "timings_s": {k: round(v, 2) for k, v in {**timings, "total_s": time.perf_counter() - t0}.items()}}

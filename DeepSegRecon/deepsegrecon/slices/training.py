@@ -22,12 +22,12 @@ from ..errors import InputError
 from ..training.recipe import Recipe
 from .labels import read_label_set
 from .nets import SMALL, build_net
-from .pipeline import labels_to_net, slices_to_net, with_context
+from .pipeline import labels_to_net, slice_grid, slices_to_net, with_context
 
 
 def default_network(labels=None, **over) -> dict:
     lset = read_label_set(labels)
-    return {**SMALL, "out_channels": len(lset.organs) + 1, "classes": lset.names, "context": 1,
+    return {**SMALL, "out_channels": len(lset.organs) + 1, "classes": lset.names, "context": 1, "pixel_mm": 3.0,
             "window": [-125.0, 275.0], **over}
 
 
@@ -44,16 +44,18 @@ class SliceSample:
 
         image = next(iter(case.images.values()))
         can = canonical_frame(image)
-        size = int(self.network["img_size"])
-        x = slices_to_net(can.to_canonical(image.array), size, self.network.get("window", (-125, 275)))
+        vol = can.to_canonical(image.array)
+        grid = slice_grid(vol, can.spacing[1:], self.network)
+        x = slices_to_net(vol, grid, self.network.get("window", (-125, 275)))
+        del vol
         x = with_context(x, int(self.network.get("context", 1)), int(self.network["in_channels"]))
         lab = np.asarray(case.label.array)
         lut = np.zeros(max(int(lab.max()), max(self.values)) + 1, np.int64)
         lut[self.values] = np.arange(1, len(self.values) + 1)
-        y = labels_to_net(can.to_canonical(lut[lab]), self.num_classes, size)
+        y = labels_to_net(can.to_canonical(lut[lab]), self.num_classes, grid)
         roi = np.ones(y.shape, np.uint8)
         if case.roi is not None:
-            r = labels_to_net(can.to_canonical((np.asarray(case.roi.array) > 0).astype(np.int64)), 2, size)
+            r = labels_to_net(can.to_canonical((np.asarray(case.roi.array) > 0).astype(np.int64)), 2, grid)
             roi = r.numpy().astype(np.uint8)
         return {"image": x.permute(1, 0, 2, 3).contiguous(), "label": y[None].to(torch.int16),
                 "roi": torch.from_numpy(np.asarray(roi)[None].copy())}
@@ -71,6 +73,7 @@ class SlicesRecipe(Recipe):
         m["labels"] = {str(v): n for n, v in self.label_map.items()}
         m["input_spec"] = {"modality": "CT", "intensity": "Hounsfield units", "ndim": 3,
                            "window_hu": self.network.get("window"), "slice_size": self.network["img_size"],
+                           "pixel_mm": self.network.get("pixel_mm"),
                            "context_slices": self.network.get("context")}
         m["description"] = ((base_manifest or {}).get("description")
                             or "TransUNet (small CPU configuration) on axial CT slices, 2.5D.")
