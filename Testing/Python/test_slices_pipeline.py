@@ -205,3 +205,20 @@ def test_window_is_configurable():
     res = segment(img, model, lset, "cpu", window=(-1000, 2000))
     assert (res.labelmap.array == 5).sum() == 0 and res.absent == ["liver"]
     assert res.report["window_hu"] == [-1000, 2000]
+
+
+def test_augmented_copies_move_image_and_labels_together():
+    from deepsegrecon.slices.training import augment_slices
+
+    y = torch.zeros(2, 4, 64, 64, dtype=torch.int16)
+    y[0, :, 20:44, 16:40] = 3
+    y[1] = 1  # the ROI channel
+    x = (y[:1] == 3).float().expand(3, -1, -1, -1).clone()  # the image shows the organ
+    ax, ay = augment_slices(x, y, 2, seed=1)
+    assert ax.shape == (3, 12, 64, 64) and ay.shape == (2, 12, 64, 64) and ay.dtype == torch.int16
+    assert torch.equal(ax[:, :4], x) and torch.equal(ay[:, :4], y)  # the originals come first
+    copies = ay[0, 4:] == 3
+    assert not torch.equal(copies, ay[0, :8] == 3)  # moved
+    agree = ((ax[1, 4:] > 0.5) == copies).float().mean()
+    assert agree > 0.98
+    assert ((ay[1, 4:] == 0) <= (ax[1, 4:] == 0)).all()  # outside the shifted slice: no ROI, no image

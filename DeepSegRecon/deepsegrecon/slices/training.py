@@ -7,7 +7,9 @@ then trains on ``(1, s, s)`` patches: one slice each, ``samples_per_case`` slice
 :class:`.nets.SliceNet`. Loss: Dice + cross-entropy (equal weights, i.e. 0.5 CE + 0.5 Dice up to a factor 2).
 Optimiser: AdamW for small runs (default); the paper's SGD with ``--set optimizer=sgd --set momentum=0.9
 --set learning_rate=0.01``. No flips (left and right kidneys are different labels) and no 3-D affine
-(it would mix slices); intensity scaling/shift and noise only.
+(it would mix slices): each case's slices get ``copies`` in-plane rotated / scaled / shifted versions, made
+once when the case is prepared (so validation Dice is over these copies too), plus the engine's intensity
+scaling/shift and noise.
 """
 
 from __future__ import annotations
@@ -31,13 +33,41 @@ def default_network(labels=None, **over) -> dict:
             "window": [-125.0, 275.0], **over}
 
 
-class SliceSample:
-    """Case -> ``{"image": (C, D, s, s), "label": (1, D, s, s), "roi": (1, D, s, s)}`` (picklable)."""
+def augment_slices(x: torch.Tensor, y: torch.Tensor, copies: int, seed: int = 0, degrees: float = 15.0,
+                   scale: float = 0.15, shift: int = 8) -> tuple:
+    """Append ``copies`` in-plane randomly rotated / scaled / shifted versions of every slice (MONAI
+    ``RandAffined`` in 2-D: image bilinear, labels nearest) to the slice stack ``x`` (C, D, s, s), ``y`` (1, D, s, s).
+    The training engine's augmentation is 3-D and would mix slices; this keeps each slice whole."""
+    import math
 
-    def __init__(self, network: dict, label_values):
+    from monai.transforms import RandAffined
+
+    if copies <= 0:
+        return x, y
+    t = RandAffined(["image", "label"], prob=1.0, rotate_range=(math.radians(degrees),), scale_range=(scale, scale),
+                    translate_range=(shift, shift), mode=("bilinear", "nearest"), padding_mode="zeros")
+    t.set_random_state(seed)
+    xs, ys = [x], [y]
+    for _ in range(copies):
+        ox, oy = torch.empty_like(x), torch.empty_like(y)
+        for z in range(x.shape[1]):
+            d = t({"image": x[:, z], "label": y[:, z].float()})
+            ox[:, z] = torch.as_tensor(d["image"])
+            oy[:, z] = torch.as_tensor(d["label"]).round().to(y.dtype)
+        xs.append(ox)
+        ys.append(oy)
+    return torch.cat(xs, 1), torch.cat(ys, 1)
+
+
+class SliceSample:
+    """Case -> ``{"image": (C, D, s, s), "label": (1, D, s, s), "roi": (1, D, s, s)}`` (picklable); with
+    ``copies``, that many in-plane augmented copies of the slices are appended (see :func:`augment_slices`)."""
+
+    def __init__(self, network: dict, label_values, copies: int = 0, seed: int = 0):
         self.network = network
         self.values = [int(v) for v in label_values]
         self.num_classes = len(self.values) + 1
+        self.copies, self.seed = int(copies), int(seed)
 
     def __call__(self, case) -> dict:
         from ..teeth.nets import canonical_frame
@@ -53,12 +83,15 @@ class SliceSample:
         lut = np.zeros(max(int(lab.max()), max(self.values)) + 1, np.int64)
         lut[self.values] = np.arange(1, len(self.values) + 1)
         y = labels_to_net(can.to_canonical(lut[lab]), self.num_classes, grid)
-        roi = np.ones(y.shape, np.uint8)
+        roi = torch.ones((1,) + tuple(y.shape), dtype=torch.int16)
         if case.roi is not None:
-            r = labels_to_net(can.to_canonical((np.asarray(case.roi.array) > 0).astype(np.int64)), 2, grid)
-            roi = r.numpy().astype(np.uint8)
-        return {"image": x.permute(1, 0, 2, 3).contiguous(), "label": y[None].to(torch.int16),
-                "roi": torch.from_numpy(np.asarray(roi)[None].copy())}
+            roi = labels_to_net(can.to_canonical((np.asarray(case.roi.array) > 0).astype(np.int64)), 2, grid)
+            roi = roi[None].to(torch.int16)
+        x, y = x.permute(1, 0, 2, 3).contiguous(), y[None].to(torch.int16)
+        if self.copies:  # the ROI goes along as a second label channel
+            x, yr = augment_slices(x, torch.cat([y, roi]), self.copies, self.seed)
+            y, roi = yr[:1], yr[1:]
+        return {"image": x, "label": y, "roi": roi.to(torch.uint8)}
 
 
 class SlicesRecipe(Recipe):
@@ -81,9 +114,10 @@ class SlicesRecipe(Recipe):
 
 
 def recipe(network: Optional[dict] = None, modalities: Optional[dict] = None, label_map=None, labels=None,
-           **_) -> SlicesRecipe:
+           copies: int = 3, **_) -> SlicesRecipe:
     """The slices recipe. ``network``: a manifest's (fine-tuning) or the small default for ``labels``
-    (label set name or file; default abdomen); ``label_map``: {name: value} of the cases' labels."""
+    (label set name or file; default abdomen); ``label_map``: {name: value} of the cases' labels; ``copies``:
+    in-plane augmented copies of each case's slices (prepared once per case, kept in the case cache)."""
     from ..training.labels import read_label_map
 
     network = dict(network or default_network(labels))
@@ -105,7 +139,7 @@ def recipe(network: Optional[dict] = None, modalities: Optional[dict] = None, la
                     noise_prob=0.2, noise_std=0.02, crop="posneg", pos_fraction=0.8, val_fraction=0.2,
                     cache_cases=4, sw_batch_size=16, sw_overlap=0.0)
     r = SlicesRecipe(task="slices", build_net=partial(build_net, network), modalities=modalities, label_map=lmap,
-                     normalize="custom", defaults=defaults, to_sample=SliceSample(network, list(lmap.values())),
+                     normalize="custom", defaults=defaults, to_sample=SliceSample(network, list(lmap.values()), copies),
                      network=network)
     r.finetune_defaults = {"learning_rate": 1e-4}
     return r
