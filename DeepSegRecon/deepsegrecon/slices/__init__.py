@@ -1,0 +1,1 @@
+"""Slice segmentation of CT with TransUNet: abdominal organs (or any label set), slice by slice."""
