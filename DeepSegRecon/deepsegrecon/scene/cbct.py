@@ -55,6 +55,15 @@ class ReconstructCBCTLogic(TaskLogic):
             inputs["reference"] = reference_node
         self.start(inputs, {**(params or {}), "views": int(views)})
 
+    def reconstruct(self, input_node, simulate: bool, views: int = 10, reference_node=None, params: dict = None):
+        """The module's Reconstruct button: simulate ``views`` projections from the CT ``input_node``, or
+        reconstruct the projection stack ``input_node`` (loaded with its geometry)."""
+        if input_node is None:
+            raise InputError("choose an input volume (a CT, or a projection stack loaded from its folder)")
+        if simulate:
+            return self.simulate_and_reconstruct(input_node, views, params, reference_node)
+        return self.reconstruct_from_projections(input_node, reference_node, params)
+
     def output_name(self) -> str:
         first = self._first_input()
         return f"{first.GetName() if first is not None else 'CBCT'} CBCT"
