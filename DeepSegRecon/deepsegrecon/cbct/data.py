@@ -78,6 +78,18 @@ def heldout_cases(held: Image) -> list:
     return [("chest-heldout-centre-2mm", centre), ("chest-heldout-wide-4mm", wide)]
 
 
+def heldout_case_128() -> Image:
+    """A 128^3 held-out volume at 1 mm: the chest CT's held-out top 128 mm, central 128 x 128 mm in-plane."""
+    from ..io import read_image
+
+    full = resample_iso(read_image(chest_ct_path()), 1.0)
+    K, J, I = full.array.shape
+    k0 = K - 2 * HELDOUT_SLICES  # the same 128 mm as the 2 mm held-out slab
+    j0, i0 = (J - 128) // 2, (I - 128) // 2
+    arr = np.ascontiguousarray(full.array[k0:k0 + 128, j0:j0 + 128, i0:i0 + 128])
+    return Image(arr, full.spacing, tuple(full.physical_points(np.array([[i0, j0, k0]]))[0]), full.direction)
+
+
 class CropSampler:
     """Random 64^3 crops (HU) with random in-plane spacing (2-5 mm), flips and HU jitter."""
 
