@@ -35,7 +35,7 @@ def _frame(a: float, device) -> tuple:
 
 
 def forward_project(vol: torch.Tensor, geo: ConeGeometry, step_voxels: float = 0.5,
-                    views: Optional[list] = None) -> torch.Tensor:
+                    views: Optional[list] = None, chunk_samples: int = 8_000_000) -> torch.Tensor:
     """Line integrals of ``vol`` (k, j, i) through ``geo``: (views, rows, columns).
 
     Each ray is clipped to the volume box and sampled at ``n`` midpoints (``n`` fixed by the box diagonal and
@@ -50,22 +50,27 @@ def forward_project(vol: torch.Tensor, geo: ConeGeometry, step_voxels: float = 0
     kax = torch.tensor([0.0, 0.0, 1.0], device=device)
     mids = (torch.arange(n_s, device=device, dtype=torch.float32) + 0.5) / n_s
     out = []
+    rows = max(1, int(chunk_samples // (len(u) * n_s)))  # detector rows per block: bounded memory
     for n in (range(geo.n_views) if views is None else views):
         e, uax = _frame(float(geo.angles[n]), device)
         src = geo.dso * e
-        det = (src - geo.dsd * e)[None, None] + u[None, :, None] * uax + v[:, None, None] * kax  # (nv, nu, 3)
-        d = det - src
-        d = d / d.norm(dim=-1, keepdim=True)
-        with torch.no_grad():
-            safe = torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
-            ta, tb = (-box - src) / safe, (box - src) / safe
-            t0 = torch.minimum(ta, tb).amax(-1)
-            t1 = torch.maximum(ta, tb).amin(-1).clamp(min=t0)  # no hit: zero length
-        t = t0[..., None] + (t1 - t0)[..., None] * mids  # (nv, nu, n_s)
-        pts = src + t[..., None] * d[..., None, :]
-        grid = (pts / he)[None]  # x, y, z = i, j, k
-        vals = F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0, 0]
-        out.append(vals.sum(-1) * (t1 - t0) / n_s)
+        view = []
+        for r0 in range(0, len(v), rows):
+            vv = v[r0:r0 + rows]
+            det = (src - geo.dsd * e)[None, None] + u[None, :, None] * uax + vv[:, None, None] * kax  # (r, nu, 3)
+            d = det - src
+            d = d / d.norm(dim=-1, keepdim=True)
+            with torch.no_grad():
+                safe = torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
+                ta, tb = (-box - src) / safe, (box - src) / safe
+                t0 = torch.minimum(ta, tb).amax(-1)
+                t1 = torch.maximum(ta, tb).amin(-1).clamp(min=t0)  # no hit: zero length
+            t = t0[..., None] + (t1 - t0)[..., None] * mids  # (r, nu, n_s)
+            pts = src + t[..., None] * d[..., None, :]
+            grid = (pts / he)[None]  # x, y, z = i, j, k
+            vals = F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0, 0]
+            view.append(vals.sum(-1) * (t1 - t0) / n_s)
+        out.append(torch.cat(view))
     return torch.stack(out)
 
 

@@ -84,7 +84,8 @@ def metrics(volume_hu: np.ndarray, reference_hu: np.ndarray) -> dict:
     lo, hi = HU_RANGE
     a = np.clip(np.asarray(volume_hu, np.float64), lo, hi)
     b = np.clip(np.asarray(reference_hu, np.float64), lo, hi)
-    psnr = peak_signal_noise_ratio(b, a, data_range=hi - lo)
+    with np.errstate(divide="ignore"):  # identical volumes: infinite PSNR, reported as 99 dB
+        psnr = peak_signal_noise_ratio(b, a, data_range=hi - lo)
     ssim = structural_similarity(b, a, data_range=hi - lo, win_size=min(7, *[s - (1 - s % 2) for s in b.shape]))
     return {"psnr_db": round(float(psnr), 3) if math.isfinite(psnr) else 99.0, "ssim": round(float(ssim), 4),
             "window_hu": list(HU_RANGE)}
