@@ -126,3 +126,24 @@ def test_sgd_recipe_fits_one_case_and_reconstruct_uses_the_grid():
     assert out.shape == img.array.shape
     full = reconstruct(model, proj, geo, query_res=None)
     assert float((out - full).abs().mean()) < 0.05  # the coarse query + trilinear stays close
+
+
+def test_training_data_keeps_the_heldout_slab_out_and_training_runs():
+    from deepsegrecon.cbct import train as T
+    from deepsegrecon.cbct.data import GAP_SLICES, HELDOUT_SLICES, heldout_cases
+
+    vols, weights, held = T.training_volumes()
+    chest = vols[0]
+    assert held.array.shape[0] == HELDOUT_SLICES and np.allclose(held.spacing, 2.0)
+    # physical k extent: the held-out slab starts beyond the last training slice plus the gap
+    k_train_end = chest.physical_points(np.array([[0, 0, chest.array.shape[0] - 1]]))[0]
+    k_held_start = held.physical_points(np.array([[0, 0, 0]]))[0]
+    gap = np.dot(k_held_start - k_train_end, chest.direction[:, 2])
+    assert gap >= GAP_SLICES * 2.0
+    for _, case in heldout_cases(held):
+        assert case.array.shape == (64, 64, 64)
+        z = case.physical_points(np.array([[0, 0, 0]]))[0]
+        assert np.dot(z - k_train_end, chest.direction[:, 2]) > 0
+    model, cfg, history, iters = T.train(minutes=5, max_iters=3, bank=2, log=lambda *a, **k: None,
+                                         optimizer="adamw", lr=1e-3, network=TINY)
+    assert iters == 3 and cfg["gs_res"] == 6

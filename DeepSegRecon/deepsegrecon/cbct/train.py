@@ -30,11 +30,11 @@ from .recon import hu_to_value, proj_scale, projector_for
 TASK = "cbct-recon"
 
 
-def simulate(crop, n_views: int, det: int, rng, noise: bool = True):
+def simulate(crop, n_views: int, det: int, rng, noise: bool = True, device: str = "cpu"):
     geo = geometry_for_grid(crop, n_views, detector=det)
     off = rng.uniform(0, 360)
     geo.angles_deg = [(a + off) % 360 for a in geo.angles_deg]
-    proj = forward_project(hu_to_mu(torch.from_numpy(crop.array)), geo, step_voxels=1.0)
+    proj = forward_project(hu_to_mu(torch.from_numpy(crop.array).to(device)), geo, step_voxels=1.0)
     if noise:
         proj = add_noise(proj, photons=float(10 ** rng.uniform(4.5, 5.5)), seed=int(rng.integers(1 << 30)))
     return geo, proj
@@ -42,14 +42,14 @@ def simulate(crop, n_views: int, det: int, rng, noise: bool = True):
 
 def train(minutes: float = 20.0, seed: int = 0, points: int = 8192, views=(6, 8, 10), lr: float = 1e-2,
           network: dict = None, log=print, max_iters: int = None, bank: int = 150, renew: float = 0.35,
-          wall_minutes: float = None, optimizer: str = "sgd") -> tuple:
+          wall_minutes: float = None, optimizer: str = "sgd", device: str = "cpu") -> tuple:
     """Train for ``minutes``. Simulated samples live in a bank of ``bank`` entries (the paper also reuses fixed
     projections every epoch); each iteration renews one entry with probability ``renew`` (always while filling).
     ``wall_minutes`` also caps the wall-clock time (whichever budget runs out first ends the run)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     cfg = {**default_network(), **(network or {})}
-    model = DIFGaussian(cfg)
+    model = DIFGaussian(cfg).to(device)
     vols, weights, _ = training_volumes()
     sampler = CropSampler(vols, seed=seed, weights=weights)
     if optimizer == "sgd":  # the paper's recipe
@@ -68,7 +68,7 @@ def train(minutes: float = 20.0, seed: int = 0, points: int = 8192, views=(6, 8,
             group["lr"] = lr * (1e-3 ** frac)
         if len(samples) < bank or rng.random() < renew:
             crop = sampler.sample()
-            entry = (crop, *simulate(crop, int(rng.choice(views)), int(cfg["det_res"]), rng))
+            entry = (crop, *simulate(crop, int(rng.choice(views)), int(cfg["det_res"]), rng, device=device))
             if len(samples) < bank:
                 samples.append(entry)
             else:
@@ -77,10 +77,10 @@ def train(minutes: float = 20.0, seed: int = 0, points: int = 8192, views=(6, 8,
             entry = samples[int(rng.integers(len(samples)))]
         crop, geo, proj = entry
         model.train()
-        project = projector_for(geo)
+        project = projector_for(geo, device)
         enc = model.encode(proj / proj_scale(geo), project)
-        pts = torch.rand(points, 3) * 2 - 1
-        vol = hu_to_value(torch.from_numpy(crop.array).clamp(-1000, 2000))[None, None]
+        pts = torch.rand(points, 3, device=device) * 2 - 1
+        vol = hu_to_value(torch.from_numpy(crop.array).to(device).clamp(-1000, 2000))[None, None]
         target = F.grid_sample(vol, pts[None, None, None], align_corners=True)[0, 0, 0, 0]
         loss = F.mse_loss(model.query(enc, pts, project(pts)), target)
         opt.zero_grad()
@@ -149,12 +149,14 @@ def main(argv=None) -> int:
     p.add_argument("--version", default="v1")
     p.add_argument("--store", default=None, help="model store root (default: the user store)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-eval", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     lr = a.lr or (1e-2 if a.optimizer == "sgd" else 1e-3)
     model, cfg, history, iters = train(a.minutes, a.seed, points=a.points, wall_minutes=a.wall_minutes, lr=lr,
-                                       optimizer=a.optimizer)
+                                       optimizer=a.optimizer, device=a.device)
+    model = model.cpu()
     m = None if a.no_eval else evaluate(model)
     if m:
         print(json.dumps(m, indent=1))
