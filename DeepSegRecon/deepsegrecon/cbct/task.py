@@ -1,0 +1,170 @@
+"""The ``cbct-recon`` task: sparse-view cone-beam projections (or a CT to simulate them from) -> DIF-Gaussian
+reconstruction and the FDK reconstruction of the same projections, with PSNR/SSIM against a reference.
+
+Inputs: ``projections`` (stack (views, rows, columns) of line integrals, with ``params["geometry"]``) or ``ct``
+(HU volume; ``views`` projections are simulated with Poisson + electronic noise); optional ``reference`` (HU, on the
+reconstruction grid; a simulated CT is its own reference). Outputs are HU volumes on the geometry's volume grid.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..errors import InputError, ModelError
+from ..task import InputSpec, Task, TaskContext, VolumeResult, register
+
+TASK = "cbct-recon"
+WEIGHTS = "dif_gaussian.pt"
+STAGES = {"prepare": 5, "simulate": 20, "fdk": 15, "network": 50, "metrics": 10}
+FILTERS = ("ram-lak", "shepp-logan")
+
+
+def load_model(entry):
+    """DIF-Gaussian rebuilt from the manifest's ``network`` with its verified weights (weights_only)."""
+    from ..store import check_task, load_state_dict
+    from .net import DIFGaussian
+
+    check_task(entry, TASK)
+    cfg = entry.manifest.get("network")
+    if not isinstance(cfg, dict) or cfg.get("arch") != "dif-gaussian":
+        raise ModelError(f"model {entry.task} {entry.version} ({entry.dir}) has no DIF-Gaussian network config")
+    state = load_state_dict(entry, WEIGHTS, task=TASK)
+    try:
+        model = DIFGaussian(cfg)
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{WEIGHTS} in model {entry.task} {entry.version} does not fit its network config ({first})") from e
+    return model.eval()
+
+
+def geometry_of(images: dict, params: dict):
+    """The geometry of the job: from ``params['geometry']`` (projections) or built around the CT grid."""
+    from .geometry import ConeGeometry, geometry_for_grid
+
+    if "projections" in images:
+        if not params.get("geometry"):
+            raise InputError("projections need a geometry (geometry.json beside them, or params['geometry'])")
+        return ConeGeometry.from_dict(params["geometry"])
+    views, det = params.get("views"), params.get("detector", 128)
+    if not isinstance(views, int) or isinstance(views, bool) or views < 2:
+        raise InputError(f"simulating from a CT needs a number of views of 2 or more, got {views!r}")
+    if not isinstance(det, int) or det < 8:
+        raise InputError(f"the detector needs 8 or more pixels a side, got {det!r}")
+    return geometry_for_grid(images["ct"], views, detector=det, arc_deg=float(params.get("arc_deg", 360.0)))
+
+
+@register
+class CBCTReconTask(Task):
+    name = TASK
+    title = "Reconstruct CBCT"
+    result_kind = "volume"
+    inputs = (InputSpec("projections", 3, False, "projection stack (views, rows, columns) of line integrals"),
+              InputSpec("ct", 3, False, "CT volume (HU) to simulate projections from"),
+              InputSpec("reference", 3, False, "reference CT (HU) on the reconstruction grid"))
+    uses_model = True
+    model_task = TASK
+    stages = STAGES
+
+    def default_params(self) -> dict:
+        return {"device": "auto", "model": None, "geometry": None, "views": None, "detector": 128, "arc_deg": 360.0,
+                "noise": True, "photons": 1e5, "electronic_sd": 10.0, "seed": 0, "filter": "ram-lak",
+                "query_res": 64, "keep_projections": False}
+
+    def validate(self, images: dict, params: dict) -> None:
+        from ..validate import check_image
+        from .projio import check_projections
+
+        unknown = set(images) - {s.name for s in self.inputs}
+        if unknown:
+            raise InputError(f"{self.name} does not take inputs {sorted(unknown)}")
+        if ("projections" in images) == ("ct" in images):
+            raise InputError("give either a projection stack (with its geometry) or a CT to simulate from")
+        if params.get("filter", "ram-lak") not in FILTERS:
+            raise InputError(f"unknown filter '{params.get('filter')}'; use {' or '.join(FILTERS)}")
+        geo = geometry_of(images, params)
+        if "projections" in images:
+            check_projections(images["projections"].array, geo)
+        else:
+            check_image(images["ct"], "CT", ndim=3)
+        ref = images.get("reference")
+        if ref is not None:
+            check_image(ref, "reference", ndim=3)
+            if not ref.same_grid(geo.grid_image()):
+                raise InputError(f"the reference has another geometry than the reconstruction grid (reference "
+                                 f"{ref.size} voxels at {tuple(round(s, 4) for s in ref.spacing)} mm, grid "
+                                 f"{geo.volume_size} at {geo.volume_spacing} mm; origin and direction must match too)")
+
+    def run(self, images: dict, params: dict, ctx: TaskContext) -> VolumeResult:
+        import torch
+
+        from ..device import resolve_device
+        from ..store import ModelStore
+        from .projector import add_noise, fdk, forward_project, hu_to_mu, mu_to_hu
+        from .projio import stack_image
+        from .recon import metrics, reconstruct, value_to_hu
+
+        params = {**self.default_params(), **(params or {})}
+        device = resolve_device(params.get("device") or ctx.device or "auto")
+        timings = {}
+        t = time.perf_counter()
+        ctx.step("prepare", 0.0, "loading the model")
+        if ctx.model_dir is not None:
+            entry = _entry_from_dir(ctx.model_dir)
+        else:
+            entry = ModelStore().get(TASK, params.get("model"))
+        model = load_model(entry).to(device)
+        geo = geometry_of(images, params)
+        reference = images.get("reference")
+        timings["prepare_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if "ct" in images:
+            ctx.step("simulate", 0.0, f"simulating {geo.n_views} projections")
+            mu = hu_to_mu(torch.from_numpy(np.asarray(images["ct"].array, np.float32)).to(device))
+            proj = forward_project(mu, geo)
+            del mu
+            if params.get("noise", True):
+                proj = add_noise(proj, float(params["photons"]), float(params["electronic_sd"]), int(params["seed"]))
+            reference = reference if reference is not None else images["ct"]
+        else:
+            proj = torch.from_numpy(np.asarray(images["projections"].array, np.float32)).to(device)
+        timings["simulate_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        ctx.step("fdk", 0.0, "FDK")
+        fdk_hu = mu_to_hu(fdk(proj, geo, params["filter"])).cpu().numpy().astype(np.float32)
+        timings["fdk_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        ctx.step("network", 0.0, "DIF-Gaussian")
+        rec = reconstruct(model, proj, geo, query_res=params.get("query_res"),
+                          progress=lambda f: ctx.step("network", f, "DIF-Gaussian"))
+        rec_hu = value_to_hu(rec).numpy().astype(np.float32)
+        timings["dif_gaussian_s"] = time.perf_counter() - t
+        volumes = {"recon": geo.grid_image(rec_hu), "fdk": geo.grid_image(fdk_hu)}
+        if params.get("keep_projections"):
+            volumes["projections"] = stack_image(proj.cpu().numpy(), geo)
+        report = {"model": entry.version, "device": str(device), "views": geo.n_views,
+                  "geometry": geo.to_dict(), "simulated": "ct" in images,
+                  "filter": params["filter"], "metrics": None}
+        if reference is not None:
+            ctx.step("metrics", 0.0, "PSNR and SSIM")
+            ref = np.asarray(reference.array, np.float32)
+            report["metrics"] = {"dif_gaussian": metrics(rec_hu, ref), "fdk": metrics(fdk_hu, ref)}
+        report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        ctx.step("metrics", 1.0)
+        return VolumeResult(volumes, report)
+
+
+def _entry_from_dir(folder):
+    import json
+    from pathlib import Path
+
+    from ..store import ModelEntry
+
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the manifest of the model in {folder}: {e}") from e
+    return ModelEntry(str(manifest.get("task")), str(manifest.get("version") or folder.name), folder, manifest)

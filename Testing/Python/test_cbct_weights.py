@@ -1,0 +1,51 @@
+"""The shipped cbct-recon weights: verified, loadable with weights_only, small, and better than FDK on the held-out
+chest slab (never seen in training) from 10 noisy views."""
+
+import numpy as np
+import pytest
+import torch
+
+from deepsegrecon.store import ModelStore
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_shipped_weights_are_verified_small_and_documented():
+    from deepsegrecon.cbct.task import load_model
+
+    store = ModelStore()
+    entry = store.get("cbct-recon")
+    assert entry.builtin
+    store.verify(entry)
+    assert sum(entry.path(f).stat().st_size for f in entry.files) < 3e6
+    assert "held-out" in entry.manifest["trained_on"]["data"] and entry.manifest["trained_on"]["command"]
+    model = load_model(entry)
+    assert model.gs_base.shape == (12 ** 3, 3)
+
+
+def test_shipped_weights_beat_fdk_on_the_heldout_slab():
+    from deepsegrecon.cbct.data import chest_ct_path, chest_split, heldout_cases, load_ct
+    from deepsegrecon.cbct.geometry import geometry_for_grid
+    from deepsegrecon.cbct.projector import add_noise, fdk, forward_project, hu_to_mu, mu_to_hu
+    from deepsegrecon.cbct.recon import metrics, reconstruct, value_to_hu
+    from deepsegrecon.cbct.task import load_model
+
+    model = load_model(ModelStore().get("cbct-recon"))
+    _, held = chest_split(load_ct(chest_ct_path()))
+    name, case = heldout_cases(held)[0]
+    gain = {}
+    for views in (6, 10):
+        geo = geometry_for_grid(case, views, detector=96)
+        proj = add_noise(forward_project(hu_to_mu(torch.from_numpy(case.array)), geo, step_voxels=1.0), seed=5)
+        dif = metrics(value_to_hu(reconstruct(model, proj, geo)).numpy(), case.array)
+        base = metrics(mu_to_hu(fdk(proj, geo)).numpy(), case.array)
+        gain[views] = dif["psnr_db"] - base["psnr_db"]
+    # regression floors of the shipped v1 (measured: about +4 dB at 6 views, +2 dB at 10; the issue's bar is +4 dB
+    # at 10 views, not reached by these CPU-trained weights: see the README)
+    assert gain[6] >= 3.0 and gain[10] >= 1.0, gain
