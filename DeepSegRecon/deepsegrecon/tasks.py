@@ -2,3 +2,4 @@
 
 # Each capability adds its import here.
 from .teeth import task as _teeth_task  # noqa: F401
+from .xray import task as _xray_task  # noqa: F401
