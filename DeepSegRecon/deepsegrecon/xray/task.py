@@ -145,7 +145,8 @@ class XrayRegisterTask(Task):
         def step(f, msg):
             ctx.step("refine", f, msg)
 
-        out = refine(renderer, target, reg, candidates[chosen], step=step)
+        levels = [tuple(int(v) for v in lv) for lv in params.get("levels") or ()] or None
+        out = refine(renderer, target, reg, candidates[chosen], step=step, **({"levels": levels} if levels else {}))
         ctx.step("output", 0.0, "rendering the final DRR")
         with torch.no_grad():
             from diffdrr.pose import RigidTransform

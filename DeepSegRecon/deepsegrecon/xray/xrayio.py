@@ -132,7 +132,7 @@ def line_integral(a: np.ndarray, values: str) -> np.ndarray:
     images that already show attenuation (DRRs, processed MONOCHROME2 radiographs)."""
     a = a.astype(np.float64)
     if values == "intensity":
-        i = a - a.min() + 1.0
+        i = a if a.min() > 0 else a - a.min() + 1e-3 * (a.max() - a.min())  # intensities are positive
         i0 = np.percentile(i, 99.9)
         return np.log(i0) - np.log(np.clip(i, i0 * 1e-4, i0))
     if values == "attenuation":
