@@ -63,8 +63,9 @@ class Carm:
             raise InputError(f"view must be AP or PA, got {self.view}")
 
     def scaled(self, size: int) -> "Carm":
-        """The same detector (extent, principal point) sampled with ``size`` pixels along its longer side."""
-        s = size / max(self.height, self.width)
+        """The same detector (extent, principal point) sampled with ``size`` pixels along its longer side
+        (never more pixels than it has)."""
+        s = min(1.0, size / max(self.height, self.width))
         h, w = max(8, round(self.height * s)), max(8, round(self.width * s))
         return Carm(self.sdd, h, w, self.delx * self.width / w, self.dely * self.height / h, self.x0, self.y0,
                     self.sid, self.view)

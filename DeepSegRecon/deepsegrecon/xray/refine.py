@@ -71,8 +71,8 @@ def refine(renderer, target: torch.Tensor, carm, start: np.ndarray, levels=LEVEL
         scale = 0.5 ** li
         opt = torch.optim.Adam([{"params": [delta_r], "lr": lr_rot * scale},
                                 {"params": [delta_t], "lr": lr_trans * scale}], maximize=True)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=4, threshold=tol,
-                                                           threshold_mode="abs")
+        # the step shrinks geometrically to 5 % of its start over the level (Adam steps ~ lr)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.05 ** (1.0 / max(n_iter, 1)))
         level_best, stale = -np.inf, 0
         best = (-np.inf, best[1])  # scores are not comparable across sizes
         for it in range(n_iter):
@@ -89,7 +89,7 @@ def refine(renderer, target: torch.Tensor, carm, start: np.ndarray, levels=LEVEL
             if not all(torch.isfinite(p.grad).all() for p in (delta_r, delta_t)):
                 break
             opt.step()
-            sched.step(value)
+            sched.step()
             history.append((size, it, value))
             iters += 1
             done += 1

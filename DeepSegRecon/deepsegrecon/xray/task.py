@@ -104,7 +104,9 @@ class XrayRegisterTask(Task):
         if values == "auto":
             values = "intensity" if str(params.get("photometric", "")).upper() == "MONOCHROME1" else "attenuation"
         a = xray.array[0].astype(np.float64)
-        rows, cols = collimator_margins(a)
+        crop_mode = params.get("crop", "auto")  # auto: raw detector images only (a DRR's air is no collimator)
+        rows, cols = collimator_margins(a) if crop_mode == "on" or (crop_mode == "auto" and values == "intensity") \
+            else (0, 0)
         xray = crop(xray, rows, cols)
         lint = line_integral(xray.array[0], values)
         carm = carm_from_params(params, lint.shape[0], lint.shape[1], xray.spacing[:2])

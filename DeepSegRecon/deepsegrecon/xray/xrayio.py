@@ -51,11 +51,13 @@ def read_xray(path) -> tuple:
 
     from ..io import read_image
 
-    img = read_image(path)
-    info = {"values": "attenuation", "pixel_spacing": tuple(img.spacing[:2])}
+    img = read_image(path)  # checks (size, truncation, memory)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
+    if reader.GetDimension() == 3 and img.ndim == 2:  # a one-slice volume: keep its plane's 3-D placement
+        img = Image.from_sitk(reader.Execute(), **img.meta)
+    info = {"values": "attenuation", "pixel_spacing": tuple(img.spacing[:2])}
     for key in reader.GetMetaDataKeys():
         if key.startswith(META_PREFIX):
             value = reader.GetMetaData(key)
