@@ -47,6 +47,19 @@ def _pose_param(params: dict, key: str):
     return None if value is None else G.read_pose_json(value)
 
 
+def with_plane(xray: Image, plane) -> Image:
+    """The radiograph placed on ``plane`` ({"origin", "direction"} in LPS): a one-slice volume loses its 3-D
+    placement when it is written for the worker and read back as a 2-D image."""
+    if not plane:
+        return xray
+    try:
+        origin = np.asarray(plane["origin"], float).reshape(3)
+        direction = np.asarray(plane["direction"], float).reshape(3, 3)
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"xray_plane needs an origin (3 numbers) and a direction (3 x 3) ({e})") from e
+    return Image(xray.array, xray.spacing, tuple(origin), direction, dict(xray.meta))
+
+
 def default_landmarks(ct: Image) -> np.ndarray:
     """Without given landmarks: the centre and the 8 corners of the middle half of the CT box (LPS)."""
     size = np.asarray(ct.size, float) - 1
@@ -99,7 +112,7 @@ class XrayRegisterTask(Task):
         torch.manual_seed(0)
         ctx.step("prepare", 0.0, "preprocessing the X-ray")
         ct = images["ct"]
-        xray = as_slice(images["xray"])
+        xray = with_plane(as_slice(images["xray"]), params.get("xray_plane"))
         values = params.get("values", "auto")
         if values == "auto":
             values = "intensity" if str(params.get("photometric", "")).upper() == "MONOCHROME1" else "attenuation"
@@ -157,6 +170,8 @@ class XrayRegisterTask(Task):
         origin, direction = G.image_grid(reg, frame)
         drr_img = Image(drr[None].astype(np.float32), (reg.delx, reg.dely, 1.0), tuple(origin), direction)
         matrix = G.ct_to_xray_matrix(out.pose, frame, centre)
+        report["drr_plane"] = {"origin": list(map(float, origin)), "direction": np.asarray(direction).tolist(),
+                               "spacing": [reg.delx, reg.dely, 1.0]}
         report.update({"ncc": round(out.ncc, 5), "iterations": out.iterations,
                        "refine_seconds": round(out.seconds, 2), "pose": G.pose_json(out.pose),
                        "pose_matrix": out.pose.tolist()})
