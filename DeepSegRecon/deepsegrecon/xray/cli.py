@@ -47,7 +47,7 @@ def add_parsers(sub) -> None:
                    help="train the patient's pose regressor this long when the store has none (0: do not)")
     r.add_argument("--train-steps", type=int, default=None, help=__import__("argparse").SUPPRESS)
     r.add_argument("--levels", type=int, nargs="+", metavar="N", help="refinement levels as SIZE ITERATIONS pairs "
-                   "(default 32 80 64 60 128 30)")
+                   "(default 32 60 64 40 128 12)")
     r.add_argument("--init-pose", metavar="JSON", help="start the refinement from this pose")
     r.add_argument("--truth-pose", metavar="JSON", help="known pose: adds mTRE and geodesic distances to the report")
     r.add_argument("--landmarks", metavar="JSON", help="CT landmark points (LPS mm, a list of [x, y, z]) for mTRE")

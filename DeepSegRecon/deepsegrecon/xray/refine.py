@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .metrics import multiscale_ncc
 
-LEVELS = ((32, 80), (64, 60), (128, 30))  # (pixels along the longer side, most iterations)
+LEVELS = ((32, 60), (64, 40), (128, 12))  # (pixels along the longer side, most iterations)
 
 
 @dataclass
