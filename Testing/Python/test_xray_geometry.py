@@ -141,3 +141,30 @@ def test_downsample_keeps_world_position():
     assert d.spacing == (12.0, 14.0, 13.0)
     # the box centre moves by less than half a coarse voxel
     assert np.linalg.norm(centre_ras(d) - centre_ras(ct)) < 0.5 * np.linalg.norm(d.spacing)
+
+
+@pytest.mark.parametrize("name", ["se3_log_map", "euler_angles", "quaternion", "rotation_6d", "rotation_9d",
+                                  "rotation_10d"])
+def test_regressor_outputs_rigid_offsets_in_each_parameterisation(name):
+    from deepsegrecon.xray.regressor import PoseRegressor, default_config
+
+    cfg = {**default_config(name, "ZXY" if name == "euler_angles" else None), "widths": [8, 16, 16, 16], "groups": 4}
+    net = PoseRegressor(cfg).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()  # zero output: the offset is the identity
+        m = net.offsets(torch.randn(2, 1, 32, 32)).double()
+    assert m.shape == (2, 4, 4)
+    assert torch.allclose(m, torch.eye(4, dtype=torch.float64).expand(2, 4, 4), atol=1e-5)
+    net2 = PoseRegressor(cfg).eval()
+    with torch.no_grad():
+        m2 = net2.offsets(torch.randn(2, 1, 32, 32)).double()
+    r = m2[:, :3, :3]
+    assert torch.allclose(r @ r.mT, torch.eye(3, dtype=torch.float64).expand(2, 3, 3), atol=1e-4)
+
+
+def test_regressor_refuses_a_raw_matrix_output():
+    from deepsegrecon.xray.regressor import PoseRegressor, default_config
+
+    with pytest.raises(InputError, match="rotation_9d"):
+        PoseRegressor(default_config("matrix"))

