@@ -23,6 +23,7 @@ class RefineResult:
     ncc: float
     iterations: int
     seconds: float
+    cpu_seconds: float = 0.0  # process CPU time (all threads): the wall time an idle machine would need x threads
     history: list = field(default_factory=list)  # (level size, iteration, ncc)
 
 
@@ -56,7 +57,7 @@ def refine(renderer, target: torch.Tensor, carm, start: np.ndarray, levels=LEVEL
     """Refine ``start`` (4x4) against ``target`` (1, 1, H, W) taken with ``carm`` (any size)."""
     from diffdrr.pose import RigidTransform
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     start_t = torch.as_tensor(np.asarray(start), dtype=torch.float32)
     delta_t = torch.zeros(3, requires_grad=True)
     delta_r = torch.zeros(3, requires_grad=True)
@@ -111,4 +112,4 @@ def refine(renderer, target: torch.Tensor, carm, start: np.ndarray, levels=LEVEL
             delta_t.copy_(log[:3])
             delta_r.copy_(log[3:])
     renderer.set_carm(carm)
-    return RefineResult(best[1], best[0], iters, time.perf_counter() - t0, history)
+    return RefineResult(best[1], best[0], iters, time.perf_counter() - t0, time.process_time() - c0, history)
