@@ -55,6 +55,7 @@ def add_parsers(sub) -> None:
                    help="X-ray pixel values: detector intensity (log-inverted) or attenuation (auto: from DICOM)")
     r.add_argument("--size", type=int, default=128, help="registration resolution (longer side, default 128)")
     r.add_argument("--ct-spacing", type=float, default=3.0, metavar="MM", help="CT voxel size for rendering")
+    r.add_argument("--bone-attenuation", type=float, default=1.0, help="bone contrast of the DRRs (default 1)")
     r.add_argument("--parameterization", default="se3_log_map", help="regressor pose parameterisation")
     r.add_argument("--convention", default=None, help="Euler convention (with euler_angles)")
     _carm_args(r, False)
@@ -167,7 +168,7 @@ def cmd_register(args) -> int:
         raise InputError(f"output {out} is a file; -o needs a folder")
     params = {"train_minutes": args.train_minutes, "values": args.values, "size": args.size,
               "ct_spacing_mm": args.ct_spacing, "parameterization": args.parameterization,
-              "convention": args.convention}
+              "convention": args.convention, "bone_attenuation": args.bone_attenuation}
     if args.train_steps:
         params["train_steps"] = args.train_steps
     if args.levels:
