@@ -76,6 +76,27 @@ def test_register_cli_recovers_the_pose_and_writes_slicer_readable_outputs(case,
     assert rep["ncc"] > 0.8 and rep["iterations"] > 5 and rep["landmarks"] == 6
     assert {"geodesic_se3", "geodesic_rotation_mm", "geodesic_translation_mm", "double_geodesic_mm"} <= set(rep)
     assert "trained now (1 steps)" in rep["regressor"]
+    # pose.h5 in a real MRML scene (Slicer's transform storage node) puts the CT landmarks where the true pose does
+    import slicer
+
+    from deepsegrecon.xray.ct import centre_ras
+    from deepsegrecon.xray.xrayio import read_xray
+
+    scene = slicer.vtkMRMLScene()
+    node = slicer.vtkMRMLLinearTransformNode()
+    storage = slicer.vtkMRMLTransformStorageNode()
+    scene.AddNode(node)
+    scene.AddNode(storage)
+    storage.SetFileName(str(out / "pose.h5"))
+    assert storage.ReadData(node)
+    ct = small_ct()
+    xray, _ = read_xray(case / "drr" / "drr.nrrd")
+    carm = G.Carm(1020, 64, 64, 4.5, 4.5)
+    frame = G.xray_frame_from_image(carm, xray.origin, xray.direction)
+    truth_m = G.ct_to_xray_matrix(G.read_pose_json(_truth()), frame, centre_ras(ct))
+    for p in landmarks(ct):
+        got = np.array(node.GetTransformToParent().TransformPoint(*(p * [-1, -1, 1]))) * [-1, -1, 1]
+        assert np.linalg.norm(got - (truth_m @ np.append(p, 1))[:3]) < 2.0
     # the regressor is in the model store and found again for the same CT and C-arm
     from deepsegrecon.store import ModelStore
 
