@@ -1,8 +1,6 @@
 """Register X-ray logic on a real MRML scene: a worker runs xray-register; the transform node and the DRR volume
 come into the scene with the right geometry; bad input leaves the scene as it was."""
 
-import os
-
 import numpy as np
 import pytest
 import slicer

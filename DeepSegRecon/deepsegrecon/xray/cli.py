@@ -114,7 +114,7 @@ def write_transform(matrix_lps, path: Path) -> None:
         sitk.WriteTransform(tx, str(tmp))
 
 
-def read_transform(path) -> "np.ndarray":
+def read_transform(path):
     """The "to parent" LPS matrix of a transform file written by :func:`write_transform`."""
     import numpy as np
     import SimpleITK as sitk

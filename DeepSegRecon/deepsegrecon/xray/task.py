@@ -105,7 +105,6 @@ class XrayRegisterTask(Task):
 
     def run(self, images: dict, params: dict, ctx: TaskContext) -> TransformResult:
         from . import ct as C
-        from . import regressor as Reg
         from .metrics import double_geodesic, geodesic_se3, mtre
         from .refine import refine, resize_to, score
         from .xrayio import collimator_margins, crop, line_integral, to_tensor
