@@ -169,7 +169,8 @@ def bench_xray_refine_time(out: Path) -> dict:
     wall = time.perf_counter() - t
     frame = G.default_xray_frame(carm, centre)
     err = mtre(G.ct_to_xray_matrix(res.pose, frame, centre), G.ct_to_xray_matrix(truth, frame, centre), pts)
-    return {"refine_s": round(wall, 2), "refine_cpu_s": round(res.cpu_seconds, 2), "iterations": res.iterations, "ncc": round(res.ncc, 4),
+    return {"refine_s": round(wall, 2), "refine_cpu_s": round(res.cpu_seconds, 2), "iterations": res.iterations,
+            "ncc": round(res.ncc, 4),
             "mtre_mm": round(err, 3), "threads": 2, "target_s": 60.0, "met": wall <= 60.0,
             "load_average": os.getloadavg(), "cpu_count": os.cpu_count(),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

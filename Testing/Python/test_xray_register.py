@@ -179,7 +179,8 @@ def test_bad_input_is_refused_and_nothing_is_written(case, tmp_path, capsys):
                                                    "translation": [0, 850, 0]}))
     _fails(["xray-register", "--ct", ct, "--xray", drr, "-o", out, "--init-pose", tmp_path / "bad.json"], out,
            "unknown pose parameterisation 'rodrigues'", capsys)
-    _fails(["drr", "--ct", ct, "--pose", tmp_path / "bad.json", "-o", out], out, "unknown pose parameterisation", capsys)
+    _fails(["drr", "--ct", ct, "--pose", tmp_path / "bad.json", "-o", out], out, "unknown pose parameterisation",
+           capsys)
     # NaN in either image
     c = small_ct()
     c.array[3, 4, 5] = np.nan

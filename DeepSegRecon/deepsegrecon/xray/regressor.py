@@ -140,8 +140,11 @@ def save(store, version: str, model: PoseRegressor, carm, history: list, ct_sha:
         path = Path(d) / WEIGHTS
         torch.save(model.state_dict(), path)
         tail = history[-20:]
-        metrics = {"steps": len(history), "final_loss": float(np.mean([h["loss"] for h in tail])) if tail else None,
-                   "final_double_geodesic_mm": float(np.mean([h["double_geodesic_mm"] for h in tail])) if tail else None}
+        def mean(key):
+            return float(np.mean([h[key] for h in tail])) if tail else None
+
+        metrics = {"steps": len(history), "final_loss": mean("loss"),
+                   "final_double_geodesic_mm": mean("double_geodesic_mm")}
         return store.write_version(TASK, version, {WEIGHTS: path}, {
             "name": f"X-ray pose regressor {version}", "task": TASK, "version": version,
             "network": model.config, "input_spec": {"carm": carm.to_dict()}, "trained_on": ct_sha,

@@ -175,7 +175,8 @@ class XrayRegisterTask(Task):
                                "spacing": [reg.delx, reg.dely, 1.0]}
         report.update({"ncc": round(out.ncc, 5), "iterations": out.iterations,
                        "refine_seconds": round(out.seconds, 2),
-                       "refine_cpu_seconds": round(out.cpu_seconds, 2), "threads": torch.get_num_threads(), "pose": G.pose_json(out.pose),
+                       "refine_cpu_seconds": round(out.cpu_seconds, 2), "threads": torch.get_num_threads(),
+                       "pose": G.pose_json(out.pose),
                        "pose_matrix": out.pose.tolist()})
         truth = _pose_param(params, "truth_pose")
         if truth is not None:

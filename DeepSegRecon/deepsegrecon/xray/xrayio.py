@@ -84,7 +84,8 @@ def _read_dicom(path: Path) -> tuple:
         raise InputError(f"cannot read the DICOM X-ray {path.name}: {e}") from e
     if arr.ndim != 2:
         raise InputError(f"X-ray {path.name} is {arr.ndim}-D (shape {arr.shape}); an X-ray is one 2-D image")
-    arr = arr.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+    slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
+    arr = arr.astype(np.float32) * slope + intercept
     spacing = None
     for tag in ("ImagerPixelSpacing", "PixelSpacing"):
         v = getattr(ds, tag, None)
