@@ -217,7 +217,7 @@ def cmd_register(args) -> int:
 
 
 def write_preview(xray, result, path: Path) -> None:
-    """X-ray, final DRR and their overlay side by side."""
+    """The preprocessed X-ray, the final DRR and their overlay side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,12 +226,12 @@ def write_preview(xray, result, path: Path) -> None:
     import torch
 
     from ..files import atomic_file
-    from .xrayio import minmax, to_tensor
+    from .xrayio import crop, line_integral, minmax, to_tensor
 
     drr = result.images["drr"].array[0]
-    xr = to_tensor(xray.array[0].astype(np.float32), *drr.shape)[0, 0].numpy()
-    if result.report.get("values") == "intensity":
-        xr = 1 - xr
+    cols, rows = result.report.get("collimator_crop_px", (0, 0))
+    shown = line_integral(crop(xray, rows, cols).array[0], result.report.get("values", "attenuation"))
+    xr = to_tensor(shown, *drr.shape)[0, 0].numpy()  # what was registered: cropped, attenuation
     dn = minmax(torch.from_numpy(drr)[None, None])[0, 0].numpy()
     fig, ax = plt.subplots(1, 3, figsize=(9, 3.2))
     for a, img, title in zip(ax, (xr, dn, np.stack([xr, dn, xr], -1)), ("X-ray", "DRR at the pose", "overlay")):
