@@ -145,7 +145,8 @@ def bench_xray_chest_20poses(out: Path) -> dict:
 @bench
 def bench_xray_refine_time(out: Path) -> dict:
     """Refinement of one 128^2 view from a +-10 deg / +-30 mm start (no regressor), on ``XRAY_BENCH_THREADS``
-    torch threads (default 2)."""
+    torch threads (default 1: faster than 2 on a 2-core machine, where the small tensors of one view gain
+    little from a second thread)."""
     import resource
 
     import torch
@@ -156,7 +157,7 @@ def bench_xray_refine_time(out: Path) -> dict:
     from deepsegrecon.xray.refine import refine
     from deepsegrecon.xray.xrayio import to_tensor
 
-    threads = int(os.environ.get("XRAY_BENCH_THREADS", "2"))
+    threads = int(os.environ.get("XRAY_BENCH_THREADS", "1"))
     torch.set_num_threads(threads)
     ct, lm = _chest()
     pts = np.array(list(lm.values()))
