@@ -1,0 +1,250 @@
+"""Register X-ray: intraoperative X-ray <-> preoperative CT (DiffPose with DiffDRR).
+
+Slicer module of the DeepSegRecon extension. Qt wiring only: every button calls one method of
+:class:`RegisterXrayLogic` (the engine's headless ``deepsegrecon.scene.xray.RegisterXrayLogic`` with Slicer's
+module-logic base). The work runs in a worker process (``PythonSlicer``); a QTimer polls it.
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+import qt
+import slicer
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+POLL_INTERVAL_MS = 200
+
+
+def _setUpEngine():
+    """Make ``import deepsegrecon`` work from the installed extension or the source tree."""
+    for parent in (MODULE_DIR, os.path.dirname(MODULE_DIR)):
+        if os.path.isfile(os.path.join(parent, "deepsegrecon", "__init__.py")):
+            if parent not in sys.path:
+                sys.path.insert(0, parent)
+            return
+
+
+def findResource(relativePath):
+    for folder in (os.path.join(MODULE_DIR, "Resources"),
+                   os.path.join(os.path.dirname(os.path.dirname(MODULE_DIR)), "Resources")):
+        path = os.path.join(folder, relativePath)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+_setUpEngine()
+
+try:
+    from deepsegrecon.scene.logic import FINAL as FINAL_STATES
+    from deepsegrecon.scene.xray import RegisterXrayLogic as SceneRegisterXrayLogic
+except ImportError as _error:
+    raise ImportError(f"Register X-ray cannot import its engine (the 'deepsegrecon' package beside {MODULE_DIR}): "
+                      f"{_error}. Reinstall the DeepSegRecon extension.") from _error
+
+
+class RegisterXray(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Register X-ray"
+        self.parent.categories = ["DeepSegRecon"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["DeepSegRecon maintainers"]
+        self.parent.helpText = """
+Registers an intraoperative X-ray to the patient's preoperative CT (DiffPose: a patient-specific pose regressor
+trained on digitally reconstructed radiographs of the CT, then refinement by maximising the multiscale normalised
+cross-correlation between the X-ray and DRRs rendered with DiffDRR).
+<ol>
+<li>Choose the CT and the X-ray. Check the C-arm geometry: source-to-detector distance and pixel spacing (taken from
+the DICOM tags where present; a file with pixel spacing 0 needs the value here), the view (AP/PA) and whether the
+X-ray holds raw detector intensities (log-inverted) or attenuation.</li>
+<li>Click <b>Register</b>. The first time for a CT, the pose regressor trains for the given minutes (0: refinement
+from the start pose only); it is stored per patient and reused. <b>Cancel</b> stops the work and leaves the scene
+unchanged.</li>
+<li>The result is a linear transform that places the CT in the X-ray's frame (the CT is put under it) and the DRR
+at that pose as a volume on the X-ray's plane, shown over the X-ray; the report gives NCC, iterations and time.</li>
+</ol>
+"""
+        self.parent.helpText += ('<p>For more information see the <a href="https://github.com/DeepSegRecon/'
+                                 'SlicerDeepSegRecon#readme">DeepSegRecon documentation</a>.</p>')
+        self.parent.acknowledgementText = """
+Built on 3D Slicer, PyTorch, MONAI and DiffDRR (Gopalakrishnan and Golland); the method follows DiffPose
+(Gopalakrishnan, Dey and Golland, CVPR 2024).
+"""
+        if self.parent.icon.isNull():
+            icon = findResource("Icons/RegisterXray.png")
+            if icon:
+                self.parent.icon = qt.QIcon(icon)
+
+
+class RegisterXrayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Qt wiring only: each button calls one logic method; a timer polls the running job."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._pollTimer = None
+        self._xrayNode = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiPath = self.resourcePath("UI/RegisterXray.ui")
+        if not os.path.isfile(uiPath):
+            uiPath = findResource("UI/RegisterXray.ui")
+        uiWidget = slicer.util.loadUI(uiPath)
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = RegisterXrayLogic()
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self.onPollTimer)
+        self.ui.registerButton.connect("clicked(bool)", self.onRegisterButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.xrayVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onXrayChanged)
+        self.ui.ctVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.updateButtons()
+
+    def cleanup(self):
+        if self._pollTimer:
+            self._pollTimer.stop()
+        if self.logic and self.logic.running:
+            self.logic.cancel()
+        self.removeObservers()
+
+    def onSceneStartClose(self, caller, event):
+        if self.logic and self.logic.running:
+            self.logic.cancel()
+
+    def onXrayChanged(self, node=None):
+        """Show the spacing the X-ray node carries (the user corrects it where the file had none)."""
+        if node is not None and node is not self._xrayNode:
+            spacing = node.GetSpacing()
+            self.ui.pixelSpacingSpinBox.value = spacing[0] if spacing[0] != 1.0 else 0.0
+            sdd = node.GetAttribute("DICOM.DistanceSourceToDetector")
+            if sdd:
+                self.ui.sddSpinBox.value = float(sdd)
+        self._xrayNode = node
+        self.updateButtons()
+
+    def updateButtons(self, *args):
+        running = bool(self.logic and self.logic.running)
+        ready = self.ui.ctVolumeSelector.currentNode() is not None and \
+            self.ui.xrayVolumeSelector.currentNode() is not None
+        self.ui.registerButton.enabled = ready and not running
+        self.ui.cancelButton.enabled = running
+
+    def parameters(self):
+        params = {"sdd": self.ui.sddSpinBox.value, "pixel_spacing": [self.ui.pixelSpacingSpinBox.value] * 2,
+                  "view": self.ui.viewComboBox.currentText, "values": self.ui.valuesComboBox.currentText,
+                  "bone_attenuation": self.ui.boneAttenuationSpinBox.value,
+                  "train_minutes": self.ui.trainMinutesSpinBox.value}
+        if self.ui.sidSpinBox.value > 0:
+            params["sid"] = self.ui.sidSpinBox.value
+        path = self.ui.initPosePathLineEdit.currentPath
+        if path:
+            with open(path) as f:
+                params["init_pose"] = json.load(f)
+        return params
+
+    def onRegisterButton(self):
+        try:
+            self.logic.register(self.ui.ctVolumeSelector.currentNode(), self.ui.xrayVolumeSelector.currentNode(),
+                                self.parameters())
+        except Exception as e:  # noqa: BLE001 - shown to the user
+            slicer.util.errorDisplay(f"Register X-ray: {e}")
+            return
+        self.ui.statusLabel.text = "running"
+        self._pollTimer.start()
+        self.updateButtons()
+
+    def onCancelButton(self):
+        self.logic.cancel()
+        self._pollTimer.stop()
+        self.ui.statusLabel.text = "cancelled"
+        self.updateButtons()
+
+    def onPollTimer(self):
+        status = self.logic.poll()
+        self.ui.progressBar.value = int(100 * (status.get("fraction") or 0))
+        eta = status.get("eta_s")
+        self.ui.statusLabel.text = f"{status.get('stage') or ''} {status.get('message') or ''}" + \
+            (f" (ETA {int(eta)} s)" if eta is not None else "")
+        if status["state"] not in FINAL_STATES:
+            return
+        self._pollTimer.stop()
+        self.updateButtons()
+        if status["state"] == "succeeded":
+            rep = self.logic.result.report
+            self.ui.reportLabel.text = (f"NCC {rep['ncc']:.4f}, {rep['iterations']} iterations, "
+                                        f"{rep['seconds']:.0f} s; regressor: {rep.get('regressor')}")
+            drr = self.logic.output_nodes[1] if len(self.logic.output_nodes) > 1 else None
+            slicer.util.setSliceViewerLayers(background=self.ui.xrayVolumeSelector.currentNode(), foreground=drr,
+                                             foregroundOpacity=0.5, fit=True)
+        else:
+            self.ui.statusLabel.text = f"{status['state']}: {status.get('error') or ''}"
+
+
+class RegisterXrayLogic(SceneRegisterXrayLogic, ScriptedLoadableModuleLogic):
+    """The engine's headless scene logic with Slicer's module-logic base: ``register(ct, xray, params)``,
+    ``poll()``, ``cancel()``, ``wait()``, ``output_nodes`` (transform, DRR volume), ``result``."""
+
+    def __init__(self, scene=None, python=None, job_root=None):
+        if job_root is None:
+            job_root = os.path.join(slicer.app.temporaryPath or tempfile.gettempdir(), "DeepSegRecon", "jobs")
+        if python is None:
+            name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+            candidate = os.path.join(os.path.dirname(sys.executable), name)
+            python = candidate if os.path.isfile(candidate) else sys.executable
+        SceneRegisterXrayLogic.__init__(self, scene if scene is not None else slicer.mrmlScene, python=python,
+                                        job_root=job_root)
+        ScriptedLoadableModuleLogic.__init__(self)
+
+
+class RegisterXrayTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer: a DRR of a small CT at a known pose is registered back."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_RegisterXray_synthetic()
+
+    def test_RegisterXray_synthetic(self):
+        import numpy as np
+
+        from deepsegrecon.image import Image
+        from deepsegrecon.scene.volumes import image_to_volume_node
+        from deepsegrecon.task import TaskContext, get_task
+
+        k, j, i = np.meshgrid(np.arange(36), np.arange(30), np.arange(34), indexing="ij")
+        a = np.where(((i - 17) / 15.0) ** 2 + ((j - 15) / 12.0) ** 2 < 1, 20.0, -1000.0).astype(np.float32)
+        for z in range(4, 32, 5):
+            a[z:z + 3, 17:22, 13:19] = 1000.0
+        ct = Image(a, spacing=(6.0, 7.0, 6.5), origin=(-90.0, -80.0, -100.0))
+        pose = {"parameterization": "euler_angles", "convention": "ZXY", "rotation": [0.05, 0.0, 0.03],
+                "translation": [5.0, 855.0, -5.0]}
+        drr = get_task("drr").run({"ct": ct}, {**get_task("drr").default_params(), "pose": pose, "height": 64,
+                                                "width": 64, "pixel_spacing": [4.5, 4.5]}, TaskContext())
+        ctNode = image_to_volume_node(slicer.mrmlScene, ct, "CT")
+        xrayNode = image_to_volume_node(slicer.mrmlScene, drr.volumes["drr"], "X-ray")
+        logic = RegisterXrayLogic()
+        logic.register(ctNode, xrayNode, {"sdd": 1020, "pixel_spacing": [4.5, 4.5], "train_minutes": 0,
+                                          "size": 64, "ct_spacing_mm": 0, "truth_pose": pose})
+        status = logic.wait(timeout=600)
+        self.assertEqual(status["state"], "succeeded", status.get("error"))
+        self.assertTrue(logic.output_nodes[0].IsA("vtkMRMLLinearTransformNode"))
+        self.assertLess(logic.result.report["mtre_mm"], 5.0)
+        self.delayDisplay("Register X-ray test passed")

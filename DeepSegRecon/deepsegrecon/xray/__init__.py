@@ -1,0 +1,7 @@
+"""X-ray <-> CT registration (DiffPose recipe on DiffDRR).
+
+Modules: ``geometry`` (C-arm, poses and their parameterisations, frames), ``ct`` (CT -> DiffDRR renderer,
+landmarks), ``xrayio`` (reading and preprocessing radiographs), ``metrics`` (multiscale NCC, geodesics, mTRE),
+``regressor`` (patient-specific ResNet-18 pose regressor and its training), ``refine`` (test-time
+refinement) and ``task`` (the registered ``xray-register`` and ``drr`` tasks).
+"""
