@@ -2,3 +2,4 @@
 
 # Each capability adds its import here.
 from .teeth import task as _teeth_task  # noqa: F401
+from .brain import task as _brain_task  # noqa: F401
