@@ -29,7 +29,7 @@ from .preprocess import zscore
 
 VERSION = "phantom-v1"
 TRAIN_SEEDS = (0, 100_000)
-HELDOUT_SEEDS = tuple(range(100_001, 100_009))
+HELDOUT_SEEDS = tuple(range(100_001, 100_007))
 DROP_PATTERNS = ((), ("t1",), ("t2",), ("t1", "t2"))
 
 
@@ -71,8 +71,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if s == 0 else float(2.0 * (a & b).sum() / s)
 
 
-def train_from_phantoms(out_dir, minutes: float = 20.0, seed: int = 0, init_filters: int = 8, crop=(48, 48, 48),
-                        lr: float = 1e-3, pool: int = 24, refresh: int = 4, eval_seeds=HELDOUT_SEEDS,
+def train_from_phantoms(out_dir, minutes: float = 20.0, seed: int = 0, init_filters: int = 8, crop=(32, 32, 32),
+                        lr: float = 2e-3, pool: int = 12, refresh: int = 12, eval_seeds=HELDOUT_SEEDS,
                         version: str = VERSION, log=print, iterations=None, wall_minutes=None):
     """``minutes``: CPU time of this process (the machine may be shared); ``wall_minutes``: a wall-clock cap."""
     from ..store import ModelStore
@@ -157,19 +157,21 @@ def evaluate(model_dir, seeds=HELDOUT_SEEDS, input_sets=(MODALITIES, ("t1c", "fl
     from ..task import TaskContext, get_task
 
     task = get_task("brain-tumor")
-    out = {}
-    for inputs in input_sets:
-        key = "+".join(inputs)
-        per = []
-        for s in seeds:
-            p = make_phantom(s)
+    per = {"+".join(inputs): [] for inputs in input_sets}
+    for s in seeds:
+        p = make_phantom(s)
+        gt = L.to_regions(p["labels"].array)
+        for inputs in input_sets:
+            key = "+".join(inputs)
             res = task.run({m: p["images"][m] for m in inputs}, {"device": "cpu"},
                            TaskContext(model_dir=Path(model_dir)))
-            pr, gt = L.to_regions(res.labelmap.array), L.to_regions(p["labels"].array)
-            per.append({"seed": s, **{r: round(dice(pr[i], gt[i]), 4) for i, r in enumerate(("ET", "TC", "WT"))}})
-            log(f"[eval] {key} seed {s}: {per[-1]}")
-        out[key] = {r: round(float(np.mean([d[r] for d in per])), 4) for r in ("ET", "TC", "WT")}
-        out[key]["per_seed"] = per
+            pr = L.to_regions(res.labelmap.array)
+            per[key].append({"seed": s, **{r: round(dice(pr[i], gt[i]), 4) for i, r in enumerate(("ET", "TC", "WT"))}})
+            log(f"[eval] {key} seed {s}: {per[key][-1]}")
+    out = {}
+    for key, rows in per.items():
+        out[key] = {r: round(float(np.mean([d[r] for d in rows])), 4) for r in ("ET", "TC", "WT")}
+        out[key]["per_seed"] = rows
     return out
 
 
@@ -180,8 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--wall-minutes", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init-filters", type=int, default=8)
-    ap.add_argument("--crop", type=int, nargs=3, default=(48, 48, 48))
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--crop", type=int, nargs=3, default=(32, 32, 32))
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
