@@ -29,7 +29,7 @@ PAPER = {"arch": "segresnet-vae-myronenko2018", "init_filters": 32, "blocks_down
          "blocks_up": [1, 1, 1], "dropout": 0.2, "vae_nz": 128, "vae_input_size": [160, 192, 128]}
 
 
-def default_network(init_filters: int = 8, crop=(64, 64, 64), modalities=("t1", "t1c", "t2", "flair"),
+def default_network(init_filters: int = 8, crop=(32, 32, 32), modalities=("t1", "t1c", "t2", "flair"),
                     spacing_mm: float = 2.0) -> dict:
     """The CPU-sized configuration of the shipped weights (the paper's is ``init_filters=32`` and a
     160x192x128 crop at 1 mm)."""
