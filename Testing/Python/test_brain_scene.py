@@ -70,3 +70,17 @@ def test_missing_required_input_refused_scene_unchanged(setup):
     with pytest.raises(InputError, match="unknown inputs"):
         logic.start({"dwi": nodes["t1"], "t1c": nodes["t1c"], "flair": nodes["flair"]}, {})
     assert mrml.GetNumberOfNodes() == before and not logic.running
+
+
+def test_cancel_leaves_the_scene_unchanged(setup):
+    import time
+
+    mrml, nodes, logic = setup
+    before = mrml.GetNumberOfNodes()
+    logic.start({m: nodes[m] for m in ("t1", "t1c", "t2", "flair")}, {"device": "cpu"})
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    logic.cancel()
+    assert time.monotonic() - t0 < 2.5
+    assert logic.poll()["state"] == "cancelled" and not logic.running
+    assert mrml.GetNumberOfNodes() == before and logic.output_nodes == []

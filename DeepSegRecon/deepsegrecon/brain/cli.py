@@ -106,7 +106,7 @@ def cmd_train_brain(args) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     entry = train_from_phantoms(Path(args.out).expanduser(), minutes=args.minutes, seed=args.seed,
-                                log=lambda m: print(m, file=sys.stderr, flush=True))
+                                log=lambda m: print(m, file=sys.stderr, flush=True), wall_minutes=args.wall_minutes)
     print(f"trained: {entry.dir}")
     for key, m in (entry.manifest.get("metrics") or {}).items():
         print(f"  held-out phantoms, inputs {key}: WT {m['WT']:.3f}  TC {m['TC']:.3f}  ET {m['ET']:.3f}")
@@ -134,7 +134,8 @@ def add_parsers(sub) -> None:
 
     t = sub.add_parser("train-brain-phantoms", help="train the brain-tumour network on phantoms (CPU minutes)")
     t.add_argument("--out", required=True, metavar="DIR")
-    t.add_argument("--minutes", type=float, default=20.0)
+    t.add_argument("--minutes", type=float, default=20.0, help="CPU minutes of training (default 20)")
+    t.add_argument("--wall-minutes", type=float, default=None, help="wall-clock cap (a shared machine)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1)
     t.set_defaults(func=cmd_train_brain)
