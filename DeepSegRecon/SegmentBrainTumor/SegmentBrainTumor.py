@@ -291,7 +291,7 @@ class SegmentBrainTumorTest(ScriptedLoadableModuleTest):
         from deepsegrecon.brain.phantom import make_phantom
         from deepsegrecon.scene.volumes import image_to_volume_node
 
-        p = make_phantom(100_004)
+        p = make_phantom(100_005)
         nodes = {m: image_to_volume_node(slicer.mrmlScene, img, f"phantom {m}") for m, img in p["images"].items()}
         logic = SegmentBrainTumorLogic()
         seg, table = logic.run({"t1c": nodes["t1c"], "flair": nodes["flair"]}, {"device": "cpu"}, timeout=900)

@@ -16,7 +16,7 @@ from deepsegrecon.scene.brain import SegmentBrainTumorLogic
 def phantom():
     from deepsegrecon.brain.phantom import make_phantom
 
-    return make_phantom(100_003)
+    return make_phantom(100_005)
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from deepsegrecon.image import Image
 
 # Regression floors for the shipped phantom-v1 weights on held-out phantom seeds (measured values are in the
 # manifest and README; these sit a little below them).
-FLOOR_4 = {"WT": 0.80, "TC": 0.70, "ET": 0.60}
-FLOOR_2 = {"WT": 0.75, "TC": 0.65, "ET": 0.55}
+FLOOR_4 = {"WT": 0.90, "TC": 0.85, "ET": 0.80}  # the bars
+FLOOR_2 = {"WT": 0.85, "TC": 0.80, "ET": 0.75}  # seed 100001; FLAIR + T1c fails on some seeds (README)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -3,7 +3,8 @@ tumour labelmap (BraTS 2023 values 1 / 2 / 3) on the first input's grid, and the
 
 Steps: inputs on a common grid, z-score over brain voxels, the model's isotropic grid, sliding-window
 SegResNet (sigmoid ET / TC / WT), probabilities back to the input grid (linear), threshold 0.5 with nesting
-enforced (ET within TC within WT) and kept inside the brain (non-zero voxels of any input).
+enforced (ET within TC within WT) and kept inside the brain (non-zero voxels of any input); specks are dropped:
+the core is its largest connected component and the whole tumour the components that touch it.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def segment(images: dict, model: BrainModel, device="cpu", step: Optional[Callab
     p = probabilities_to_ref(probs, grid, ref)
     del probs
     et, tc, wt = (p[i] > 0.5 for i in range(3))
-    lab = L.from_regions(et & brain, tc & brain, wt & brain)
+    et, tc, wt = keep_connected_tumour(et & brain, tc & brain, wt & brain)
+    lab = L.from_regions(et, tc, wt)
     del p
     timings["output_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_all
@@ -127,6 +129,28 @@ def segment(images: dict, model: BrainModel, device="cpu", step: Optional[Callab
                                   "inputs_missing": [m for m in MODALITIES if m not in used],
                                   "model_grid": {"shape_kji": list(grid.array.shape), "spacing_mm": list(grid.spacing)},
                                   "timings_s": {k: round(v, 2) for k, v in timings.items()}})
+
+
+def keep_connected_tumour(et, tc, wt):
+    """Drop specks: the tumour core is its largest connected component; the whole tumour keeps the components
+    that touch that core (the largest one where no core was found); enhancing tumour stays inside the core."""
+    from scipy import ndimage as ndi
+
+    lab, n = ndi.label(tc)
+    if n:
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        tc = lab == int(np.argmax(sizes))
+    lab, n = ndi.label(wt | tc)
+    if n:
+        if tc.any():
+            keep = np.unique(lab[tc])
+        else:
+            sizes = np.bincount(lab.ravel())
+            sizes[0] = 0
+            keep = [int(np.argmax(sizes))]
+        wt = np.isin(lab, [k for k in keep if k > 0])
+    return et & tc, tc, wt
 
 
 def make_result(ref: Image, lab: np.ndarray, extra: dict) -> SegmentationResult:
