@@ -1,6 +1,6 @@
 """Train the brain-tumour network on phantoms (:mod:`.phantom`) with the paper's loss, and evaluate it.
 
-    python -m deepsegrecon.brain.train --out Resources/Models/brain-tumor --minutes 20 --seed 0
+    python -m deepsegrecon.brain.train --out Resources/Models --minutes 20 --seed 0   # writes Resources/Models/brain-tumor/phantom-v1
 
 Each iteration: one random crop (``crop``, mostly centred in the tumour) of a phantom from a pool that is
 refreshed as training goes (a new phantom every ``refresh`` iterations), random flips, intensity scale
