@@ -35,7 +35,7 @@ from .errors import DeepSegReconError, InputError, ResourceError
 
 VISIBLE_COMMANDS = ["phantom", "teeth", "models", "train-teeth-phantoms", "train", "finetune", "add-case"]
 # Capabilities that own their subcommands: each module has ``COMMANDS`` (names) and ``add_parsers(sub)``.
-CAPABILITY_CLIS: tuple[str, ...] = (".slices.cli", ".cbct.cli", ".xray.cli")
+CAPABILITY_CLIS: tuple[str, ...] = (".slices.cli", ".cbct.cli", ".xray.cli", ".brain.cli")
 STEM_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".dcm")
 
 

@@ -61,11 +61,15 @@ class Recipe:
                 "base_version": base_version, "description": description, **result.manifest_fields()}
 
 
+RECIPE_MODULES = {"brain-tumor": "deepsegrecon.brain.training"}  # task names that are not module names
+
+
 def get_recipe(ref, **options) -> Recipe:
     """A task name (``teeth`` -> ``deepsegrecon.teeth.training:recipe``) or a ``module:attribute`` reference;
     a callable attribute is called with ``options``."""
     ref = str(ref)
-    module_name, _, attr = ref.partition(":") if ":" in ref else (f"deepsegrecon.{ref}.training", ":", "recipe")
+    module_name, _, attr = ref.partition(":") if ":" in ref else (
+        RECIPE_MODULES.get(ref, f"deepsegrecon.{ref}.training"), ":", "recipe")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

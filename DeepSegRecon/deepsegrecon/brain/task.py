@@ -1,0 +1,198 @@
+"""The ``brain-tumor`` task: T1, T1c, T2, FLAIR (at least FLAIR and T1c) -> necrosis / oedema / enhancing
+tumour labelmap (BraTS 2023 values 1 / 2 / 3) on the first input's grid, and the nested regions' volumes.
+
+Steps: inputs on a common grid, z-score over brain voxels, the model's isotropic grid, sliding-window
+SegResNet (sigmoid ET / TC / WT), probabilities back to the input grid (linear), threshold 0.5 with nesting
+enforced (ET within TC within WT) and kept inside the brain (non-zero voxels of any input); specks are dropped:
+the core is its largest connected component and the whole tumour the components that touch it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..device import CHOICES, resolve_device
+from ..errors import InputError, ModelError
+from ..image import Image
+from ..task import InputSpec, SegmentationResult, Task, TaskContext, register
+from . import labels as L
+from .nets import build_net, load_seg_weights
+from .preprocess import probabilities_to_ref, to_network_input
+
+TASK = "brain-tumor"
+WEIGHT_FILE = "model.pt"
+MODALITIES = ("t1", "t1c", "t2", "flair")
+REQUIRED = ("t1c", "flair")
+STAGES = {"prepare": 15, "network": 65, "output": 20}
+
+
+@dataclass
+class BrainModel:
+    net: torch.nn.Module
+    network: dict
+    manifest: dict
+    version: str = ""
+
+
+def load_model(entry) -> BrainModel:
+    from ..store import check_task, load_state_dict
+
+    check_task(entry, TASK)
+    network = entry.manifest.get("network")
+    if not isinstance(network, dict) or "init_filters" not in network:
+        raise ModelError(f"model {entry.task} {entry.version} ({entry.dir}): its manifest has no SegResNet 'network' "
+                         "config; it is not a brain-tumor model of this version of DeepSegRecon")
+    try:
+        net = build_net(network, with_vae=False)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"model {entry.version}: the network config in its manifest is invalid ({e})") from e
+    state = load_state_dict(entry, WEIGHT_FILE, task=TASK)
+    try:
+        load_seg_weights(net, {k: v.float() for k, v in state.items()})
+    except (RuntimeError, KeyError) as e:
+        raise ModelError(f"{WEIGHT_FILE} in model {entry.task} {entry.version} does not fit the network its "
+                         f"manifest describes ({str(e).splitlines()[0]})") from e
+    net.eval()
+    return BrainModel(net, network, dict(entry.manifest), entry.version)
+
+
+def check_inputs(images: dict) -> None:
+    from ..validate import check_image
+
+    unknown = sorted(set(images) - set(MODALITIES))
+    if unknown:
+        raise InputError(f"{TASK} takes the inputs {', '.join(MODALITIES)}; unknown: {', '.join(unknown)}")
+    if len(images) < 2:
+        raise InputError(f"{TASK} needs at least two MRI inputs (FLAIR and T1c); got "
+                         f"{', '.join(images) or 'none'}")
+    missing = [m for m in REQUIRED if m not in images]
+    if missing:
+        raise InputError(f"{TASK} needs at least FLAIR and T1c; missing: {', '.join(missing)}")
+    for name, img in images.items():
+        if not isinstance(img, Image):
+            raise InputError(f"input {name} is not an image")
+        if img.ndim != 3:
+            raise InputError(f"input {name} is {img.ndim}-D (shape {img.array.shape}); a 3-D MRI volume is needed")
+        a = np.asarray(img.array)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise InputError(f"input {name} has {int((~np.isfinite(a)).sum())} NaN or infinite voxels")
+        if not np.any(a != 0):
+            raise InputError(f"input {name} has no brain voxels (every voxel is 0); a skull-stripped MRI is needed")
+        check_image(img, f"input {name}", ndim=3)
+
+
+def segment(images: dict, model: BrainModel, device="cpu", step: Optional[Callable] = None,
+            overlap: float = 0.25) -> SegmentationResult:
+    """Segment a brain tumour in ``images`` ({modality: Image}); see the module docstring."""
+    from ..inference import sliding_window
+
+    step = step or (lambda stage, fraction=0.0, message="": None)
+    device = torch.device(device)
+    t_all = t0 = time.perf_counter()
+    net_cfg = model.network
+    mods = list(net_cfg.get("modalities") or MODALITIES)
+    order = [m for m in MODALITIES if m in images]
+    step("prepare", 0.0, "z-scoring the inputs")
+    x, grid, ref, brain, used = to_network_input({m: images[m] for m in order}, mods, float(net_cfg["spacing_mm"]))
+    timings = {"prepare_s": time.perf_counter() - t0}
+    step("prepare", 1.0)
+    t0 = time.perf_counter()
+    roi = [int(r) for r in net_cfg["roi"]]
+    size = x.shape[2:]
+    pad = [max(0, r - s) for r, s in zip(roi, size)]
+    if any(pad):
+        x = torch.nn.functional.pad(x, [v for p in reversed(pad) for v in (p // 2, p - p // 2)])
+    logits = sliding_window(model.net, x, roi, device, overlap=overlap, sw_batch_size=1 if device.type == "cpu" else 4,
+                            progress=lambda f: step("network", f, "SegResNet (ET, TC, WT)"))[0]
+    if any(pad):
+        logits = logits[(slice(None),) + tuple(slice(p // 2, p // 2 + s) for p, s in zip(pad, size))]
+    probs = torch.sigmoid(logits).numpy()
+    del logits, x
+    timings["network_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    step("output", 0.0, "labels on the input grid")
+    p = probabilities_to_ref(probs, grid, ref)
+    del probs
+    et, tc, wt = (p[i] > 0.5 for i in range(3))
+    et, tc, wt = keep_connected_tumour(et & brain, tc & brain, wt & brain)
+    lab = L.from_regions(et, tc, wt)
+    del p
+    timings["output_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_all
+    step("output", 1.0)
+    return make_result(ref, lab, {"model": model.version, "device": str(device), "inputs_used": used,
+                                  "inputs_missing": [m for m in MODALITIES if m not in used],
+                                  "model_grid": {"shape_kji": list(grid.array.shape), "spacing_mm": list(grid.spacing)},
+                                  "timings_s": {k: round(v, 2) for k, v in timings.items()}})
+
+
+def keep_connected_tumour(et, tc, wt):
+    """Drop specks: the tumour core is its largest connected component; the whole tumour keeps the components
+    that touch that core (the largest one where no core was found); enhancing tumour stays inside the core."""
+    from scipy import ndimage as ndi
+
+    lab, n = ndi.label(tc)
+    if n:
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        tc = lab == int(np.argmax(sizes))
+    lab, n = ndi.label(wt | tc)
+    if n:
+        if tc.any():
+            keep = np.unique(lab[tc])
+        else:
+            sizes = np.bincount(lab.ravel())
+            sizes[0] = 0
+            keep = [int(np.argmax(sizes))]
+        wt = np.isin(lab, [k for k in keep if k > 0])
+    return et & tc, tc, wt
+
+
+def make_result(ref: Image, lab: np.ndarray, extra: dict) -> SegmentationResult:
+    img = Image(lab.astype(np.uint8), ref.spacing, ref.origin, ref.direction.copy(), {"task": TASK,
+                                                                                    "labels": "brats2023"})
+    present = [v for v in (L.NCR, L.ED, L.ET) if (lab == v).any()]
+    absent = [L.SUBREGION_NAMES[v] for v in (L.NCR, L.ED, L.ET) if v not in present]
+    report = {**extra, "labels": "brats2023 (1 necrosis, 2 oedema, 3 enhancing)",
+              "volumes_ml": L.region_volumes_ml(lab, ref.spacing)}
+    return SegmentationResult(img, L.subregion_infos(present), absent, report)
+
+
+@register
+class BrainTumorTask(Task):
+    name = TASK
+    title = "Segment Brain Tumour"
+    inputs = tuple(InputSpec(m, 3, m in REQUIRED, d) for m, d in (
+        ("t1", "T1-weighted MRI"), ("t1c", "contrast-enhanced T1 MRI"), ("t2", "T2-weighted MRI"),
+        ("flair", "T2-FLAIR MRI")))
+    uses_model = True
+    stages = STAGES
+
+    def default_params(self) -> dict:
+        return {"device": "auto", "model": None}
+
+    def validate(self, images: dict, params: dict) -> None:
+        check_inputs(images)
+        dev = str((params or {}).get("device") or "auto").lower()
+        if not (dev in CHOICES or dev.startswith("cuda:")):
+            raise InputError(f"unknown device '{params.get('device')}'; choose one of {', '.join(CHOICES)}")
+        model = (params or {}).get("model")
+        if model is not None and not isinstance(model, str):
+            raise InputError(f"the model parameter must be a version name, got {model!r}")
+
+    def run(self, images: dict, params: dict, ctx: TaskContext) -> SegmentationResult:
+        from ..store import ModelStore
+        from ..teeth.task import _entry_from_dir
+
+        params = {**self.default_params(), **(params or {})}
+        self.validate(images, params)
+        device = resolve_device(params.get("device") or ctx.device or "auto")
+        ctx.step("prepare", 0.0, "loading the model")
+        entry = _entry_from_dir(ctx.model_dir) if ctx.model_dir is not None else ModelStore().get(TASK, params.get("model"))
+        model = load_model(entry)
+        return segment(images, model, device, ctx.step)
