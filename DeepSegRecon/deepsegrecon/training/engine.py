@@ -568,6 +568,18 @@ def _optimizer(model, config):
     return cls(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
+class _CancelChecked(torch.nn.Module):
+    """``net`` that checks the cancel token before each forward pass (each sliding window batch)."""
+
+    def __init__(self, net, cancel):
+        super().__init__()
+        self.net, self.cancel = net, cancel
+
+    def forward(self, x):
+        self.cancel.raise_if_cancelled()
+        return self.net(x)
+
+
 def _validate(net, val_cases, to_sample, inferer, num_classes, device, dist, cancel, cache, cache_size):
     """Mean foreground Dice over the validation cases (each rank takes a share; all get the same numbers).
     Voxels outside a case's ROI are left out (set to background in both prediction and label)."""
@@ -582,7 +594,8 @@ def _validate(net, val_cases, to_sample, inferer, num_classes, device, dist, can
             s = to_sample(val_cases[i].load())
             if len(cache) < cache_size:
                 cache[i] = s
-        logits = _run_inferer(inferer, net, s["image"][None], device)
+        model = _CancelChecked(net, cancel) if dist.world == 1 else net  # a cancel lands between windows
+        logits = _run_inferer(inferer, model, s["image"][None], device)
         pred = logits.argmax(1).cpu()
         lab = s["label"].cpu().long()
         roi = s["roi"].cpu() > 0
