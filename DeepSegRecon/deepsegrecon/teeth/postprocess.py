@@ -48,11 +48,21 @@ MAX_DEPTH = 0.92  # ... if that section is at most this share of the smaller cro
 MERGED_MAX = 1.7  # two same-class pieces together this many times a typical tooth are two teeth
 
 
+# typical tooth volume (mm3) by stage-2 class (1..8 upper, 9..16 lower); index 0 (no class) is a neutral 1
+_TYPICAL_BY_CLASS = np.array([1.0] + list(L.TYPICAL_VOLUME_MM3["upper"]) + list(L.TYPICAL_VOLUME_MM3["lower"]))
+
+
 def _typical_volume(key: int) -> float:
     """Typical volume (mm3) of the tooth class in ``key`` (class + 16 * side); the smallest tooth if unknown."""
-    cls = int(key) % 16 or 16
-    vols = L.TYPICAL_VOLUME_MM3["upper" if cls <= 8 else "lower"]
-    return float(vols[(cls - 1) % 8]) if key else float(min(L.TYPICAL_VOLUME_MM3["lower"]))
+    return float(_TYPICAL_BY_CLASS[int(key) % 16 or 16]) if key else float(min(L.TYPICAL_VOLUME_MM3["lower"]))
+
+
+def _class_counts(inst, n, key):
+    """(n + 1, 17) voxel counts of each instance per stage-2 class (class 0 left out)."""
+    sel = inst > 0
+    counts = np.bincount(inst[sel].astype(np.int64) * 17 + key[sel], minlength=(n + 1) * 17).reshape(n + 1, 17)
+    counts[:, 0] = 0
+    return counts
 
 
 def _components(mask, min_vox):
@@ -271,14 +281,11 @@ def _split_oversized(inst, n, key, spacing):
     merged side by side: cut each at its narrowest sections (:func:`profile_split`). Returns the new map,
     the new count and the pairs of pieces that must not be merged back."""
     vox = float(np.prod(spacing))
-    sel = inst > 0
-    counts = np.bincount(inst[sel].astype(np.int64) * 17 + key[sel], minlength=(n + 1) * 17).reshape(n + 1, 17)
-    counts[:, 0] = 0
+    counts = _class_counts(inst, n, key)
     top = counts.argmax(1)
     upper = counts[:, 1:9].sum(1)
     one_jaw = np.maximum(upper, counts[:, 9:].sum(1)) >= 0.85 * counts.sum(1)
-    typical = np.array([1.0] + list(L.TYPICAL_VOLUME_MM3["upper"]) + list(L.TYPICAL_VOLUME_MM3["lower"]))
-    ratio = counts.sum(1) * vox / typical[top]
+    ratio = counts.sum(1) * vox / _TYPICAL_BY_CLASS[top]
     sized = one_jaw & (counts.sum(1) * vox >= TOOTH_SIZED_MM3)
     sized[0] = False
     if sized.sum() >= 6:  # this patient's tooth size relative to the typical one (robust to a few merges)
@@ -416,11 +423,9 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
         nu = np.bincount(inst[sel & upper_cls], minlength=n + 1)
         nlw = np.bincount(inst[sel & ~upper_cls], minlength=n + 1)
         both = np.minimum(nu, nlw) >= np.maximum(0.25 * (nu + nlw), 4 * min_marker)
-        counts = np.bincount(inst[sel].astype(np.int64) * 17 + key[sel], minlength=(n + 1) * 17).reshape(n + 1, 17)
-        counts[:, 0] = 0
+        counts = _class_counts(inst, n, key)
         top = counts.argmax(1)
-        typical = np.array([0.0] + list(L.TYPICAL_VOLUME_MM3["upper"]) + list(L.TYPICAL_VOLUME_MM3["lower"]))
-        too_big = counts.sum(1) * vox > OVERSIZE * typical[top]
+        too_big = counts.sum(1) * vox > OVERSIZE * _TYPICAL_BY_CLASS[top]
         both |= too_big
         both[0] = False
         for i in np.nonzero(both)[0]:
