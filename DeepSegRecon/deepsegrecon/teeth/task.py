@@ -8,7 +8,8 @@ Pipeline (all in the canonical S/P/L re-indexing of the input grid, see :mod:`.n
 3. instance split and FDI numbering in physical space (:mod:`.postprocess`);
 4. back to the input grid: teeth by linear interpolation of the stage-2 teeth probability with each
    voxel given its nearest tooth instance, bones by linear interpolation of the stage-1
-   probabilities; slab by slab, so memory stays bounded.
+   probabilities; slab by slab, so memory stays bounded;
+5. tooth surfaces re-decided at the input resolution from the image (:mod:`.refine`).
 
 The labelmap is on exactly the input grid (shape, spacing, origin, direction).
 """
@@ -30,6 +31,7 @@ from . import labels as L
 from .nets import (build_nets, canonical_frame, coarse_centres, coord_channels, grid_size, load_weights,
                    normalise, resample, teeth_reference, upsample_slab)
 from .postprocess import postprocess
+from .refine import refine_surface
 
 TASK = "teeth"
 WEIGHT_FILES = ("stage1.pt", "stage2.pt")
@@ -247,7 +249,9 @@ def segment(image: Image, model: TeethModel, device="cpu", step: Optional[Callab
     # ---------------- back to the input grid
     t0 = time.perf_counter()
     out = assemble(shape, probs1, fg2, fdi2, lo, hi, n2, step)
-    del probs1
+    del probs1, fg2, fdi2
+    if lo is not None:
+        refine_surface(out, arr, sp, (lo, hi))
     labelmap = can.from_canonical(out)
     del out
     timings["output_s"] = time.perf_counter() - t0
