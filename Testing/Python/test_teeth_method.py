@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "Resources" / "Models" / "teeth" / "phantom-v1"
 SEED = 10001  # held out: never used for training
 # The product bar is mean tooth Dice >= 0.90 and FDI accuracy >= 0.95 on held-out phantoms; `make bench`
-# (teeth_heldout) reports where the shipped weights stand against it (phantom-v1: Dice 0.85, FDI 0.99 on
-# seeds 10000-10005). These floors guard this harder case (metal, two forced gaps) against regression.
-FLOOR_DICE, FLOOR_FDI = 0.74, 0.85
+# (teeth_heldout) reports where the shipped weights stand against it (phantom-v1: Dice 0.88, FDI 0.99 on
+# seeds 10000-10005). These floors guard this harder case (metal, two forced gaps; Dice 0.85, FDI 0.93 when
+# measured) against regression.
+FLOOR_DICE, FLOOR_FDI = 0.80, 0.85
 
 pytestmark = pytest.mark.skipif(not (SHIPPED / "manifest.json").is_file(), reason="shipped teeth weights missing")
 
