@@ -2,8 +2,6 @@
 bad input (clear message, nothing written), outputs, the real BraTS 2023 case end to end."""
 
 import csv
-import json
-import time
 
 import numpy as np
 import pytest
@@ -185,32 +183,65 @@ def test_brain_phantom_command(capsys, tmp_path):
     assert 4 in lab and 3 not in lab
 
 
-@pytest.mark.slow
-def test_real_brats2023_case_end_to_end(capsys, shared_data, tmp_path):
-    """The real 4-input BraTS 2023 case (240 x 240 x 155, 1 mm), full CLI: geometry of the output equals the
-    input's, a labelled volume in the range of BraTS gliomas (a few mL to a few hundred mL), inside the brain.
-    There is no ground truth: this checks the pipeline, not the tumour's location (the phantom-trained weights
-    label the brain's outer rim of this case and miss its tumour; see the README)."""
+def _left_of_midline(img, mask, midline):
+    """Share of ``mask`` voxels on the patient's left (LPS L above ``midline``), from every 7th voxel."""
+    pts = img.physical_points(np.argwhere(mask)[::7, ::-1].astype(float))
+    return float((pts[:, 0] > midline).mean())
+
+
+@pytest.fixture(scope="module")
+def real_case(shared_data, tmp_path_factory):
+    """The real 4-input BraTS 2023 case (240 x 240 x 155, 1 mm) through the full CLI, once for the tests below."""
     from deepsegrecon.io import read_image
     from deepsegrecon.segio import read_seg_nrrd
 
     case = shared_data / "brats2023_gli_00001"
     files = {"t1": "t1n", "t1c": "t1c", "t2": "t2w", "flair": "t2f"}
-    out = tmp_path / "real"
-    t0 = time.monotonic()
-    code, stdout, err = run(capsys, "brain-tumor", *[f"--{m}={case / (f + '.nii.gz')}" for m, f in files.items()],
-                            "-o", out)
-    wall = time.monotonic() - t0
-    assert code == 0, err
-    ref = read_image(case / "t1n.nii.gz")
-    assert ref.array.shape == (155, 240, 240)
-    seg = read_seg_nrrd(out / "brats2023_gli_00001.seg.nrrd")
-    lab = seg.labelmap
-    assert lab.array.shape == ref.array.shape and lab.same_grid(ref)  # exact input geometry
+    out = tmp_path_factory.mktemp("real")
+    code = cli.main(["brain-tumor", *[f"--{m}={case / (f + '.nii.gz')}" for m, f in files.items()],
+                     "-o", str(out), "--labels", "brats2023"])
+    assert code == 0
     ml = {r["region"]: float(r["volume_ml"]) for r in csv.DictReader((out / "brats2023_gli_00001_volumes.csv").open())}
-    assert 5.0 < ml["whole_tumor"] < 400.0, ml
-    assert ml["enhancing_tumor"] <= ml["tumor_core"] <= ml["whole_tumor"]
-    brain = np.asarray(ref.array) != 0
-    assert not (np.asarray(lab.array)[~brain] > 0).any()
-    (tmp_path / "real.json").write_text(json.dumps({"volumes_ml": ml, "wall_s": wall}))
-    print(json.dumps({"volumes_ml": ml, "wall_s": round(wall, 1)}))
+    return {"ref": read_image(case / "t1n.nii.gz"), "flair": read_image(case / "t2f.nii.gz"), "ml": ml,
+            "lab": read_seg_nrrd(out / "brats2023_gli_00001.seg.nrrd").labelmap}
+
+
+@pytest.mark.slow
+def test_real_brats2023_case_end_to_end(real_case):
+    """The real case, full CLI: the output has the input's exact geometry, nested regions inside the brain and
+    volumes in mL that match the labelmap."""
+    ref, lab, ml = real_case["ref"], real_case["lab"], real_case["ml"]
+    assert ref.array.shape == (155, 240, 240)
+    assert lab.array.shape == ref.array.shape and lab.same_grid(ref)
+    et, tc, wt = L.to_regions(np.asarray(lab.array))
+    assert not (et & ~tc).any() and not (tc & ~wt).any() and et.any()
+    assert abs(ml["whole_tumor"] - wt.sum() / 1000) < 0.01  # 1 mm voxels
+    assert not wt[np.asarray(real_case["flair"].array) == 0].any()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the shipped phantom-trained weights miss this case's tumour (README); "
+                   "strict: a model that finds it makes this test pass and the mark must then go")
+def test_real_brats2023_tumour_where_the_image_shows_it(real_case):
+    """There is no ground truth, so the tumour's place is checked against the image itself: the case has one
+    large mass whose oedema makes FLAIR abnormally bright in one hemisphere. The whole tumour must be a plausible
+    glioma volume, mostly one connected piece, on the side where FLAIR is abnormally bright, and much brighter on
+    FLAIR than the brain on average. phantom-v1 fails it (it labels the brain's outer rim and the falx: 70 % of its
+    WT in the wrong hemisphere, mean FLAIR z-score -0.1); so did a 35-minute retrain on anatomically varied
+    phantoms (branch brain2: it marks the mass but keeps a false core on the T1c-bright venous sinuses instead)."""
+    from scipy import ndimage as ndi
+
+    flair, ml = real_case["flair"], real_case["ml"]
+    _, _, wt = L.to_regions(np.asarray(real_case["lab"].array))
+    a = np.asarray(flair.array, np.float32)
+    brain = a != 0
+    z = (a - a[brain].mean()) / a[brain].std()
+    midline = float(np.median(flair.physical_points(np.argwhere(brain)[::97, ::-1].astype(float))[:, 0]))
+    hot_left = _left_of_midline(flair, brain & (z > 2.0), midline)
+    assert hot_left > 0.8 or hot_left < 0.2, hot_left  # the case itself: one hemisphere is abnormally bright
+    assert 20.0 < ml["whole_tumor"] < 250.0, ml
+    comp, _ = ndi.label(wt)
+    assert np.bincount(comp.ravel())[1:].max() >= 0.8 * wt.sum(), "the whole tumour is scattered"
+    wt_left = _left_of_midline(flair, wt, midline)
+    assert (wt_left > 0.8) if hot_left > 0.5 else (wt_left < 0.2), (hot_left, wt_left)
+    assert float(z[wt].mean()) > 1.0
