@@ -35,35 +35,28 @@ def default_network(labels=None, **over) -> dict:
 
 
 def augment_slices(x: torch.Tensor, y: torch.Tensor, copies: int, seed: int = 0, degrees: float = 20.0,
-                   zoom: tuple = (0.8, 1.6), shift: float = 16.0) -> tuple:
-    """Append ``copies`` in-plane randomly rotated / zoomed / shifted versions of every slice to the slice stack
-    ``x`` (C, D, s, s), ``y`` (1, D, s, s) (image bilinear, labels nearest, zeros outside). ``zoom``: the range of
-    magnification (log-uniform, the same on both axes); zooming in leaves neighbouring organs out of view, so an
-    organ is learnt from its own appearance more than from what usually lies next to it. The training engine's
-    augmentation is 3-D and would mix slices; this keeps each slice whole."""
+                   scale: float = 0.25, shift: int = 12) -> tuple:
+    """Append ``copies`` in-plane randomly rotated / scaled / shifted versions of every slice (MONAI
+    ``RandAffined`` in 2-D: image bilinear, labels nearest) to the slice stack ``x`` (C, D, s, s), ``y`` (1, D, s, s).
+    The training engine's augmentation is 3-D and would mix slices; this keeps each slice whole."""
     import math
 
-    import torch.nn.functional as F
+    from monai.transforms import RandAffined
 
     if copies <= 0:
         return x, y
-    g = torch.Generator().manual_seed(int(seed))
-    d, s = x.shape[1], x.shape[-1]
+    t = RandAffined(["image", "label"], prob=1.0, rotate_range=(math.radians(degrees),), scale_range=(scale, scale),
+                    translate_range=(shift, shift), mode=("bilinear", "nearest"), padding_mode="zeros")
+    t.set_random_state(seed)
     xs, ys = [x], [y]
-    lo, hi = math.log(zoom[0]), math.log(zoom[1])
     for _ in range(copies):
-        ang = (torch.rand(d, generator=g, dtype=torch.float64) * 2 - 1) * math.radians(degrees)
-        inv = torch.exp(-(lo + torch.rand(d, generator=g, dtype=torch.float64) * (hi - lo)))
-        t = (torch.rand(d, 2, generator=g, dtype=torch.float64) * 2 - 1) * shift * 2 / s
-        theta = torch.stack([torch.stack([ang.cos() * inv, -ang.sin() * inv, t[:, 0]], 1),
-                             torch.stack([ang.sin() * inv, ang.cos() * inv, t[:, 1]], 1)], 1).float()
-        grid = F.affine_grid(theta, (d, 1, s, s), align_corners=False)
-        ox = F.grid_sample(x.permute(1, 0, 2, 3).float(), grid, mode="bilinear", padding_mode="zeros",
-                           align_corners=False)
-        oy = F.grid_sample(y.permute(1, 0, 2, 3).float(), grid, mode="nearest", padding_mode="zeros",
-                           align_corners=False)
-        xs.append(ox.permute(1, 0, 2, 3).to(x.dtype))
-        ys.append(oy.permute(1, 0, 2, 3).round().to(y.dtype))
+        ox, oy = torch.empty_like(x), torch.empty_like(y)
+        for z in range(x.shape[1]):
+            d = t({"image": x[:, z], "label": y[:, z].float()})
+            ox[:, z] = torch.as_tensor(d["image"])
+            oy[:, z] = torch.as_tensor(d["label"]).round().to(y.dtype)
+        xs.append(ox)
+        ys.append(oy)
     return torch.cat(xs, 1), torch.cat(ys, 1)
 
 
@@ -122,7 +115,7 @@ class SlicesRecipe(Recipe):
 
 
 def recipe(network: Optional[dict] = None, modalities: Optional[dict] = None, label_map=None, labels=None,
-           copies: int = 6, **_) -> SlicesRecipe:
+           copies: int = 4, **_) -> SlicesRecipe:
     """The slices recipe. ``network``: a manifest's (fine-tuning) or the small default for ``labels``
     (label set name or file; default abdomen); ``label_map``: {name: value} of the cases' labels; ``copies``:
     in-plane augmented copies of each case's slices (prepared once per case, kept in the case cache)."""
