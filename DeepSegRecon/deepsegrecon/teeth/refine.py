@@ -19,6 +19,7 @@ from . import labels as L
 BAND_MM = 1.0
 PRUNE = 0.6
 GROW = 0.7
+DIST_GRID_MM = 0.4  # distances are measured on a grid this fine at most
 
 
 def refine_surface(lab: np.ndarray, image: np.ndarray, spacing, box=None, band_mm: float = BAND_MM,
@@ -40,8 +41,14 @@ def refine_surface(lab: np.ndarray, image: np.ndarray, spacing, box=None, band_m
     sub, img = lab[sl], np.asarray(image[sl], np.float32)
     teeth = teeth_all[sl]
     del teeth_all
-    d_in = ndi.distance_transform_edt(teeth, sampling=sp)
-    d_out, ind = ndi.distance_transform_edt(~teeth, sampling=sp, return_indices=True)
+    # distances on a grid of about 0.4 mm at most (fine scans: every f-th voxel), enough for a 1 mm band
+    f = max(1, int(round(DIST_GRID_MM / sp.min())))
+    small = teeth[::f, ::f, ::f]
+    d_in = _up(ndi.distance_transform_edt(small, sampling=sp * f), f, teeth.shape)
+    d_out, ind = ndi.distance_transform_edt(~small, sampling=sp * f, return_indices=True)
+    nearest_tooth = _up(sub[::f, ::f, ::f][tuple(ind)], f, teeth.shape)
+    d_out = _up(d_out, f, teeth.shape)
+    del ind
     inner = teeth & (d_in > band_mm) & (d_in <= band_mm + 1.0)
     outer = ~teeth & (d_out > band_mm) & (d_out <= band_mm + 1.0)
     if inner.sum() < 50 or outer.sum() < 50:
@@ -52,18 +59,26 @@ def refine_surface(lab: np.ndarray, image: np.ndarray, spacing, box=None, band_m
     del inner, outer
     new = teeth & ~((d_in <= band_mm) & (img < t_lo + prune * (t_hi - t_lo)))
     new |= ~teeth & (d_out <= band_mm) & (img > t_lo + grow * (t_hi - t_lo))
-    del d_in
+    del d_in, d_out
     plane = np.zeros((3, 3, 3), bool)
     plane[1] = ndi.generate_binary_structure(2, 1)
     new |= ndi.binary_fill_holes(new, structure=plane) & teeth
-    nearest_tooth = sub[tuple(ind)]
-    del ind, d_out
     removed = teeth & ~new
     if removed.any():
-        keep = ~new
-        keep[removed] = False  # removed voxels take the label of the nearest voxel that never was tooth
-        _, ind = ndi.distance_transform_edt(~keep, return_indices=True)
-        sub[removed] = sub[tuple(i[removed] for i in ind)]
+        # removed voxels take the label of the nearest voxel that never was tooth (bone or soft tissue)
+        never = (~teeth & ~new)[::f, ::f, ::f]
+        _, ind = ndi.distance_transform_edt(~never, return_indices=True)
+        other = _up(sub[::f, ::f, ::f][tuple(ind)], f, teeth.shape)
         del ind
+        sub[removed] = other[removed]
     sub[new] = nearest_tooth[new]
     return lab
+
+
+def _up(a: np.ndarray, f: int, shape) -> np.ndarray:
+    """``a`` sampled at every ``f``-th voxel back to ``shape`` (nearest)."""
+    if f == 1:
+        return a
+    for ax in range(3):
+        a = np.repeat(a, f, axis=ax)
+    return a[: shape[0], : shape[1], : shape[2]]
