@@ -84,3 +84,26 @@ def test_cancel_leaves_the_scene_unchanged(setup):
     assert time.monotonic() - t0 < 2.5
     assert logic.poll()["state"] == "cancelled" and not logic.running
     assert mrml.GetNumberOfNodes() == before and logic.output_nodes == []
+
+
+def test_region_segments_added_to_the_training_set_become_brats_labels(tmp_path, phantom):
+    """A corrected Segment Brain Tumour output (overlapping enhancing_tumor / tumor_core / whole_tumor segments)
+    added to the training set is stored with the model's sub-region labels (necrotic core, oedema, enhancing),
+    voxel for voxel the labels the regions were made from."""
+    from deepsegrecon.scene.brain import regions_to_segmentation_node
+    from deepsegrecon.scene.training import TrainingLogic
+    from deepsegrecon.segio import read_seg_nrrd
+    from deepsegrecon.task import SegmentationResult
+
+    mrml = slicer.vtkMRMLScene()
+    nodes = {m: sc.image_to_volume_node(mrml, phantom["images"][m], f"case {m}") for m in ("t1c", "flair")}
+    truth = phantom["labels"]
+    seg = regions_to_segmentation_node(mrml, SegmentationResult(truth, L.region_infos()), nodes["t1c"])
+    logic = TrainingLogic(mrml, "brain-tumor", training_root=tmp_path / "cases", python=None,
+                          job_root=tmp_path / "jobs")
+    folder = logic.add_to_training_set(nodes, seg)
+    stored = read_seg_nrrd(folder / "label.seg.nrrd").labelmap
+    assert stored.same_grid(truth)
+    assert np.array_equal(np.asarray(stored.array), np.asarray(truth.array))  # BraTS 2023 values = the model's
+    names = {s.GetName() for s in (seg.GetSegmentation().GetNthSegment(i) for i in range(3))}
+    assert names == set(L.REGION_NAMES)

@@ -419,12 +419,17 @@ class TrainingLogic:
                              f"lie outside the volume '{vol_name}': it is not on this volume's geometry (drawn on "
                              "another image, or moved by a transform); choose the volume it was drawn on")
         resampled = not _same_lattice(own, ref)
-        source = segmentation_node if roi_segment is None else _segments_copy(segmentation_node, label_ids)
-        label, infos = segmentation_node_to_labelmap(source, ref_node)
-        if not np.any(label.array):
-            raise InputError(f"segmentation '{seg_name}' has no labelled voxel on the grid of the volume '{vol_name}'")
-        label_names = self._label_names(seg_name, label, infos)
-        label = label_names.pop("__image__")
+        nested = self._nested_region_label(segmentation_node, label_ids, ref_node)
+        if nested is not None:  # overlapping nested regions (e.g. ET/TC/WT): the model's labels from them
+            label, label_names = nested
+        else:
+            source = segmentation_node if roi_segment is None else _segments_copy(segmentation_node, label_ids)
+            label, infos = segmentation_node_to_labelmap(source, ref_node)
+            if not np.any(label.array):
+                raise InputError(f"segmentation '{seg_name}' has no labelled voxel on the grid of the volume "
+                                 f"'{vol_name}'")
+            label_names = self._label_names(seg_name, label, infos)
+            label = label_names.pop("__image__")
 
         # ---- the reviewed region
         roi_image, roi_kind = self._roi_mask(roi, segmentation_node, roi_segment, ref_node, ref)
@@ -511,6 +516,30 @@ class TrainingLogic:
         out = {s.name: int(known[s.name]) for s in infos}
         out["__image__"] = label.with_array(values.astype(dtype))
         return out
+
+    def _nested_region_label(self, seg_node, ids: list, ref_node):
+        """(label Image, {name: value}) when the segments are the brain tumour's nested regions (enhancing_tumor,
+        tumor_core, whole_tumor, overlapping, as the Segment Brain Tumour output) and the model's labels are the
+        BraTS sub-regions: each region is read on its own and converted; else None."""
+        from ..brain import labels as BL
+
+        known = self._label_map() or {}
+        segmentation = seg_node.GetSegmentation()
+        names = {segmentation.GetSegment(i).GetName(): i for i in ids}
+        if set(names) != set(BL.REGION_NAMES) or set(known) != set(BL.SUBREGION_NAMES.values()):
+            return None
+        masks = {}
+        for name, sid in names.items():
+            region, _ = segmentation_node_to_labelmap(_segments_copy(seg_node, [sid]), ref_node)
+            masks[name] = np.asarray(region.array) > 0
+        if not masks["whole_tumor"].any():
+            raise InputError(f"the segment whole_tumor of '{seg_node.GetName()}' is empty on the volume's grid")
+        brats = BL.from_regions(*(masks[n] for n in BL.REGION_NAMES))  # BraTS 2023 values
+        lut = np.zeros(256, np.uint8)
+        for value, name in BL.SUBREGION_NAMES.items():
+            lut[value] = known[name]
+        present = {BL.SUBREGION_NAMES[v]: int(known[BL.SUBREGION_NAMES[v]]) for v in np.unique(brats) if v}
+        return region.with_array(lut[brats]), present
 
     def _roi_mask(self, roi, seg_node, roi_segment, ref_node, ref: Image):
         """(uint8 mask Image on the reference grid or None, a word for case.json)."""
