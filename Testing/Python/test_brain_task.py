@@ -208,14 +208,15 @@ def real_case(shared_data, tmp_path_factory):
 
 @pytest.mark.slow
 def test_real_brats2023_case_end_to_end(real_case):
-    """The real case, full CLI: the output has the input's exact geometry, nested regions inside the brain and
-    volumes in mL that match the labelmap."""
+    """The real case, full CLI: the output has the input's exact geometry, nested regions inside the brain and a
+    whole-tumour volume in the range of gliomas, in mL that match the labelmap."""
     ref, lab, ml = real_case["ref"], real_case["lab"], real_case["ml"]
     assert ref.array.shape == (155, 240, 240)
     assert lab.array.shape == ref.array.shape and lab.same_grid(ref)
     et, tc, wt = L.to_regions(np.asarray(lab.array))
     assert not (et & ~tc).any() and not (tc & ~wt).any() and et.any()
     assert abs(ml["whole_tumor"] - wt.sum() / 1000) < 0.01  # 1 mm voxels
+    assert 5.0 < ml["whole_tumor"] < 400.0, ml  # a glioma-sized volume (where it lies: the next test)
     assert not wt[np.asarray(real_case["flair"].array) == 0].any()
 
 
