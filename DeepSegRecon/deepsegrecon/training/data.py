@@ -83,6 +83,13 @@ class CaseToTensors:
         return (np.clip(image, lo, hi) - lo) / max(hi - lo, 1e-8)
 
 
+def _at_most(idx: np.ndarray, rng) -> np.ndarray:
+    """``idx``, or a sorted random subset of ``MAX_CROP_CENTRES`` of them when there are more."""
+    if len(idx) > MAX_CROP_CENTRES:
+        idx = np.sort(rng.choice(idx, MAX_CROP_CENTRES, replace=False))
+    return idx
+
+
 class RoiCropCentres:
     """Foreground and background crop centres for ``RandCropByPosNegLabeld``, inside the ROI only.
 
@@ -99,9 +106,7 @@ class RoiCropCentres:
         lab = np.asarray(d["label"][0])
         roi = np.asarray(d["roi"][0]) > 0
         rng = np.random.default_rng(self.seed + lab.size)
-        fg = np.flatnonzero((lab > 0) & roi)
-        if len(fg) > MAX_CROP_CENTRES:
-            fg = np.sort(rng.choice(fg, MAX_CROP_CENTRES, replace=False))
+        fg = _at_most(np.flatnonzero((lab > 0) & roi), rng)
         flat_lab, flat_roi = lab.reshape(-1), roi.reshape(-1)
         want = MAX_CROP_CENTRES
         if lab.size <= 4 * want:
@@ -129,13 +134,7 @@ class RoiClassCentres:
         lab = np.asarray(d["label"][0]).reshape(-1)
         roi = np.asarray(d["roi"][0]).reshape(-1) > 0
         rng = np.random.default_rng(self.seed + lab.size)
-        out = []
-        for c in range(self.num_classes):
-            idx = np.flatnonzero((lab == c) & roi)
-            if len(idx) > MAX_CROP_CENTRES:
-                idx = np.sort(rng.choice(idx, MAX_CROP_CENTRES, replace=False))
-            out.append(idx)
-        d[CLS_KEY] = out
+        d[CLS_KEY] = [_at_most(np.flatnonzero((lab == c) & roi), rng) for c in range(self.num_classes)]
         return d
 
 
