@@ -20,33 +20,19 @@ import os
 import qt
 import slicer
 
+from DeepSegReconCommon.TaskWidget import FINAL_STATES, findResource, formatEta  # noqa: F401 (formatEta: re-export)
+
 POLL_INTERVAL_MS = 500
 UI_NAME = "FinetuneSection.ui"
-FINAL_STATES = ("succeeded", "failed", "cancelled")
 
 
 def findSectionUI(name=UI_NAME):
     """The section's .ui: <qt-scripted-modules>/Resources/UI (installed) or <repo>/Resources/UI (source tree)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for folder in (os.path.join(os.path.dirname(here), "Resources", "UI"),
-                   os.path.join(os.path.dirname(os.path.dirname(here)), "Resources", "UI")):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            return path
-    raise RuntimeError(f"{name} was not found beside {here}; reinstall the DeepSegRecon extension")
-
-
-def formatEta(seconds):
-    if seconds is None:
-        return ""
-    seconds = int(round(float(seconds)))
-    if seconds < 60:
-        return f"about {seconds} s left"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"about {minutes} min {seconds:02d} s left"
-    hours, minutes = divmod(minutes, 60)
-    return f"about {hours} h {minutes:02d} min left"
+    path = findResource(f"UI/{name}")
+    if path is None or not os.path.isfile(path):
+        raise RuntimeError(f"{name} was not found beside {os.path.dirname(os.path.abspath(__file__))}; "
+                           "reinstall the DeepSegRecon extension")
+    return path
 
 
 def describeProgress(status):

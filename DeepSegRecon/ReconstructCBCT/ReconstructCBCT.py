@@ -9,9 +9,7 @@ module-logic base. The work runs in a worker process (``PythonSlicer``); a QTime
 import logging
 import os
 import sys
-import tempfile
 
-import qt
 import slicer
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -22,48 +20,34 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
-POLL_INTERVAL_MS = 200
-
-
-def findResource(relativePath):
-    """Absolute path of a shared resource (installed extension or source tree), or None."""
-    for folder in (os.path.join(MODULE_DIR, "Resources"),
-                   os.path.join(os.path.dirname(os.path.dirname(MODULE_DIR)), "Resources")):
-        path = os.path.join(folder, relativePath)
-        if os.path.exists(path):
-            return path
-    return None
 
 
 def setUpEngine():
-    """Make ``import deepsegrecon`` work and point the engine at the extension's built-in model store."""
+    """Make ``import deepsegrecon`` and ``import DeepSegReconCommon`` work (installed extension or source tree)."""
     for parent in (MODULE_DIR, os.path.dirname(MODULE_DIR)):
         if os.path.isfile(os.path.join(parent, "deepsegrecon", "__init__.py")):
             if parent not in sys.path:
                 sys.path.insert(0, parent)
             break
-    models = findResource("Models")
-    if models and "DEEPSEGRECON_BUILTIN_MODELS" not in os.environ:
-        os.environ["DEEPSEGRECON_BUILTIN_MODELS"] = models
 
 
 setUpEngine()
 
 try:
     from deepsegrecon.scene.cbct import ReconstructCBCTLogic as SceneReconstructCBCTLogic
-    from deepsegrecon.scene.logic import FINAL as FINAL_STATES
+    from DeepSegReconCommon.TaskWidget import (  # noqa: F401 (findResource: for the tests)
+        TaskWidgetMixin,
+        defaultJobRoot,
+        findResource,
+        pythonSlicerExecutable,
+        setModuleIcon,
+        useBuiltinModels,
+    )
 except ImportError as _error:
-    raise ImportError(f"Reconstruct CBCT cannot import its engine ('deepsegrecon' beside {MODULE_DIR}): {_error}. "
-                      "Reinstall the DeepSegRecon extension.") from _error
+    raise ImportError(f"Reconstruct CBCT cannot import its engine ('deepsegrecon' and 'DeepSegReconCommon' beside "
+                      f"{MODULE_DIR}): {_error}. Reinstall the DeepSegRecon extension.") from _error
 
-
-def pythonSlicerExecutable():
-    name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
-    for path in (os.path.join(getattr(slicer.app, "slicerHome", ""), "bin", name),
-                 os.path.join(os.path.dirname(sys.executable), name)):
-        if os.path.isfile(path):
-            return path
-    raise RuntimeError(f"{name} was not found next to the Slicer application; the worker needs it")
+useBuiltinModels()
 
 
 # ------------------------------------------------------------------------------------------ the module
@@ -95,38 +79,28 @@ measured on a held-out chest slab. A research demonstrator, not for diagnosis.</
 DIF-Gaussian: Lin et al., "Learning 3D Gaussians for Extremely Sparse-View Cone-Beam CT Reconstruction",
 MICCAI 2024. Built on 3D Slicer, PyTorch and MONAI.
 """
-        if self.parent.icon.isNull():
-            icon = findResource("Icons/ReconstructCBCT.png")
-            if icon:
-                self.parent.icon = qt.QIcon(icon)
+        setModuleIcon(self.parent, "Icons/ReconstructCBCT.png")
 
 
 # ------------------------------------------------------------------------------------------ the widget
-class ReconstructCBCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class ReconstructCBCTWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Qt wiring only: each button calls one logic method; a timer polls the running job."""
+
+    taskTitle = "Reconstruct CBCT"
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
-        self._pollTimer = None
-        self._running = False
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        uiPath = self.resourcePath("UI/ReconstructCBCT.ui")
-        if not os.path.isfile(uiPath):
-            uiPath = findResource("UI/ReconstructCBCT.ui")
-        uiWidget = slicer.util.loadUI(uiPath)
+        uiWidget = slicer.util.loadUI(self.panelUIPath("UI/ReconstructCBCT.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = ReconstructCBCTLogic()
-
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(POLL_INTERVAL_MS)
-        self._pollTimer.connect("timeout()", self.onPollTimer)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.setUpPolling()
 
         self.ui.simulateRadioButton.connect("toggled(bool)", self.updateButtons)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
@@ -143,18 +117,6 @@ class ReconstructCBCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not versions:
             self.ui.statusLabel.text = "No cbct-recon model is installed (see 'deepsegrecon models')."
         self.updateButtons()
-
-    def cleanup(self):
-        if self._pollTimer is not None:
-            self._pollTimer.stop()
-        if self.logic is not None and self._running:
-            self.logic.cancel()
-        self.removeObservers()
-
-    def onSceneStartClose(self, caller, event):
-        if self._running:
-            self.logic.cancel()
-            self._finishRun({"state": "cancelled", "error": "the scene was closed"})
 
     def updateButtons(self, *args):
         simulate = self.ui.simulateRadioButton.checked
@@ -180,12 +142,8 @@ class ReconstructCBCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Reconstruct CBCT could not start.", waitCursor=True):
             self.logic.reconstruct(self.ui.inputVolumeSelector.currentNode(), self.ui.simulateRadioButton.checked,
                                    self.ui.viewsSpinBox.value, self.ui.referenceSelector.currentNode(), params)
-            self._running = True
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = "Starting the reconstruction worker..."
             self.ui.metricsLabel.text = ""
-            self.updateButtons()
-            self._pollTimer.start()
+            self.startedRun("Starting the reconstruction worker...")
 
     def onCancelButton(self):
         self.logic.cancel()
@@ -193,40 +151,18 @@ class ReconstructCBCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------------------------------ polling
     def onPollTimer(self):
-        try:
-            status = self.logic.poll()
-        except Exception as e:
-            logging.exception("Reconstruct CBCT: polling the worker failed")
-            self._finishRun({"state": "failed", "error": f"{type(e).__name__}: {e}"})
-            return
-        if status.get("state") in FINAL_STATES or status.get("state") == "idle":
-            self._finishRun(status)
-            return
-        self.ui.progressBar.value = int(round(100 * float(status.get("fraction") or 0.0)))
-        eta = status.get("eta_s")
-        self.ui.etaLabel.text = "" if eta is None else f"ETA {int(eta)} s"
-        self.ui.statusLabel.text = status.get("message") or status.get("stage") or "Running..."
+        with self.pollErrors():
+            self.showRunStatus(self.logic.poll())
 
-    def _finishRun(self, status):
-        self._pollTimer.stop()
-        self._running = False
-        self.ui.etaLabel.text = ""
-        state = status.get("state")
-        if state == "succeeded":
-            self.ui.progressBar.value = 100
-            self.ui.statusLabel.text = "Done: " + ", ".join(n.GetName() for n in self.logic.output_nodes)
-            self.ui.metricsLabel.text = describeMetrics(self.logic.result.report if self.logic.result else {})
-            recon = next((n for n in self.logic.output_nodes if n.IsA("vtkMRMLScalarVolumeNode")), None)
-            if recon is not None:
-                slicer.util.setSliceViewerLayers(background=recon, fit=True)
-        elif state in ("cancelled", "idle"):
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = "Cancelled; the scene was left unchanged."
-        else:
-            error = status.get("error") or "unknown error"
-            self.ui.statusLabel.text = f"Failed: {error}"
-            slicer.util.errorDisplay(f"Reconstruct CBCT failed:\n\n{error}", windowTitle="Reconstruct CBCT")
-        self.updateButtons()
+    def etaText(self, seconds):
+        return "" if seconds is None else f"ETA {int(seconds)} s"
+
+    def onRunSucceeded(self):
+        self.ui.statusLabel.text = "Done: " + ", ".join(n.GetName() for n in self.logic.output_nodes)
+        self.ui.metricsLabel.text = describeMetrics(self.logic.result.report if self.logic.result else {})
+        recon = next((n for n in self.logic.output_nodes if n.IsA("vtkMRMLScalarVolumeNode")), None)
+        if recon is not None:
+            slicer.util.setSliceViewerLayers(background=recon, fit=True)
 
 
 # ------------------------------------------------------------------------------------------- the logic
@@ -234,10 +170,9 @@ class ReconstructCBCTLogic(SceneReconstructCBCTLogic, ScriptedLoadableModuleLogi
     """The engine's scene logic with Slicer's module-logic base (scene logic first in the bases)."""
 
     def __init__(self, scene=None, python=None, job_root=None):
-        if job_root is None:
-            job_root = os.path.join(slicer.app.temporaryPath or tempfile.gettempdir(), "DeepSegRecon", "jobs")
         SceneReconstructCBCTLogic.__init__(self, scene if scene is not None else slicer.mrmlScene,
-                                           python=python or pythonSlicerExecutable(), job_root=job_root)
+                                           python=python or pythonSlicerExecutable(),
+                                           job_root=job_root if job_root is not None else defaultJobRoot())
         ScriptedLoadableModuleLogic.__init__(self)
 
 

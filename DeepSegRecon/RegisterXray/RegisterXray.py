@@ -8,9 +8,7 @@ module-logic base). The work runs in a worker process (``PythonSlicer``); a QTim
 import json
 import os
 import sys
-import tempfile
 
-import qt
 import slicer
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -21,7 +19,6 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
-POLL_INTERVAL_MS = 200
 
 
 def _setUpEngine():
@@ -33,23 +30,20 @@ def _setUpEngine():
             return
 
 
-def findResource(relativePath):
-    for folder in (os.path.join(MODULE_DIR, "Resources"),
-                   os.path.join(os.path.dirname(os.path.dirname(MODULE_DIR)), "Resources")):
-        path = os.path.join(folder, relativePath)
-        if os.path.exists(path):
-            return path
-    return None
-
-
 _setUpEngine()
 
 try:
-    from deepsegrecon.scene.logic import FINAL as FINAL_STATES
     from deepsegrecon.scene.xray import RegisterXrayLogic as SceneRegisterXrayLogic
+    from DeepSegReconCommon.TaskWidget import (
+        FINAL_STATES,
+        TaskWidgetMixin,
+        defaultJobRoot,
+        pythonSlicerExecutable,
+        setModuleIcon,
+    )
 except ImportError as _error:
-    raise ImportError(f"Register X-ray cannot import its engine (the 'deepsegrecon' package beside {MODULE_DIR}): "
-                      f"{_error}. Reinstall the DeepSegRecon extension.") from _error
+    raise ImportError(f"Register X-ray cannot import its engine (the 'deepsegrecon' and 'DeepSegReconCommon' packages "
+                      f"beside {MODULE_DIR}): {_error}. Reinstall the DeepSegRecon extension.") from _error
 
 
 class RegisterXray(ScriptedLoadableModule):
@@ -80,40 +74,33 @@ at that pose as a volume on the X-ray's plane, shown over the X-ray; the report 
 Built on 3D Slicer, PyTorch, MONAI and DiffDRR (Gopalakrishnan and Golland); the method follows DiffPose
 (Gopalakrishnan, Dey and Golland, CVPR 2024).
 """
-        if self.parent.icon.isNull():
-            icon = findResource("Icons/RegisterXray.png")
-            if icon:
-                self.parent.icon = qt.QIcon(icon)
+        setModuleIcon(self.parent, "Icons/RegisterXray.png")
 
 
-class RegisterXrayWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Qt wiring only: each button calls one logic method; a timer polls the running job."""
+class RegisterXrayWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Qt wiring only: each button calls one logic method; a timer polls the running job. Its own poll loop: the
+    status label carries the ETA (the panel has no ETA label), and ``self.logic.running`` is the running state."""
+
+    taskTitle = "Register X-ray"
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
-        self._pollTimer = None
         self._xrayNode = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        uiPath = self.resourcePath("UI/RegisterXray.ui")
-        if not os.path.isfile(uiPath):
-            uiPath = findResource("UI/RegisterXray.ui")
-        uiWidget = slicer.util.loadUI(uiPath)
+        uiWidget = slicer.util.loadUI(self.panelUIPath("UI/RegisterXray.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = RegisterXrayLogic()
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(POLL_INTERVAL_MS)
-        self._pollTimer.connect("timeout()", self.onPollTimer)
+        self.setUpPolling()
         self.ui.registerButton.connect("clicked(bool)", self.onRegisterButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.xrayVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onXrayChanged)
         self.ui.ctVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.updateButtons()
 
     def cleanup(self):
@@ -201,14 +188,9 @@ class RegisterXrayLogic(SceneRegisterXrayLogic, ScriptedLoadableModuleLogic):
     ``poll()``, ``cancel()``, ``wait()``, ``output_nodes`` (transform, DRR volume), ``result``."""
 
     def __init__(self, scene=None, python=None, job_root=None):
-        if job_root is None:
-            job_root = os.path.join(slicer.app.temporaryPath or tempfile.gettempdir(), "DeepSegRecon", "jobs")
-        if python is None:
-            name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
-            candidate = os.path.join(os.path.dirname(sys.executable), name)
-            python = candidate if os.path.isfile(candidate) else sys.executable
-        SceneRegisterXrayLogic.__init__(self, scene if scene is not None else slicer.mrmlScene, python=python,
-                                        job_root=job_root)
+        SceneRegisterXrayLogic.__init__(self, scene if scene is not None else slicer.mrmlScene,
+                                        python=python or pythonSlicerExecutable(fallback=sys.executable),
+                                        job_root=job_root if job_root is not None else defaultJobRoot())
         ScriptedLoadableModuleLogic.__init__(self)
 
 

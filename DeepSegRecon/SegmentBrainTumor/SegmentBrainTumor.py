@@ -7,15 +7,10 @@ Slicer module of the DeepSegRecon extension. Qt wiring only: every button calls 
 process (``PythonSlicer``); a QTimer polls it for progress, ETA and the result.
 """
 
-import logging
 import os
-import shutil
 import sys
-import tempfile
 
-import qt
 import slicer
-import vtk
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -25,18 +20,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
-POLL_INTERVAL_MS = 200
 MODALITIES = ("t1", "t1c", "t2", "flair")
-
-
-def findResource(relativePath):
-    """Absolute path of a shared resource (installed extension or source tree), or None."""
-    for folder in (os.path.join(MODULE_DIR, "Resources"),
-                   os.path.join(os.path.dirname(os.path.dirname(MODULE_DIR)), "Resources")):
-        path = os.path.join(folder, relativePath)
-        if os.path.exists(path):
-            return path
-    return None
 
 
 def setUpEngine():
@@ -45,34 +29,26 @@ def setUpEngine():
             if parent not in sys.path:
                 sys.path.insert(0, parent)
             break
-    models = findResource("Models")
-    if models and "DEEPSEGRECON_BUILTIN_MODELS" not in os.environ:
-        os.environ["DEEPSEGRECON_BUILTIN_MODELS"] = models
 
 
 setUpEngine()
 
 try:
     from deepsegrecon.scene.brain import SegmentBrainTumorLogic as SceneSegmentBrainTumorLogic
-    from deepsegrecon.scene.logic import FINAL as FINAL_STATES
-    from DeepSegReconCommon.FinetuneSection import FinetuneSection, formatEta
+    from DeepSegReconCommon.FinetuneSection import FinetuneSection
+    from DeepSegReconCommon.TaskWidget import (
+        TaskWidgetMixin,
+        defaultJobRoot,
+        newTrainingLogic,
+        pythonSlicerExecutable,
+        setModuleIcon,
+        useBuiltinModels,
+    )
 except ImportError as _error:
     raise ImportError(f"Segment Brain Tumour cannot import its engine (the 'deepsegrecon' and 'DeepSegReconCommon' "
                       f"packages beside {MODULE_DIR}): {_error}. Reinstall the DeepSegRecon extension.") from _error
 
-
-def pythonSlicerExecutable():
-    name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
-    candidates = [shutil.which("PythonSlicer")]
-    try:
-        candidates.append(os.path.join(slicer.app.slicerHome, "bin", name))
-    except AttributeError:
-        pass
-    candidates.append(os.path.join(os.path.dirname(sys.executable), name))
-    for path in candidates:
-        if path and os.path.isfile(path):
-            return path
-    raise RuntimeError(f"{name} was not found next to the Slicer application; the segmentation worker needs it")
+useBuiltinModels()
 
 
 class SegmentBrainTumor(ScriptedLoadableModule):
@@ -100,14 +76,13 @@ are measured on held-out phantoms. Do not use them for diagnosis.</p>
 DeepSegRecon builds on 3D Slicer, PyTorch and MONAI. Network: A. Myronenko, "3D MRI brain tumor segmentation using
 autoencoder regularization", BrainLes 2018 (BraTS 2018 winner). Phantom anatomy: the MNI152 2009 template (nilearn).
 """
-        if self.parent.icon.isNull():
-            icon = findResource("Icons/SegmentBrainTumor.png")
-            if icon:
-                self.parent.icon = qt.QIcon(icon)
+        setModuleIcon(self.parent, "Icons/SegmentBrainTumor.png")
 
 
-class SegmentBrainTumorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class SegmentBrainTumorWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Qt wiring only: each button calls one logic method; a timer polls the running job."""
+
+    taskTitle = "Segment Brain Tumour"
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -115,25 +90,17 @@ class SegmentBrainTumorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.logic = None
         self.trainingLogic = None
         self.finetuneSection = None
-        self._pollTimer = None
-        self._running = False
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        uiPath = self.resourcePath("UI/SegmentBrainTumor.ui")
-        if not os.path.isfile(uiPath):
-            uiPath = findResource("UI/SegmentBrainTumor.ui")
-        uiWidget = slicer.util.loadUI(uiPath)
+        uiWidget = slicer.util.loadUI(self.panelUIPath("UI/SegmentBrainTumor.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = SegmentBrainTumorLogic()
         self.trainingLogic = self.logic.createTrainingLogic()
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(POLL_INTERVAL_MS)
-        self._pollTimer.connect("timeout()", self.onPollTimer)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.setUpPolling()
         for selector in self._selectors().values():
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -146,18 +113,9 @@ class SegmentBrainTumorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.updateButtons()
 
     def cleanup(self):
-        if self._pollTimer is not None:
-            self._pollTimer.stop()
-        if self.logic is not None and self._running:
-            self.logic.cancel()
         if self.finetuneSection is not None:
             self.finetuneSection.cleanup()
-        self.removeObservers()
-
-    def onSceneStartClose(self, caller, event):
-        if self._running:
-            self.logic.cancel()
-            self._finishRun({"state": "cancelled", "error": "the scene was closed"})
+        TaskWidgetMixin.cleanup(self)
 
     def _selectors(self):
         return {"t1": self.ui.t1Selector, "t1c": self.ui.t1cSelector, "t2": self.ui.t2Selector,
@@ -174,23 +132,7 @@ class SegmentBrainTumorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.cancelButton.enabled = self._running
 
     def fillModelComboBox(self, select=None):
-        combo = self.ui.modelComboBox
-        try:
-            versions = self.logic.model_versions()
-        except Exception as e:  # a broken store must not break the panel
-            logging.warning(f"Segment Brain Tumour: cannot list the model versions: {e}")
-            versions = []
-        combo.clear()
-        for version in versions:
-            combo.addItem(version)
-        combo.enabled = bool(versions)
-        if select:
-            index = combo.findText(select)
-            if index >= 0:
-                combo.currentIndex = index
-        if not versions:
-            combo.addItem("(no model installed)")
-            self.ui.statusLabel.text = "No brain-tumor model is installed (see the README)."
+        self.listModelVersions(select, "No brain-tumor model is installed (see the README).")
 
     def caseInputs(self):
         """What "Add to training set" saves: the chosen MRI volumes and the corrected segmentation."""
@@ -203,78 +145,39 @@ class SegmentBrainTumorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onApplyButton(self):
         if self._running:
             return
-        params = {"device": self.ui.deviceComboBox.currentText}
-        if self.ui.modelComboBox.enabled and self.ui.modelComboBox.currentText:
-            params["model"] = self.ui.modelComboBox.currentText
+        params = self.modelParams()
         with slicer.util.tryWithErrorDisplay("Segment Brain Tumour could not start.", waitCursor=True):
             self.logic.start(self.selectedInputs(), params, output_node=self.ui.outputSegmentationSelector.currentNode())
-            self._running = True
-            self.ui.progressBar.value = 0
-            self.ui.etaLabel.text = ""
             self.ui.inputsUsedLabel.text = ""
             self.ui.volumesLabel.text = ""
-            self.ui.statusLabel.text = "Starting the segmentation worker..."
-            self.updateButtons()
-            self._pollTimer.start()
+            self.startedRun("Starting the segmentation worker...")
 
     def onCancelButton(self):
         self.logic.cancel()
         self.ui.statusLabel.text = "Cancelling..."
 
     def onPollTimer(self):
-        try:
-            status = self.logic.poll()
-        except Exception as e:
-            logging.exception("Segment Brain Tumour: polling the worker failed")
-            self._finishRun({"state": "failed", "error": f"{type(e).__name__}: {e}"})
-            return
-        state = status.get("state")
-        if state in FINAL_STATES or state == "idle":
-            self._finishRun(status if state != "idle" else {"state": "cancelled"})
-            return
-        self.ui.progressBar.value = int(round(100 * float(status.get("fraction") or 0.0)))
-        self.ui.etaLabel.text = formatEta(status.get("eta_s"))
-        self.ui.statusLabel.text = status.get("message") or status.get("stage") or "Running..."
+        with self.pollErrors():
+            self.showRunStatus(self.logic.poll())
 
-    def _finishRun(self, status):
-        self._pollTimer.stop()
-        self._running = False
-        self.ui.etaLabel.text = ""
-        state = status.get("state")
-        if state == "succeeded":
-            self.ui.progressBar.value = 100
-            segNode = next((n for n in self.logic.output_nodes if n.IsA("vtkMRMLSegmentationNode")), None)
-            if segNode is not None:
-                self.ui.outputSegmentationSelector.setCurrentNode(segNode)
-            vols = self.logic.volumes_ml()
-            self.ui.volumesLabel.text = ", ".join(f"{k.replace('_', ' ')} {v:.1f} mL" for k, v in vols.items())
-            self.ui.inputsUsedLabel.text = self.logic.inputs_message()
-            self.ui.statusLabel.text = "Done."
-        elif state == "cancelled":
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = "Cancelled; the scene was left unchanged."
-        else:
-            error = status.get("error") or "unknown error"
-            self.ui.statusLabel.text = f"Failed: {error}"
-            slicer.util.errorDisplay(f"Segment Brain Tumour failed:\n\n{error}", windowTitle="Segment Brain Tumour")
-        self.updateButtons()
+    def onRunSucceeded(self):
+        self.showOutputSegmentation()
+        vols = self.logic.volumes_ml()
+        self.ui.volumesLabel.text = ", ".join(f"{k.replace('_', ' ')} {v:.1f} mL" for k, v in vols.items())
+        self.ui.inputsUsedLabel.text = self.logic.inputs_message()
 
 
 class SegmentBrainTumorLogic(SceneSegmentBrainTumorLogic, ScriptedLoadableModuleLogic):
     """The engine's headless scene logic with Slicer's module-logic base (scene logic first in the bases)."""
 
     def __init__(self, scene=None, python=None, job_root=None):
-        if job_root is None:
-            job_root = os.path.join(slicer.app.temporaryPath or tempfile.gettempdir(), "DeepSegRecon", "jobs")
         SceneSegmentBrainTumorLogic.__init__(self, scene if scene is not None else slicer.mrmlScene,
-                                             python=python or pythonSlicerExecutable(), job_root=job_root)
+                                             python=python or pythonSlicerExecutable(),
+                                             job_root=job_root if job_root is not None else defaultJobRoot())
         ScriptedLoadableModuleLogic.__init__(self)
 
     def createTrainingLogic(self, training_root=None):
-        from deepsegrecon.scene.training import TrainingLogic
-
-        return TrainingLogic(self.scene, self.model_task, training_root=training_root, python=self.python,
-                             job_root=self.job_root, plugins=self.plugins, env=self.env)
+        return newTrainingLogic(self, training_root)
 
 
 class SegmentBrainTumorTest(ScriptedLoadableModuleTest):

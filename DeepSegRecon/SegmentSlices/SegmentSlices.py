@@ -2,17 +2,13 @@
 
 Slicer module of the DeepSegRecon extension. Qt wiring only: every button calls one method of
 :class:`SegmentSlicesLogic` (the engine's headless ``deepsegrecon.scene.slices.SegmentSlicesLogic`` with Slicer's
-module-logic base). The work runs in a worker process (``PythonSlicer``); a QTimer polls it. Package install,
-engine location and the worker interpreter are shared with Segment Teeth.
+module-logic base). The work runs in a worker process (``PythonSlicer``); a QTimer polls it. Package install and
+the engine location are shared with Segment Teeth, the run wiring with every module (``DeepSegReconCommon.TaskWidget``).
 """
 
-import logging
-import os
-import tempfile
 
 import qt
 import slicer
-import vtk
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -21,14 +17,18 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from SegmentTeeth import SegmentTeethLogic as _TeethLogic  # noqa: E402 (also sets up the engine path)
-from SegmentTeeth import findResource, missingPackages, pythonSlicerExecutable
+from SegmentTeeth import missingPackages  # noqa: E402 (also sets up the engine path)
 
-from deepsegrecon.scene.logic import FINAL as FINAL_STATES  # noqa: E402
 from deepsegrecon.scene.slices import SegmentSlicesLogic as SceneSegmentSlicesLogic  # noqa: E402
-from DeepSegReconCommon.FinetuneSection import FinetuneSection, formatEta  # noqa: E402
+from DeepSegReconCommon.FinetuneSection import FinetuneSection  # noqa: E402
+from DeepSegReconCommon.TaskWidget import (  # noqa: E402
+    TaskWidgetMixin,
+    defaultJobRoot,
+    newTrainingLogic,
+    pythonSlicerExecutable,
+    setModuleIcon,
+)
 
-POLL_INTERVAL_MS = 200
 OTHER_FILE = "Other file..."
 
 
@@ -55,14 +55,13 @@ held-out scores. Fine-tune on your own
 corrected scans before relying on the results; not for diagnosis.</p>
 """
         self.parent.acknowledgementText = "TransUNet: Chen et al. 2021. Built on 3D Slicer, PyTorch and MONAI."
-        if self.parent.icon.isNull():
-            icon = findResource("Icons/SegmentSlices.png")
-            if icon:
-                self.parent.icon = qt.QIcon(icon)
+        setModuleIcon(self.parent, "Icons/SegmentSlices.png")
 
 
-class SegmentSlicesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class SegmentSlicesWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Qt wiring only: each button calls one logic method; a timer polls the running job."""
+
+    taskTitle = "Segment Slices"
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -70,25 +69,17 @@ class SegmentSlicesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self.trainingLogic = None
         self.finetuneSection = None
-        self._pollTimer = None
-        self._running = False
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        uiPath = self.resourcePath("UI/SegmentSlices.ui")
-        if not os.path.isfile(uiPath):
-            uiPath = findResource("UI/SegmentSlices.ui")
-        uiWidget = slicer.util.loadUI(uiPath)
+        uiWidget = slicer.util.loadUI(self.panelUIPath("UI/SegmentSlices.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = SegmentSlicesLogic()
         self.trainingLogic = self.logic.createTrainingLogic()
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(POLL_INTERVAL_MS)
-        self._pollTimer.connect("timeout()", self.onPollTimer)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.setUpPolling()
 
         from deepsegrecon.slices.labels import builtin_sets
 
@@ -112,18 +103,9 @@ class SegmentSlicesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def cleanup(self):
-        if self._pollTimer is not None:
-            self._pollTimer.stop()
-        if self.logic is not None and self._running:
-            self.logic.cancel()
         if self.finetuneSection is not None:
             self.finetuneSection.cleanup()
-        self.removeObservers()
-
-    def onSceneStartClose(self, caller, event):
-        if self._running:
-            self.logic.cancel()
-            self._finishRun({"state": "cancelled", "error": "the scene was closed"})
+        TaskWidgetMixin.cleanup(self)
 
     def labelSet(self):
         """The label set chosen: a built-in name or the JSON file path."""
@@ -140,21 +122,7 @@ class SegmentSlicesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                          and self.ui.referenceSelector.currentNode() is not None)
 
     def fillModelComboBox(self, select=None):
-        combo = self.ui.modelComboBox
-        try:
-            versions = self.logic.model_versions()
-        except Exception as e:  # a broken store must not break the panel
-            logging.warning(f"Segment Slices: cannot list the model versions: {e}")
-            versions = []
-        combo.clear()
-        for version in versions:
-            combo.addItem(version)
-        combo.enabled = bool(versions)
-        if select and combo.findText(select) >= 0:
-            combo.currentIndex = combo.findText(select)
-        if not versions:
-            combo.addItem("(no model installed)")
-            self.ui.statusLabel.text = "No slices model is installed (see the README: deepsegrecon models import)."
+        self.listModelVersions(select, "No slices model is installed (see the README: deepsegrecon models import).")
 
     def caseInputs(self):
         return {"image": self.ui.inputVolumeSelector.currentNode()}, self.ui.outputSegmentationSelector.currentNode()
@@ -165,19 +133,11 @@ class SegmentSlicesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if missingPackages():
             slicer.util.errorDisplay("Python packages are missing: open Segment Teeth once to install them.")
             return
-        params = {"device": self.ui.deviceComboBox.currentText, "labels": self.labelSet(),
-                  "postprocess": self.ui.postprocessCheckBox.checked}
-        if self.ui.modelComboBox.enabled and self.ui.modelComboBox.currentText:
-            params["model"] = self.ui.modelComboBox.currentText
+        params = {**self.modelParams(), "labels": self.labelSet(), "postprocess": self.ui.postprocessCheckBox.checked}
         with slicer.util.tryWithErrorDisplay("Segment Slices could not start.", waitCursor=True):
             self.logic.start({"image": self.ui.inputVolumeSelector.currentNode()}, params,
                              output_node=self.ui.outputSegmentationSelector.currentNode())
-            self._running = True
-            self.ui.progressBar.value = 0
-            self.ui.etaLabel.text = ""
-            self.ui.statusLabel.text = "Starting the segmentation worker..."
-            self.updateButtons()
-            self._pollTimer.start()
+            self.startedRun("Starting the segmentation worker...")
 
     def onCancelButton(self):
         self.logic.cancel()
@@ -194,62 +154,31 @@ class SegmentSlicesWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                         if mean is not None else "No organ of the label set is in the reference.")
 
     def onPollTimer(self):
-        try:
-            status = self.logic.poll()
-        except Exception as e:  # the timer must never keep firing on an error
-            logging.exception("Segment Slices: polling the worker failed")
-            self._finishRun({"state": "failed", "error": f"{type(e).__name__}: {e}"})
-            return
-        state = status.get("state")
-        if state in FINAL_STATES or state == "idle":
-            self._finishRun(status if state != "idle" else {"state": "cancelled"})
-            return
-        self.ui.progressBar.value = int(round(100 * float(status.get("fraction") or 0.0)))
-        self.ui.etaLabel.text = formatEta(status.get("eta_s"))
-        self.ui.statusLabel.text = status.get("message") or status.get("stage") or "Running..."
+        with self.pollErrors():
+            self.showRunStatus(self.logic.poll())
 
-    def _finishRun(self, status):
-        self._pollTimer.stop()
-        self._running = False
-        self.ui.etaLabel.text = ""
-        state = status.get("state")
-        if state == "succeeded":
-            self.ui.progressBar.value = 100
-            segNode = next((n for n in self.logic.output_nodes if n.IsA("vtkMRMLSegmentationNode")), None)
-            if segNode is not None:
-                self.ui.outputSegmentationSelector.setCurrentNode(segNode)
-            result = self.logic.result
-            found = ", ".join(s.name for s in (result.segments if result else [])) or "no organ"
-            absent = ", ".join(result.absent) if result and result.absent else "none"
-            text = f"Done: {found}. Absent: {absent}."
-            for warning in self.logic.warnings():
-                text += f"\nWarning: {warning}"
-            self.ui.statusLabel.text = text
-        elif state == "cancelled":
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = "Cancelled; the scene was left unchanged."
-        else:
-            error = status.get("error") or "unknown error"
-            self.ui.statusLabel.text = f"Failed: {error}"
-            slicer.util.errorDisplay(f"Segment Slices failed:\n\n{error}", windowTitle="Segment Slices")
-        self.updateButtons()
+    def onRunSucceeded(self):
+        self.showOutputSegmentation()
+        result = self.logic.result
+        found = ", ".join(s.name for s in (result.segments if result else [])) or "no organ"
+        absent = ", ".join(result.absent) if result and result.absent else "none"
+        text = f"Done: {found}. Absent: {absent}."
+        for warning in self.logic.warnings():
+            text += f"\nWarning: {warning}"
+        self.ui.statusLabel.text = text
 
 
 class SegmentSlicesLogic(SceneSegmentSlicesLogic, ScriptedLoadableModuleLogic):
     """The engine's scene logic for the slices task with Slicer's module-logic base (scene logic first)."""
 
     def __init__(self, scene=None, python=None, job_root=None):
-        if job_root is None:
-            job_root = os.path.join(slicer.app.temporaryPath or tempfile.gettempdir(), "DeepSegRecon", "jobs")
         SceneSegmentSlicesLogic.__init__(self, scene if scene is not None else slicer.mrmlScene,
-                                         python=python or pythonSlicerExecutable(), job_root=job_root)
+                                         python=python or pythonSlicerExecutable(),
+                                         job_root=job_root if job_root is not None else defaultJobRoot())
         ScriptedLoadableModuleLogic.__init__(self)
 
     def createTrainingLogic(self, training_root=None):
-        from deepsegrecon.scene.training import TrainingLogic
-
-        return TrainingLogic(self.scene, self.model_task, training_root=training_root, python=self.python,
-                             job_root=self.job_root, plugins=self.plugins, env=self.env)
+        return newTrainingLogic(self, training_root)
 
 
 def showMetrics(table, scores):
