@@ -80,6 +80,26 @@ def from_regions(et: np.ndarray, tc: np.ndarray, wt: np.ndarray) -> np.ndarray:
     return out
 
 
+def regions_to_label(seg_name: str, names: list, known: dict, read_mask):
+    """Training-set hook of the brain-tumor task (see :data:`deepsegrecon.training.labels.REGION_LABEL_HOOKS`).
+
+    When the segments ``names`` of ``seg_name`` are the overlapping ET / TC / WT regions (the Segment Brain Tumour
+    output) and the model's labels ``known`` ({name: value}) the BraTS sub-regions: (uint8 label array with the
+    model's values, {name: value} present); else None. ``read_mask(name)``: that segment as a bool array on the
+    volume's grid."""
+    if set(names) != set(REGION_NAMES) or set(known) != set(SUBREGION_NAMES.values()):
+        return None
+    masks = {name: read_mask(name) for name in names}
+    if not masks["whole_tumor"].any():
+        raise InputError(f"the segment whole_tumor of '{seg_name}' is empty on the volume's grid")
+    brats = from_regions(*(masks[n] for n in REGION_NAMES))  # BraTS 2023 values
+    lut = np.zeros(256, np.uint8)
+    for value, name in SUBREGION_NAMES.items():
+        lut[value] = known[name]
+    present = {SUBREGION_NAMES[v]: int(known[SUBREGION_NAMES[v]]) for v in np.unique(brats) if v}
+    return lut[brats], present
+
+
 def subregion_infos(present=(NCR, ED, ET), convention: str = "brats2023") -> list:
     values = CONVENTIONS[convention]
     by_internal = {NCR: values["NCR"], ED: values["ED"], ET: values["ET"]}

@@ -419,9 +419,9 @@ class TrainingLogic:
                              f"lie outside the volume '{vol_name}': it is not on this volume's geometry (drawn on "
                              "another image, or moved by a transform); choose the volume it was drawn on")
         resampled = not _same_lattice(own, ref)
-        nested = self._nested_region_label(segmentation_node, label_ids, ref_node)
-        if nested is not None:  # overlapping nested regions (e.g. ET/TC/WT): the model's labels from them
-            label, label_names = nested
+        regions = self._region_label(segmentation_node, label_ids, ref_node)
+        if regions is not None:  # overlapping region segments (e.g. ET/TC/WT): the model's labels from them
+            label, label_names = regions
         else:
             source = segmentation_node if roi_segment is None else _segments_copy(segmentation_node, label_ids)
             label, infos = segmentation_node_to_labelmap(source, ref_node)
@@ -517,29 +517,28 @@ class TrainingLogic:
         out["__image__"] = label.with_array(values.astype(dtype))
         return out
 
-    def _nested_region_label(self, seg_node, ids: list, ref_node):
-        """(label Image, {name: value}) when the segments are the brain tumour's nested regions (enhancing_tumor,
-        tumor_core, whole_tumor, overlapping, as the Segment Brain Tumour output) and the model's labels are the
-        BraTS sub-regions: each region is read on its own and converted; else None."""
-        from ..brain import labels as BL
+    def _region_label(self, seg_node, ids: list, ref_node):
+        """(label Image, {name: value}) from the task's region hook (``training.labels.region_label_hook``) when
+        the segments are its overlapping regions, each read on its own; else None."""
+        from ..training.labels import region_label_hook
 
-        known = self._label_map() or {}
+        hook = region_label_hook(self.task_name)
+        if hook is None:
+            return None
         segmentation = seg_node.GetSegmentation()
         names = {segmentation.GetSegment(i).GetName(): i for i in ids}
-        if set(names) != set(BL.REGION_NAMES) or set(known) != set(BL.SUBREGION_NAMES.values()):
+        grid = []  # a labelmap Image on the volume's grid, for the result
+
+        def read_mask(name):
+            region, _ = segmentation_node_to_labelmap(_segments_copy(seg_node, [names[name]]), ref_node)
+            grid.append(region)
+            return np.asarray(region.array) > 0
+
+        out = hook(seg_node.GetName(), list(names), self._label_map() or {}, read_mask)
+        if out is None:
             return None
-        masks = {}
-        for name, sid in names.items():
-            region, _ = segmentation_node_to_labelmap(_segments_copy(seg_node, [sid]), ref_node)
-            masks[name] = np.asarray(region.array) > 0
-        if not masks["whole_tumor"].any():
-            raise InputError(f"the segment whole_tumor of '{seg_node.GetName()}' is empty on the volume's grid")
-        brats = BL.from_regions(*(masks[n] for n in BL.REGION_NAMES))  # BraTS 2023 values
-        lut = np.zeros(256, np.uint8)
-        for value, name in BL.SUBREGION_NAMES.items():
-            lut[value] = known[name]
-        present = {BL.SUBREGION_NAMES[v]: int(known[BL.SUBREGION_NAMES[v]]) for v in np.unique(brats) if v}
-        return region.with_array(lut[brats]), present
+        array, label_names = out
+        return grid[-1].with_array(array), label_names
 
     def _roi_mask(self, roi, seg_node, roi_segment, ref_node, ref: Image):
         """(uint8 mask Image on the reference grid or None, a word for case.json)."""
