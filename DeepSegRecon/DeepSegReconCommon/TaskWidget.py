@@ -120,6 +120,8 @@ class TaskWidgetMixin:
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
 
     def cleanup(self):
+        if getattr(self, "finetuneSection", None) is not None:
+            self.finetuneSection.cleanup()
         if self._pollTimer is not None:
             self._pollTimer.stop()
         if self.logic is not None and self._running:
@@ -130,6 +132,8 @@ class TaskWidgetMixin:
         if self._running:
             self.logic.cancel()
             self.finishRun({"state": "cancelled", "error": "the scene was closed"})
+        if getattr(self, "finetuneSection", None) is not None:
+            self.finetuneSection.onSceneStartClose()  # a running fine-tune stops with the scene
 
     def listModelVersions(self, select=None, noModelText=""):
         """Fill ``self.ui.modelComboBox`` with the logic's model versions (the default first) and select ``select``;

@@ -112,11 +112,6 @@ class SegmentBrainTumorWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTK
         self.finetuneSection.setup(self.ui.finetuneSectionPlaceholder.layout())
         self.updateButtons()
 
-    def cleanup(self):
-        if self.finetuneSection is not None:
-            self.finetuneSection.cleanup()
-        TaskWidgetMixin.cleanup(self)
-
     def _selectors(self):
         return {"t1": self.ui.t1Selector, "t1c": self.ui.t1cSelector, "t2": self.ui.t2Selector,
                 "flair": self.ui.flairSelector}

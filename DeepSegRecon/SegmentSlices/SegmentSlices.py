@@ -102,11 +102,6 @@ class SegmentSlicesWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
             self.ui.inputVolumeSelector.setCurrentNode(slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode"))
         self.updateButtons()
 
-    def cleanup(self):
-        if self.finetuneSection is not None:
-            self.finetuneSection.cleanup()
-        TaskWidgetMixin.cleanup(self)
-
     def labelSet(self):
         """The label set chosen: a built-in name or the JSON file path."""
         name = self.ui.labelSetComboBox.currentText

@@ -192,11 +192,6 @@ class SegmentTeethWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObser
                 f"Python packages needed for segmentation are missing: {', '.join(missing)}. "
                 "Click Segment Teeth to install them.")
 
-    def cleanup(self):
-        if self.finetuneSection is not None:
-            self.finetuneSection.cleanup()
-        TaskWidgetMixin.cleanup(self)
-
     def enter(self):
         self.initializeParameterNode()
 
@@ -206,8 +201,6 @@ class SegmentTeethWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObser
 
     def onSceneStartClose(self, caller, event):
         TaskWidgetMixin.onSceneStartClose(self, caller, event)
-        if self.finetuneSection is not None:
-            self.finetuneSection.onSceneStartClose()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):

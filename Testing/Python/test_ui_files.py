@@ -633,8 +633,17 @@ def test_segment_teeth_panel_has_the_finetune_section():
     assert "FinetuneSection(self.trainingLogic" in setup
     assert "self.finetuneSection.setup(self.ui.finetuneSectionPlaceholder.layout())" in setup
     assert "self.logic.createTrainingLogic()" in setup
-    assert "self.finetuneSection.cleanup()" in ast.unparse(_method(classes["SegmentTeethWidget"], "cleanup"))
     assert _method(classes["SegmentTeethLogic"], "createTrainingLogic") is not None
+    # the shared widget code stops the section's job on cleanup and scene close, for every module that has one
+    mixin = _classes(ast.parse((COMMON_DIR / "TaskWidget.py").read_text(encoding="utf-8")))["TaskWidgetMixin"]
+    assert "self.finetuneSection.cleanup()" in ast.unparse(_method(mixin, "cleanup"))
+    assert "self.finetuneSection.onSceneStartClose()" in ast.unparse(_method(mixin, "onSceneStartClose"))
+    for module in ("SegmentTeeth", "SegmentBrainTumor", "SegmentSlices"):
+        widget = _classes(ast.parse((MODULES_DIR / module / f"{module}.py").read_text(encoding="utf-8")))[f"{module}Widget"]
+        assert "TaskWidgetMixin" in [ast.unparse(b) for b in widget.bases], module
+        for name in ("cleanup", "onSceneStartClose"):
+            method = _method(widget, name)
+            assert method is None or f"TaskWidgetMixin.{name}(self" in ast.unparse(method), (module, name)
 
 
 def test_extension_cmake_installs_the_shared_helpers():
