@@ -22,8 +22,8 @@ missing (their gap is kept), some crowns carry metal restorations with streak an
 artefacts, and the image is blurred (PSF), shaded (cupping) and noisy, on a HU-like scale.
 
 Families. ``family="A"`` (default) and ``"B"`` differ in voxel size, noise, PSF, intensity scale
-(B is an uncalibrated grey scale: 0.75 * HU + 250) and arch shapes, for domain-shift and
-fine-tuning experiments.
+(B is an uncalibrated grey scale with air at 0, as many CBCT scanners store it: 0.55 * (HU + 1000)) and arch
+shapes, for domain-shift and fine-tuning experiments.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from scipy import ndimage as ndi
 
 from . import labels as L
 
-PHANTOM_VERSION = 2  # bump when the generator's output changes (training caches key on it)
+PHANTOM_VERSION = 2  # bump when the generator changes (training caches key on it and on FAMILIES)
 
 # --------------------------------------------------------------------------------------------
 # tooth catalogue: mesiodistal width, buccolingual width, crown height, root length (mm), roots
@@ -63,7 +63,7 @@ HU = {AIR: -1000.0, SOFT: 45.0, TRAB: 380.0, CORT: 1350.0, PDL: 80.0, DENTIN: 17
 FAMILIES = {
     "A": dict(spacing=(0.25, 0.5), noise=(25.0, 70.0), psf_mm=(0.3, 0.55), scale=1.0, offset=0.0,
               shapes=("parabolic", "U", "V", "elliptic"), arch_scale=(0.93, 1.07), metal_p=0.55),
-    "B": dict(spacing=(0.38, 0.6), noise=(70.0, 130.0), psf_mm=(0.45, 0.8), scale=0.75, offset=250.0,
+    "B": dict(spacing=(0.38, 0.6), noise=(70.0, 130.0), psf_mm=(0.45, 0.8), scale=0.55, offset=550.0,
               shapes=("V", "elliptic", "V", "parabolic"), arch_scale=(0.98, 1.12), metal_p=0.7),
 }
 

@@ -112,12 +112,13 @@ def _phantom_spacing(family: str, rng) -> float:
 
 def make_sample(seed: int, family: str, network: dict, cache_dir=None) -> dict:
     """Generate (or load from ``cache_dir``) the prepared sample of one phantom seed."""
-    from .phantom import PHANTOM_VERSION, generate_teeth_phantom
+    from .phantom import FAMILIES, PHANTOM_VERSION, generate_teeth_phantom
 
     path = None
     if cache_dir is not None:
-        tag = hashlib.sha1(json.dumps([PHANTOM_VERSION, network["stage1"]["spacing_mm"], network["stage2"]["spacing_mm"],
-                                       network["stage2"]["margin_mm"], network["intensity"]]).encode()).hexdigest()[:8]
+        key = [PHANTOM_VERSION, network["stage1"]["spacing_mm"], network["stage2"]["spacing_mm"],
+               network["stage2"]["margin_mm"], network["intensity"], FAMILIES[family.upper()]]
+        tag = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:8]
         path = Path(cache_dir) / f"{family}-{seed}-{tag}.npz"
         if path.is_file():
             try:
