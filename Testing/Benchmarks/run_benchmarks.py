@@ -289,8 +289,8 @@ def bench_vertebrae_half_split(out: Path) -> dict:
         events = []
         t = time.perf_counter()
         try:
-            result = run_inline("train", {}, {"task": "vertebrae", "cases": str(d / "cases"), "name": f"{train_half}-half",
-                                              "minutes": minutes, "epochs": epochs, "device": "cpu", "val_fraction": 0,
+            result = run_inline("train", {}, {"task": "vertebrae", "cases": str(d / "cases"),
+                                              "name": f"{train_half}-half", "minutes": minutes, "epochs": epochs, "device": "cpu", "val_fraction": 0,
                                               "recipe": recipe_ref, "recipe_options": recipe_options,
                                               "modalities": {"ct": "*"}, "settings": settings},
                                 progress=lambda e: events.append(e) if e.get("event") == "epoch" else None)
@@ -332,7 +332,8 @@ def bench_vertebrae_half_split(out: Path) -> dict:
                     f"in-plane averaged to {img.spacing[0]:.2f} x {img.spacing[1]:.2f} x {img.spacing[2]} mm, "
                     "cropped in-plane to the body (CT > -400 HU)",
             "shape": list(img.array.shape),
-            "vertebra_labels_present": present, "test_vertebra_recall": found, "train_slices": list(train_k), "test_slices": list(test_k),
+            "vertebra_labels_present": present, "test_vertebra_recall": found,
+            "train_slices": list(train_k), "test_slices": list(test_k),
             "train_half": train_half, "minutes_budget": minutes, "epochs_budget": epochs, "train_s": round(train_s, 1),
             "epochs": len(events), "history": [{k: e.get(k) for k in ("epoch", "loss", "elapsed_s")} for e in events],
             "inference_s": round(infer_s, 1), "train_half_dice": round(float(train_dice), 4),
