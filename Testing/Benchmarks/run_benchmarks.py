@@ -290,7 +290,8 @@ def bench_vertebrae_half_split(out: Path) -> dict:
         t = time.perf_counter()
         try:
             result = run_inline("train", {}, {"task": "vertebrae", "cases": str(d / "cases"),
-                                              "name": f"{train_half}-half", "minutes": minutes, "epochs": epochs, "device": "cpu", "val_fraction": 0,
+                                              "name": f"{train_half}-half", "minutes": minutes, "epochs": epochs,
+                                              "device": "cpu", "val_fraction": 0,
                                               "recipe": recipe_ref, "recipe_options": recipe_options,
                                               "modalities": {"ct": "*"}, "settings": settings},
                                 progress=lambda e: events.append(e) if e.get("event") == "epoch" else None)
