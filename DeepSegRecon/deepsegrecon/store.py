@@ -131,6 +131,13 @@ def _read_manifest(folder: Path) -> dict:
     return manifest
 
 
+def entry_from_dir(folder) -> ModelEntry:
+    """The model version in ``folder`` (its manifest and weight files), used as it is, outside any store."""
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    return ModelEntry(str(manifest.get("task")), str(manifest.get("version") or folder.name), folder, manifest)
+
+
 class ModelStore:
     def __init__(self, root=None, builtin_root=None):
         self.root = Path(root).expanduser() if root is not None else default_user_root()

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import textwrap
 import time
@@ -224,7 +223,8 @@ def jobs_run(world):
 
 # ------------------------------------------------------------------------------------------------ the job
 def test_finetune_job_writes_a_new_version_with_provenance(world, jobs_run):
-    from deepsegrecon.teeth.task import _entry_from_dir, load_model
+    from deepsegrecon.store import entry_from_dir
+    from deepsegrecon.teeth.task import load_model
 
     r = jobs_run["ok"]
     h, st = r["handle"], r["final"]
@@ -262,7 +262,7 @@ def test_finetune_job_writes_a_new_version_with_provenance(world, jobs_run):
     assert all(0 <= p["best_val_dice"] <= 1 for p in m["metrics"]["parts"].values())
     assert [h_["part"] for h_ in result.history] == ["stage1", "stage2"]
     entry = ModelStore(root=r["home"] / "models", builtin_root=r["dir"] / "builtin").get("teeth", "ft-ok")
-    model = load_model(_entry_from_dir(entry.dir))  # what TeethTask --model ft-ok loads
+    model = load_model(entry_from_dir(entry.dir))  # what TeethTask --model ft-ok loads
     assert model.network == tiny_network()
     for part, net in (("stage1", model.net1), ("stage2", model.net2)):
         info = m["metrics"]["parts"][part]

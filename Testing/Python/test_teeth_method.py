@@ -15,7 +15,8 @@ from deepsegrecon.store import ModelStore, sha256_file
 from deepsegrecon.task import CancelToken, TaskContext
 from deepsegrecon.teeth import labels as L
 from deepsegrecon.teeth.phantom import generate_teeth_phantom
-from deepsegrecon.teeth.task import TeethTask, _entry_from_dir, load_model, segment
+from deepsegrecon.store import entry_from_dir
+from deepsegrecon.teeth.task import TeethTask, load_model, segment
 from deepsegrecon.teeth.train import HELDOUT_SEEDS, score
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.skipif(not (SHIPPED / "manifest.json").is_file(), reaso
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model(_entry_from_dir(SHIPPED))
+    return load_model(entry_from_dir(SHIPPED))
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,7 @@ def test_wrong_task_weights_are_refused(tmp_path):
     folder = _copy(tmp_path)
     _rewrite_manifest(folder, task="brain")
     with pytest.raises(ModelError, match="brain"):
-        load_model(_entry_from_dir(folder))
+        load_model(entry_from_dir(folder))
     cbct, _, _ = generate_teeth_phantom(10003, shape=(40, 40, 32))
     with pytest.raises(ModelError):
         TeethTask().run({"image": cbct}, {"device": "cpu"}, TaskContext(model_dir=folder))
@@ -149,23 +150,23 @@ def test_corrupt_stage_file_is_refused(tmp_path):
     data[len(data) // 2] ^= 0xFF
     (folder / "stage2.pt").write_bytes(bytes(data))
     with pytest.raises(ModelError, match="checksum"):
-        load_model(_entry_from_dir(folder))
+        load_model(entry_from_dir(folder))
     # garbage whose checksum the manifest was made to match: not a weights file
     (folder / "stage2.pt").write_bytes(b"not a torch file" * 100)
     _rewrite_manifest(folder)
     with pytest.raises(ModelError, match="corrupt|refusing|not a"):
-        load_model(_entry_from_dir(folder))
+        load_model(entry_from_dir(folder))
     # real weights of another network: they do not fit the manifest's network
     torch.save({"weight": torch.zeros(3, 3)}, folder / "stage2.pt")
     _rewrite_manifest(folder)
     with pytest.raises(ModelError, match="does not fit"):
-        load_model(_entry_from_dir(folder))
+        load_model(entry_from_dir(folder))
     # stage1 swapped for stage2: wrong shapes
     shutil.copyfile(SHIPPED / "stage2.pt", folder / "stage1.pt")
     shutil.copyfile(SHIPPED / "stage2.pt", folder / "stage2.pt")
     _rewrite_manifest(folder)
     with pytest.raises(ModelError):
-        load_model(_entry_from_dir(folder))
+        load_model(entry_from_dir(folder))
 
 
 def test_store_finds_user_version_and_task_loads_it(tmp_path, monkeypatch):

@@ -101,7 +101,7 @@ class CBCTReconTask(Task):
         import torch
 
         from ..device import resolve_device
-        from ..store import ModelStore
+        from ..store import ModelStore, entry_from_dir
         from .projector import add_noise, fdk, forward_project, hu_to_mu, mu_to_hu
         from .projio import stack_image
         from .recon import metrics, reconstruct, value_to_hu
@@ -112,7 +112,7 @@ class CBCTReconTask(Task):
         t = time.perf_counter()
         ctx.step("prepare", 0.0, "loading the model")
         if ctx.model_dir is not None:
-            entry = _entry_from_dir(ctx.model_dir)
+            entry = entry_from_dir(ctx.model_dir)
         else:
             entry = ModelStore().get(TASK, params.get("model"))
         model = load_model(entry).to(device)
@@ -155,16 +155,3 @@ class CBCTReconTask(Task):
         ctx.step("metrics", 1.0)
         return VolumeResult(volumes, report)
 
-
-def _entry_from_dir(folder):
-    import json
-    from pathlib import Path
-
-    from ..store import ModelEntry
-
-    folder = Path(folder)
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read the manifest of the model in {folder}: {e}") from e
-    return ModelEntry(str(manifest.get("task")), str(manifest.get("version") or folder.name), folder, manifest)

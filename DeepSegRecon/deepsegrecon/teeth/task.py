@@ -348,13 +348,13 @@ class TeethTask(Task):
                              "covering at least part of a jaw (15 mm or more) is needed")
 
     def run(self, images: dict, params: dict, ctx: TaskContext) -> SegmentationResult:
-        from ..store import ModelStore
+        from ..store import ModelStore, entry_from_dir
 
         params = {**self.default_params(), **(params or {})}
         device = resolve_device(params.get("device") or ctx.device or "auto")
         ctx.step("prepare", 0.0, "loading the model")
         if ctx.model_dir is not None:
-            entry = _entry_from_dir(ctx.model_dir)
+            entry = entry_from_dir(ctx.model_dir)
         else:
             entry = ModelStore().get(TASK, params.get("model"))
         model = load_model(entry)
@@ -362,16 +362,3 @@ class TeethTask(Task):
                          tta=bool(params.get("tta", True)))
         return result
 
-
-def _entry_from_dir(folder):
-    import json
-    from pathlib import Path
-
-    from ..store import ModelEntry
-
-    folder = Path(folder)
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read the manifest of the model in {folder}: {e}") from e
-    return ModelEntry(str(manifest.get("task")), str(manifest.get("version") or folder.name), folder, manifest)

@@ -296,9 +296,10 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
     network = network or default_network()
     net1, net2 = build_nets(network)
     if init_from is not None:
-        from .task import _entry_from_dir, load_model
+        from ..store import entry_from_dir
+        from .task import load_model
 
-        m = load_model(_entry_from_dir(init_from))
+        m = load_model(entry_from_dir(init_from))
         net1.load_state_dict(m.net1.state_dict())
         net2.load_state_dict(m.net2.state_dict())
     net1, net2 = net1.to(dev).train(), net2.to(dev).train()
@@ -502,9 +503,10 @@ def evaluate(model_dir, seeds, family: str = "A", device: str = "auto", shape=No
     """
     from ..device import resolve_device
     from .phantom import generate_teeth_phantom
-    from .task import _entry_from_dir, load_model, segment
+    from ..store import entry_from_dir
+    from .task import load_model, segment
 
-    model = load_model(_entry_from_dir(model_dir))
+    model = load_model(entry_from_dir(model_dir))
     dev = resolve_device(device)
     dices, corrects, per_seed, extra = [], [], [], 0
     bone = {"maxilla": [], "mandible": []}
