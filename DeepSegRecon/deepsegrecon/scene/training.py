@@ -419,7 +419,7 @@ class TrainingLogic:
                              f"lie outside the volume '{vol_name}': it is not on this volume's geometry (drawn on "
                              "another image, or moved by a transform); choose the volume it was drawn on")
         resampled = not _same_lattice(own, ref)
-        regions = self._region_label(segmentation_node, label_ids, ref_node)
+        regions = self._region_label(segmentation_node, label_ids, ref_node, ref)
         if regions is not None:  # overlapping region segments (e.g. ET/TC/WT): the model's labels from them
             label, label_names = regions
         else:
@@ -517,9 +517,10 @@ class TrainingLogic:
         out["__image__"] = label.with_array(values.astype(dtype))
         return out
 
-    def _region_label(self, seg_node, ids: list, ref_node):
-        """(label Image, {name: value}) from the task's region hook (``training.labels.region_label_hook``) when
-        the segments are its overlapping regions, each read on its own; else None."""
+    def _region_label(self, seg_node, ids: list, ref_node, ref: Image):
+        """(label Image on the reference grid, {name: value}) from the task's region hook
+        (``training.labels.region_label_hook``) when the segments are its overlapping regions, each read on its own;
+        else None."""
         from ..training.labels import region_label_hook
 
         hook = region_label_hook(self.task_name)
@@ -527,18 +528,16 @@ class TrainingLogic:
             return None
         segmentation = seg_node.GetSegmentation()
         names = {segmentation.GetSegment(i).GetName(): i for i in ids}
-        grid = []  # a labelmap Image on the volume's grid, for the result
 
         def read_mask(name):
             region, _ = segmentation_node_to_labelmap(_segments_copy(seg_node, [names[name]]), ref_node)
-            grid.append(region)
             return np.asarray(region.array) > 0
 
         out = hook(seg_node.GetName(), list(names), self._label_map() or {}, read_mask)
         if out is None:
             return None
         array, label_names = out
-        return grid[-1].with_array(array), label_names
+        return ref.with_array(array), label_names
 
     def _roi_mask(self, roi, seg_node, roi_segment, ref_node, ref: Image):
         """(uint8 mask Image on the reference grid or None, a word for case.json)."""

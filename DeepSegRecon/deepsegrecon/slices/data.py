@@ -51,9 +51,8 @@ def labels_on_grid(label: Image, image: Image, what: str = "labels") -> np.ndarr
     ok = (np.allclose(np.abs(a), np.eye(3)[perm].T, atol=1e-3) and len(set(perm.tolist())) == 3
           and np.allclose(t, np.round(t), atol=1e-2) and (size_lab[perm] == size_img).all())
     if ok:
-        lo = a @ np.zeros(3) + t
-        hi = a @ (size_img - 1) + t
-        ok = (np.round(np.minimum(lo, hi)) == 0).all() and (np.round(np.maximum(lo, hi)) == size_lab - 1).all()
+        hi = a @ (size_img - 1) + t  # where the image's last voxel lands; its first lands at t
+        ok = (np.round(np.minimum(t, hi)) == 0).all() and (np.round(np.maximum(t, hi)) == size_lab - 1).all()
     if not ok:
         raise InputError(f"{what} ({label.array.shape}, spacing {tuple(round(s, 4) for s in label.spacing)}) do not "
                          f"lie on the image's voxels ({image.array.shape}, spacing "

@@ -143,8 +143,9 @@ def build_transforms(config, keys=("image", "label", "roi"), num_classes=None):
     ``classes`` crop (centres drawn class by class, equally often, so small organs are seen as often as large
     ones) needs ``num_classes``."""
     from monai.transforms import (
-        Compose, DeleteItemsd, EnsureTyped, RandAffined, RandCropByLabelClassesd, RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised,
-        RandRotate90d, RandScaleIntensityd, RandShiftIntensityd, RandSpatialCropSamplesd, SpatialPadd,
+        Compose, DeleteItemsd, EnsureTyped, RandAffined, RandCropByLabelClassesd, RandCropByPosNegLabeld, RandFlipd,
+        RandGaussianNoised, RandRotate90d, RandScaleIntensityd, RandShiftIntensityd, RandSpatialCropSamplesd,
+        SpatialPadd,
     )
 
     keys = list(keys)
