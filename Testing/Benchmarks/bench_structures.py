@@ -186,7 +186,7 @@ def bench_ribs_half_split(out: Path) -> dict:
     """Ribs (rib_left_1..12, rib_right_1..12 as one class): trained on the patient's left half, scored on the right
     half, mirrored across the midline in training (flips along i). 1.4 mm in-plane. Target: Dice >= 0.80."""
     return _split_bench(out, "ribs", lambda s: s.startswith("rib_"), axis=2, toward=+1, names=("left", "right"),
-                        defaults={"minutes": 22, "epochs": 30, "factor": 2,
+                        defaults={"minutes": 48, "epochs": 50, "factor": 2,
                                   "recipe": {"normalize": [-250, 1250], "channels": [16, 32, 64, 128],
                                              "num_res_units": 2, "patch_size": [32, 96, 96], "flips": False},
                                   "settings": {**_SETTINGS, "flip_axes": [2]}})
