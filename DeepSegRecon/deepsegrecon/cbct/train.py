@@ -42,14 +42,21 @@ def simulate(crop, n_views: int, det: int, rng, noise: bool = True, device: str 
 
 def train(minutes: float = 20.0, seed: int = 0, points: int = 8192, views=(6, 8, 10), lr: float = 1e-2,
           network: dict = None, log=print, max_iters: int = None, bank: int = 150, renew: float = 0.35,
-          wall_minutes: float = None, optimizer: str = "sgd", device: str = "cpu") -> tuple:
-    """Train for ``minutes``. Simulated samples live in a bank of ``bank`` entries (the paper also reuses fixed
+          wall_minutes: float = None, optimizer: str = "sgd", device: str = "cpu", init_from=None) -> tuple:
+    """Train for ``minutes`` (from the weights of version folder ``init_from`` when given: its network config). Simulated samples live in a bank of ``bank`` entries (the paper also reuses fixed
     projections every epoch); each iteration renews one entry with probability ``renew`` (always while filling).
     ``wall_minutes`` also caps the wall-clock time (whichever budget runs out first ends the run)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    cfg = {**default_network(), **(network or {})}
-    model = DIFGaussian(cfg).to(device)
+    if init_from:
+        from ..store import entry_from_dir
+        from .task import load_model
+
+        model = load_model(entry_from_dir(init_from)).to(device)
+        cfg = dict(model.cfg)
+    else:
+        cfg = {**default_network(), **(network or {})}
+        model = DIFGaussian(cfg).to(device)
     vols, weights, _ = training_volumes()
     sampler = CropSampler(vols, seed=seed, weights=weights)
     if optimizer == "sgd":  # the paper's recipe
@@ -150,12 +157,13 @@ def main(argv=None) -> int:
     p.add_argument("--store", default=None, help="model store root (default: the user store)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--init-from", default=None, help="version folder to continue training from")
     p.add_argument("--no-eval", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     lr = a.lr or (1e-2 if a.optimizer == "sgd" else 1e-3)
     model, cfg, history, iters = train(a.minutes, a.seed, points=a.points, wall_minutes=a.wall_minutes, lr=lr,
-                                       optimizer=a.optimizer, device=a.device)
+                                       optimizer=a.optimizer, device=a.device, init_from=a.init_from)
     model = model.cpu()
     m = None if a.no_eval else evaluate(model)
     if m:
