@@ -7,8 +7,8 @@ from deepsegrecon.image import Image
 from deepsegrecon.teeth import labels as L
 from deepsegrecon.teeth.nets import canonical_frame, grid_size
 from deepsegrecon.teeth.phantom import generate_teeth_phantom
-from deepsegrecon.teeth.postprocess import (MAX_DEPTH, _adjacency, _rejoin_unnumbered, assign_positions, postprocess,
-                                            profile_split, split_instances)
+from deepsegrecon.teeth.postprocess import (MAX_DEPTH, _adjacency, _rejoin_unnumbered, assign_positions, image_gaps,
+                                            postprocess, profile_split, resplit_at_gaps, split_instances)
 from deepsegrecon.teeth.task import assemble, grid_mapper, make_result, stage2_box
 from deepsegrecon.teeth.train import _onehot_area, score
 
@@ -98,6 +98,22 @@ def test_split_two_touching_blobs():
     assert len(keys) == 2
     assert len(np.unique(inst[a & ~b])) == 1 and len(np.unique(inst[b & ~a])) == 1
     assert inst[20, 20, 20] != inst[20, 20, 41]
+
+
+def test_borders_re_decided_at_the_image_gap_between_roots():
+    """Two roots whose blurred mask bridges the thin bone between them, wrongly split: the dark gap in the
+    image moves the border there; the numbering stays."""
+    z, y, x = np.mgrid[:30, :40, :40]
+    inside = (z >= 6) & (z < 24) & (y >= 6) & (y < 34)
+    a, b = inside & (x >= 6) & (x < 18), inside & (x >= 20) & (x < 32)
+    fg = inside & (x >= 6) & (x < 32)  # the mask covers the bone gap (x 18, 19)
+    image = np.where(a | b, 1.8, np.where(fg, 0.9, 0.0)).astype(np.float32)
+    gaps = image_gaps(fg, image, (0.5, 0.5, 0.5))
+    assert gaps[15, 20, 18] and not gaps[15, 20, 10] and not gaps[15, 20, 25]
+    fdi_map = np.where(fg, np.where(x < 24, 31, 32), 0).astype(np.uint8)  # 31 took part of 32's root
+    out = resplit_at_gaps(fdi_map, gaps, (0.5, 0.5, 0.5))
+    assert (out[a] == 31).all() and (out[b] == 32).all()
+    assert set(np.unique(out)) == {0, 31, 32}
 
 
 def test_profile_split_cuts_merged_neighbours_at_the_contact():

@@ -20,11 +20,14 @@ per-tooth report.
    summed stage-2 votes with positions strictly increasing along the arch: a missing tooth leaves
    a gap and never shifts its neighbours, and a tooth is never invented; a piece left without a
    position joins the numbered tooth it touches most.
+5. Where the image is given: the borders between the numbered teeth are re-decided at its dark gaps inside
+   the teeth mask (the thin bone between roots that the blurred mask bridges), numbering kept.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -46,6 +49,11 @@ _EPS = 1e-4
 OVERSIZE_PROFILE = 1.2  # a piece this many times a typical tooth (patient-scaled) is cut at its narrowest section
 MAX_DEPTH = 0.92  # ... if that section is at most this share of the smaller crown beside it
 MERGED_MAX = 1.7  # two same-class pieces together this many times a typical tooth are two teeth
+GAP_LEVEL = 0.5  # image gaps: a teeth-mask voxel darker than lo + this x (hi - lo) ...
+GAP_DIP = 0.3  # ... or this much x (hi - lo) below the grey closing over GAP_DIP_MM around it
+GAP_DIP_MM = 1.0
+GAP_CORE = 0.7  # re-split at the gaps: a tooth's core lies at >= this share of its largest gap-cut distance
+GAP_MAX_LOSS = 0.5  # ... and a tooth that would lose more than this share of itself is left as it was
 
 
 # typical tooth volume (mm3) by stage-2 class (1..8 upper, 9..16 lower); index 0 (no class) is a neutral 1
@@ -307,6 +315,68 @@ def _split_oversized(inst, n, key, spacing):
         no_merge.update((a, b) for a in ids for b in ids if a < b)
         n += k - 1
     return inst, n, no_merge
+
+
+def image_gaps(fg: np.ndarray, image: np.ndarray, spacing) -> Optional[np.ndarray]:
+    """Dark voxels of the teeth mask ``fg`` in ``image`` (same grid): the thin bone between neighbouring roots
+    (or crowns) that the blurred mask bridges. Against the contrast around the mask (``hi``: median 1-2 mm
+    inside, ``lo``: 1-2 mm outside): darker than ``lo + GAP_LEVEL * (hi - lo)``, or a narrow valley (under
+    its grey closing over GAP_DIP_MM by GAP_DIP * (hi - lo)); holes closed in the axial plane (the pulp)
+    are not gaps. None where the image shows no tooth contrast."""
+    sp = np.asarray(spacing, float)
+    d_in = ndi.distance_transform_edt(fg, sampling=sp)
+    inner = fg & (d_in > 1.0) & (d_in <= 2.0)
+    del d_in
+    d_out = ndi.distance_transform_edt(~fg, sampling=sp)
+    outer = ~fg & (d_out > 1.0) & (d_out <= 2.0)
+    del d_out
+    if inner.sum() < 50 or outer.sum() < 50:
+        return None
+    image = np.asarray(image, np.float32)
+    hi, lo = float(np.median(image[inner])), float(np.median(image[outer]))
+    if hi <= lo:
+        return None
+    size = tuple(int(2 * math.ceil(GAP_DIP_MM / s) + 1) for s in sp)
+    dip = ndi.grey_closing(image, size=size) - image
+    gaps = fg & ((image < lo + GAP_LEVEL * (hi - lo)) | (dip > GAP_DIP * (hi - lo)))
+    plane = np.zeros((3, 3, 3), bool)
+    plane[1] = ndi.generate_binary_structure(2, 1)
+    gaps &= ~ndi.binary_fill_holes(fg & ~gaps, structure=plane)
+    return gaps
+
+
+def resplit_at_gaps(fdi_map: np.ndarray, gaps: np.ndarray, spacing) -> np.ndarray:
+    """Borders between the numbered teeth of ``fdi_map`` re-decided at the image's ``gaps`` (:func:`image_gaps`);
+    the numbering is kept. Each tooth's core (the largest connected part where the distance to the surface
+    of the teeth mask without the gaps is at least GAP_CORE x its largest) floods the teeth mask on that
+    distance: neighbours meet at the gaps, e.g. a root the mask bridged to its neighbour's goes back to its crown.
+    A tooth that would lose more than GAP_MAX_LOSS of itself keeps its voxels."""
+    from skimage.segmentation import watershed
+
+    mask = fdi_map > 0
+    dist = ndi.distance_transform_edt(mask & ~gaps, sampling=spacing)
+    markers = np.zeros(fdi_map.shape, np.int32)
+    for f, sl in enumerate(ndi.find_objects(fdi_map), 1):
+        if sl is None:
+            continue
+        d = np.where(fdi_map[sl] == f, dist[sl], 0.0)
+        if d.max() <= 0:
+            continue
+        core, k = ndi.label(d >= GAP_CORE * d.max())
+        if k > 1:
+            sizes = np.bincount(core.ravel())
+            sizes[0] = 0
+            core = core == int(np.argmax(sizes))
+        markers[sl][core > 0] = f
+    out = watershed(-dist, markers, mask=mask).astype(fdi_map.dtype)
+    # a tooth that would lose more than GAP_MAX_LOSS of itself keeps all of it (its core was misplaced)
+    n = np.bincount(fdi_map.ravel(), minlength=256)
+    lost = np.bincount(fdi_map[mask & (out != fdi_map)], minlength=256)
+    keep = lost > GAP_MAX_LOSS * np.maximum(n, 1)
+    keep[0] = False
+    back = mask & keep[fdi_map]
+    out[back] = fdi_map[back]
+    return out
 
 
 def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: float = MIN_TOOTH_MM3,
@@ -775,12 +845,13 @@ def _rejoin_unnumbered(inst, fdi: dict, details: dict) -> dict:
 
 def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_lps, mid_hint: float,
                 x_axis_index: int = 2, min_tooth_mm3: float = MIN_TOOTH_MM3, step=None, mode: str = "geometry",
-                use_barrier: bool = False):
+                use_barrier: bool = False, image: np.ndarray = None):
     """Stage-2 probabilities -> (FDI map on the same grid, per-tooth details).
 
     ``class_prob`` is (16, ...) (upper 1..8, lower 1..8), ``mid_hint`` a fallback midline (grid index
     along ``x_axis_index``), ``index_to_lps`` maps grid indices to LPS mm; ``step(fraction)`` is called
-    often (progress and cancel)."""
+    often (progress and cancel). ``image`` (optional): the intensities on the same grid; the borders between
+    the numbered teeth are then re-decided at its dark gaps inside the teeth mask (:func:`resplit_at_gaps`)."""
     fg = fg_prob > 0.5
     if not fg.any():
         return np.zeros(fg.shape, np.uint8), {}
@@ -807,4 +878,8 @@ def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_l
     lut = np.zeros(int(inst.max()) + 1, np.uint8)
     for i, f in fdi.items():
         lut[i] = f
-    return lut[inst], {"midline": midline.as_dict(), "instances": details}
+    out = lut[inst]
+    gaps = image_gaps(fg, image, spacing) if image is not None else None
+    if gaps is not None:
+        out = resplit_at_gaps(out, gaps, spacing)
+    return out, {"midline": midline.as_dict(), "instances": details}

@@ -5,7 +5,8 @@ Pipeline (all in the canonical S/P/L re-indexing of the input grid, see :mod:`.n
 1. stage 1, whole volume at about 1 mm: background / maxilla / mandible / teeth;
 2. stage 2, teeth bounding box (+ margin) at about 0.5 mm: background + 16 tooth classes
    (jaw x position), with coordinate channels measured from the stage-1 teeth box;
-3. instance split and FDI numbering in physical space (:mod:`.postprocess`);
+3. instance split and FDI numbering in physical space, borders between teeth re-decided at the
+   stage-2 image's dark gaps between roots (:mod:`.postprocess`);
 4. back to the input grid: teeth by linear interpolation of the stage-2 teeth probability with each
    voxel given its nearest tooth instance, bones by linear interpolation of the stage-1
    probabilities; slab by slab, so memory stays bounded;
@@ -226,7 +227,8 @@ def segment(image: Image, model: TeethModel, device="cpu", step: Optional[Callab
         del crop
         coords = coord_channels(lo, hi, n2, sp, ref, float(c2.get("coord_scale_mm", 30.0)))
         x2 = torch.cat([img2, coords], 0)[None]
-        del img2, coords
+        img2 = img2[0].numpy()  # kept: its dark gaps between roots place the borders between teeth
+        del coords
         logits2 = _sliding_tta(model.net2, x2, c2["roi"], device, amp, overlap2,
                                lambda f: step("stage2", f, "stage 2: tooth classes"), tta)[0]
         del x2
@@ -239,8 +241,8 @@ def segment(image: Image, model: TeethModel, device="cpu", step: Optional[Callab
         mid_hint = (ref[2] - lo[2] + 0.5) * n2[2] / (hi[2] - lo[2]) - 0.5
         fg2 = 1.0 - probs2[0]
         fdi2, info = postprocess(fg2, probs2[1:], tuple(sp2), grid_mapper(image, can, lo, hi, n2), mid_hint,
-                                 step=lambda f: step("instances", f, "splitting and numbering teeth"))
-        del probs2
+                                 step=lambda f: step("instances", f, "splitting and numbering teeth"), image=img2)
+        del probs2, img2
         timings["instances_s"] = time.perf_counter() - t0
         step("instances", 1.0)
     else:
