@@ -44,8 +44,9 @@ def simulate(crop, n_views: int, det: int, rng, noise: bool = True, device: str 
 def train(minutes: float = 20.0, seed: int = 0, points: int = 8192, views=(6, 8, 10), lr: float = 1e-2,
           network: dict = None, log=print, max_iters: int = None, bank: int = 150, renew: float = 0.35,
           wall_minutes: float = None, optimizer: str = "sgd", device: str = "cpu", init_from=None) -> tuple:
-    """Train for ``minutes`` (from the weights of version folder ``init_from`` when given: its network config). Simulated samples live in a bank of ``bank`` entries (the paper also reuses fixed
-    projections every epoch); each iteration renews one entry with probability ``renew`` (always while filling).
+    """Train for ``minutes``, from the weights and network config of version folder ``init_from`` when given.
+    Simulated samples live in a bank of ``bank`` entries (the paper also reuses fixed projections every epoch);
+    each iteration renews one entry with probability ``renew`` (always while filling).
     ``wall_minutes`` also caps the wall-clock time (whichever budget runs out first ends the run)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
