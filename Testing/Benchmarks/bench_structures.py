@@ -57,10 +57,6 @@ def _structure_volume(select, factor: int = 2):
     return img, img.with_array(m.astype(np.uint8)), present, which
 
 
-def _dice(a, b) -> float:
-    return 2.0 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1)
-
-
 def _part(img, axis: int, lo: int, hi: int):
     """Array slab ``lo:hi`` along numpy ``axis`` (0 = k, 2 = i) as an Image with its true origin."""
     from deepsegrecon.image import Image
@@ -91,6 +87,7 @@ def _split_bench(out: Path, name: str, select, axis: int, toward: int, names: tu
     from scipy import ndimage as ndi
 
     from deepsegrecon.inference import sliding_window
+    from deepsegrecon.slices.metrics import dice
     from deepsegrecon.store import ModelStore, load_state_dict
     from deepsegrecon.training.cases import write_case
     from deepsegrecon.training.recipe import get_recipe
@@ -147,11 +144,11 @@ def _split_bench(out: Path, name: str, select, axis: int, toward: int, names: tu
                                         sw_batch_size=2)
             return logits.argmax(1)[0].numpy() > 0, _part(lab, axis, lo, hi).array > 0
 
-        train_dice = _dice(*predict(*train_r))  # how well the training half itself is fitted
+        train_dice = dice(*predict(*train_r))  # how well the training half itself is fitted
         t = time.perf_counter()
         pred, gt = predict(*test_r)
         infer_s = time.perf_counter() - t
-        dice = _dice(pred, gt)
+        test_dice = dice(pred, gt)
         test_which = _part(img.with_array(which), axis, *test_r).array
         found = {n: round(float(pred[test_which == v].mean()), 3) for v, n in present.items()
                  if (test_which == v).sum() >= 50}  # per labelled structure: the fraction of it found
@@ -166,10 +163,10 @@ def _split_bench(out: Path, name: str, select, axis: int, toward: int, names: tu
             "minutes_budget": minutes, "epochs_budget": epochs, "train_s": round(train_s, 1), "epochs": len(events),
             "history": [{k: e.get(k) for k in ("epoch", "loss", "elapsed_s")} for e in events],
             "inference_s": round(infer_s, 1), "train_half_dice": round(float(train_dice), 4),
-            "test_dice": round(float(dice), 4),
+            "test_dice": round(float(test_dice), 4),
             "test_precision": round(float(np.count_nonzero(pred & gt) / max(np.count_nonzero(pred), 1)), 4),
             "test_recall": round(float(np.count_nonzero(pred & gt) / max(np.count_nonzero(gt), 1)), 4),
-            "predicted_components": int(n_cc), "target_dice": 0.80, "target_met": bool(dice >= 0.80),
+            "predicted_components": int(n_cc), "target_dice": 0.80, "target_met": bool(test_dice >= 0.80),
             "recipe": recipe_ref, "recipe_options": recipe_options, "settings": settings,
             "torch_threads": _bench_threads(),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from deepsegrecon.errors import Cancelled, ModelError
-from deepsegrecon.store import ModelStore, sha256_file
+from deepsegrecon.store import ModelStore, entry_from_dir, sha256_file
 from deepsegrecon.task import CancelToken, TaskContext
 from deepsegrecon.teeth import labels as L
 from deepsegrecon.teeth.phantom import generate_teeth_phantom
-from deepsegrecon.store import entry_from_dir
 from deepsegrecon.teeth.task import TeethTask, load_model, segment
 from deepsegrecon.teeth.train import HELDOUT_SEEDS, score
 

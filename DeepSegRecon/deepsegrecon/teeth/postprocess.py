@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from . import labels as L
+from .refine import AXIAL_PLANE, contrast_around
 
 MIN_TOOTH_MM3 = 25.0
 MIN_COMPONENT_MM3 = 8.0
@@ -324,24 +325,16 @@ def image_gaps(fg: np.ndarray, image: np.ndarray, spacing) -> Optional[np.ndarra
     its grey closing over GAP_DIP_MM by GAP_DIP * (hi - lo)); holes closed in the axial plane (the pulp)
     are not gaps. None where the image shows no tooth contrast."""
     sp = np.asarray(spacing, float)
-    d_in = ndi.distance_transform_edt(fg, sampling=sp)
-    inner = fg & (d_in > 1.0) & (d_in <= 2.0)
-    del d_in
-    d_out = ndi.distance_transform_edt(~fg, sampling=sp)
-    outer = ~fg & (d_out > 1.0) & (d_out <= 2.0)
-    del d_out
-    if inner.sum() < 50 or outer.sum() < 50:
-        return None
     image = np.asarray(image, np.float32)
-    hi, lo = float(np.median(image[inner])), float(np.median(image[outer]))
-    if hi <= lo:
+    contrast = contrast_around(image, fg, ndi.distance_transform_edt(fg, sampling=sp),
+                               ndi.distance_transform_edt(~fg, sampling=sp), 1.0)
+    if contrast is None:
         return None
+    hi, lo = contrast
     size = tuple(int(2 * math.ceil(GAP_DIP_MM / s) + 1) for s in sp)
     dip = ndi.grey_closing(image, size=size) - image
     gaps = fg & ((image < lo + GAP_LEVEL * (hi - lo)) | (dip > GAP_DIP * (hi - lo)))
-    plane = np.zeros((3, 3, 3), bool)
-    plane[1] = ndi.generate_binary_structure(2, 1)
-    gaps &= ~ndi.binary_fill_holes(fg & ~gaps, structure=plane)
+    gaps &= ~ndi.binary_fill_holes(fg & ~gaps, structure=AXIAL_PLANE)
     return gaps
 
 

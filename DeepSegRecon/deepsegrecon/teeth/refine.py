@@ -20,6 +20,19 @@ BAND_MM = 1.0
 PRUNE = 0.6
 GROW = 0.7
 DIST_GRID_MM = 0.4  # distances are measured on a grid this fine at most
+AXIAL_PLANE = np.zeros((3, 3, 3), bool)  # hole filling in the axial plane only (pulp and root canals)
+AXIAL_PLANE[1] = ndi.generate_binary_structure(2, 1)
+
+
+def contrast_around(image: np.ndarray, mask: np.ndarray, d_in: np.ndarray, d_out: np.ndarray, band_mm: float):
+    """(hi, lo): medians of ``image`` between ``band_mm`` and ``band_mm`` + 1 mm inside ``mask`` (``d_in``: depth
+    in mm) and outside it (``d_out``: distance in mm); None with fewer than 50 voxels on a side or no contrast."""
+    inner = mask & (d_in > band_mm) & (d_in <= band_mm + 1.0)
+    outer = ~mask & (d_out > band_mm) & (d_out <= band_mm + 1.0)
+    if inner.sum() < 50 or outer.sum() < 50:
+        return None
+    hi, lo = float(np.median(image[inner])), float(np.median(image[outer]))
+    return (hi, lo) if hi > lo else None
 
 
 def refine_surface(lab: np.ndarray, image: np.ndarray, spacing, box=None, band_mm: float = BAND_MM,
@@ -49,20 +62,14 @@ def refine_surface(lab: np.ndarray, image: np.ndarray, spacing, box=None, band_m
     nearest_tooth = _up(sub[::f, ::f, ::f][tuple(ind)], f, teeth.shape)
     d_out = _up(d_out, f, teeth.shape)
     del ind
-    inner = teeth & (d_in > band_mm) & (d_in <= band_mm + 1.0)
-    outer = ~teeth & (d_out > band_mm) & (d_out <= band_mm + 1.0)
-    if inner.sum() < 50 or outer.sum() < 50:
+    contrast = contrast_around(img, teeth, d_in, d_out, band_mm)
+    if contrast is None:  # no tooth contrast to refine against
         return lab
-    t_hi, t_lo = float(np.median(img[inner])), float(np.median(img[outer]))
-    if t_hi <= t_lo:  # no tooth contrast to refine against
-        return lab
-    del inner, outer
+    t_hi, t_lo = contrast
     new = teeth & ~((d_in <= band_mm) & (img < t_lo + prune * (t_hi - t_lo)))
     new |= ~teeth & (d_out <= band_mm) & (img > t_lo + grow * (t_hi - t_lo))
     del d_in, d_out
-    plane = np.zeros((3, 3, 3), bool)
-    plane[1] = ndi.generate_binary_structure(2, 1)
-    new |= ndi.binary_fill_holes(new, structure=plane) & teeth
+    new |= ndi.binary_fill_holes(new, structure=AXIAL_PLANE) & teeth
     removed = teeth & ~new
     if removed.any():
         # removed voxels take the label of the nearest voxel that never was tooth (bone or soft tissue)
