@@ -1,7 +1,6 @@
 """The shipped cbct-recon weights: verified, loadable with weights_only, small, and better than FDK on the held-out
 chest slab (never seen in training) from 10 noisy views."""
 
-import numpy as np
 import pytest
 import torch
 
