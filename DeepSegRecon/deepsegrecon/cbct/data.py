@@ -146,15 +146,16 @@ class CropSampler:
         return Image(hu.clamp(min=-1000.0).numpy(), tuple(sp))
 
 
-def training_volumes(shared: Path = None) -> tuple:
-    """([2 mm HU volumes for training], [sampling weights], held-out chest slab)."""
+def training_volumes(shared: Path = None, head: bool = True) -> tuple:
+    """([2 mm HU volumes for training], [sampling weights], held-out chest slab); ``head``: add the head CT when
+    installed."""
     chest_train, held = chest_split(load_ct(chest_ct_path()))
     vols, weights = [chest_train], [0.6]
     d = dicom_ct_dir(shared)
     if d.is_dir():
         vols.append(load_ct(d))
         weights.append(0.2)
-    if HEAD_CT.is_file():
+    if head and HEAD_CT.is_file():
         vols.append(resample_iso(read_inv3(HEAD_CT)))
         weights.append(0.2)
     return vols, weights, held
