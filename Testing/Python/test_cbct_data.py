@@ -68,3 +68,24 @@ def test_weights_chosen_by_view_count(tmp_path):
     assert model_for(store, None, circular_angles(10, 180.0)).version == "any"  # a short scan: not what "ten" learnt
     assert model_for(store, "six-eight", circular_angles(10)).version == "six-eight"  # asked for by name
     assert json.loads((store.get("cbct-recon", "ten").dir / "manifest.json").read_text())["input_spec"]["views"] == [10]
+
+
+def test_a_job_gets_the_weights_for_its_view_count(tmp_path):
+    from deepsegrecon.cbct.net import DIFGaussian
+    from deepsegrecon.image import Image
+    from deepsegrecon.worker import model_for_job
+
+    cfg = {"arch": "dif-gaussian", "features": [4, 8, 8, 16], "out_ch": 8, "det_res": 32, "gs_res": 6,
+           "decoder": [16, 8, 1]}
+    weights = tmp_path / "dif_gaussian.pt"
+    torch.save(DIFGaussian(cfg).state_dict(), weights)
+    store = ModelStore(root=tmp_path / "store", builtin_root=tmp_path / "none")
+    for version, views, default in (("any", "any", True), ("ten", [10], False)):
+        store.write_version("cbct-recon", version, {"dif_gaussian.pt": weights},
+                            {"task": "cbct-recon", "network": cfg, "default": default,
+                             "input_spec": {"views": views, "arc_deg": 360}})
+    ct = {"ct": Image(np.full((8, 8, 8), -1000.0, np.float32), (2.0, 2.0, 2.0))}
+    assert model_for_job("cbct-recon", ct, {"views": 10}, store).version == "ten"
+    assert model_for_job("cbct-recon", ct, {"views": 10, "arc_deg": 200.0}, store).version == "any"
+    assert model_for_job("cbct-recon", ct, {"views": 6}, store).version == "any"
+    assert model_for_job("cbct-recon", ct, {"views": 10, "model": "any"}, store).version == "any"

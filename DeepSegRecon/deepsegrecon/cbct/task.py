@@ -123,6 +123,9 @@ class CBCTReconTask(Task):
                                  f"{ref.size} voxels at {tuple(round(s, 4) for s in ref.spacing)} mm, grid "
                                  f"{geo.volume_size} at {geo.volume_spacing} mm; origin and direction must match too)")
 
+    def model_version(self, images: dict, params: dict, store):
+        return model_for(store, None, geometry_of(images, params).angles_deg).version
+
     def run(self, images: dict, params: dict, ctx: TaskContext) -> VolumeResult:
         import torch
 
