@@ -270,6 +270,10 @@ class Task:
                 continue
             check_image(images[spec.name], spec.name, ndim=spec.ndim)
 
+    def model_version(self, images: dict, params: dict, store) -> Optional[str]:
+        """The model version for this job when ``params`` names none (None: the store's default)."""
+        return None
+
     def run(self, images: dict, params: dict, ctx: TaskContext):
         raise NotImplementedError
 

@@ -154,6 +154,17 @@ def check_model(task: str, version: Optional[str] = None, store=None, load: bool
     return entry
 
 
+def model_for_job(task_name: str, images: dict, params: dict, store=None):
+    """Check and return the weights a job will use: ``params['model']``, else the task's own choice for these inputs
+    (:meth:`Task.model_version`), else the default version."""
+    from .store import ModelStore
+
+    task = get_task(task_name)
+    store = store or ModelStore()
+    version = params.get("model") or task.model_version(images, {**task.default_params(), **params}, store)
+    return check_model(getattr(task, "model_task", None) or task.name, version, store)
+
+
 def run_inline(task_name: str, images: dict, params: dict, progress: Optional[Callable[[dict], None]] = None,
                cancel: Optional[CancelToken] = None, model=None):
     """Run ``task_name`` in this process: validate, resolve device and weights, run; returns the result.
@@ -170,7 +181,7 @@ def run_inline(task_name: str, images: dict, params: dict, progress: Optional[Ca
     # tasks that use no torch device may declare uses_device = False (spares the torch import)
     device = _resolve_device(params.get("device", "auto" if getattr(task, "uses_device", True) else "cpu"))
     if model is None and (getattr(task, "uses_model", False) or params.get("model")):
-        model = check_model(getattr(task, "model_task", None) or task.name, params.get("model"))
+        model = model_for_job(task_name, images, params)
     if model is not None:
         params["model"] = model.version
     reporter = ProgressReporter(getattr(task, "stages", None), progress)

@@ -1,7 +1,6 @@
 """`deepsegrecon train brain-tumor --cases DIR` on two-input (FLAIR + T1c) phantom cases: a new model version
 that the task runs; the paper-faithful pieces of the recipe; a labelmap with unknown values is refused."""
 
-import json
 import shutil
 
 import numpy as np

@@ -1,7 +1,6 @@
 """cbct-recon task and CLI: outputs on the CT grid, projection folders round trip, bad input writes nothing."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

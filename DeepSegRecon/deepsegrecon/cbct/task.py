@@ -40,6 +40,32 @@ def load_model(entry):
     return model.eval()
 
 
+def full_circle(angles_deg) -> bool:
+    """True when the views are equally spaced over 360 deg (the layout the shipped weights learnt)."""
+    a = np.sort(np.mod(np.asarray(angles_deg, float), 360.0))
+    steps = np.diff(np.append(a, a[0] + 360.0))
+    return len(a) > 1 and bool(np.all(np.abs(steps - 360.0 / len(a)) < 0.5))
+
+
+def model_for(store, version, angles_deg):
+    """``version`` when given; else a version trained for exactly this many views equally spaced over 360 deg
+    (``input_spec.views``; user versions before built-in ones, then the newest); else the default version."""
+    if version:
+        return store.get(TASK, version)
+    n, full = len(angles_deg), full_circle(angles_deg)
+
+    def fits(e):
+        spec = e.manifest.get("input_spec") or {}
+        views = spec.get("views")
+        return full and isinstance(views, list) and n in views and spec.get("arc_deg") == 360 \
+            and "error" not in e.manifest
+
+    found = [e for e in store.list(TASK) if fits(e)]
+    if not found:
+        return store.get(TASK)
+    return max(found, key=lambda e: (not e.builtin, str(e.manifest.get("created") or ""), e.version))
+
+
 def geometry_of(images: dict, params: dict):
     """The geometry of the job: from ``params['geometry']`` (projections) or built around the CT grid."""
     from .geometry import ConeGeometry, geometry_for_grid
@@ -97,6 +123,9 @@ class CBCTReconTask(Task):
                                  f"{ref.size} voxels at {tuple(round(s, 4) for s in ref.spacing)} mm, grid "
                                  f"{geo.volume_size} at {geo.volume_spacing} mm; origin and direction must match too)")
 
+    def model_version(self, images: dict, params: dict, store):
+        return model_for(store, None, geometry_of(images, params).angles_deg).version
+
     def run(self, images: dict, params: dict, ctx: TaskContext) -> VolumeResult:
         import torch
 
@@ -111,12 +140,12 @@ class CBCTReconTask(Task):
         timings = {}
         t = time.perf_counter()
         ctx.step("prepare", 0.0, "loading the model")
+        geo = geometry_of(images, params)
         if ctx.model_dir is not None:
             entry = entry_from_dir(ctx.model_dir)
         else:
-            entry = ModelStore().get(TASK, params.get("model"))
+            entry = model_for(ModelStore(), params.get("model"), geo.angles_deg)
         model = load_model(entry).to(device)
-        geo = geometry_of(images, params)
         reference = images.get("reference")
         timings["prepare_s"] = time.perf_counter() - t
         t = time.perf_counter()

