@@ -20,6 +20,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+AUTO_MODEL = "automatic (by view count)"
 
 
 def setUpEngine():
@@ -112,6 +113,8 @@ class ReconstructCBCTWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKOb
         except Exception as e:  # a broken store must not break the panel
             logging.warning(f"Reconstruct CBCT: cannot list the model versions: {e}")
             versions = []
+        if versions:  # first entry: the version trained for the job's view count, else the default
+            self.ui.modelComboBox.addItem(AUTO_MODEL)
         for version in versions:
             self.ui.modelComboBox.addItem(version)
         if not versions:
@@ -137,7 +140,7 @@ class ReconstructCBCTWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKOb
         if self._running:
             return
         params = {"device": self.ui.deviceComboBox.currentText}
-        if self.ui.modelComboBox.count:
+        if self.ui.modelComboBox.currentText not in ("", AUTO_MODEL):
             params["model"] = self.ui.modelComboBox.currentText
         with slicer.util.tryWithErrorDisplay("Reconstruct CBCT could not start.", waitCursor=True):
             self.logic.reconstruct(self.ui.inputVolumeSelector.currentNode(), self.ui.simulateRadioButton.checked,
