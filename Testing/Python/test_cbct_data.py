@@ -50,7 +50,8 @@ def test_full_circle():
     assert not full_circle(circular_angles(10, 180.0)) and not full_circle([0.0, 10.0, 20.0])
 
 
-def test_weights_chosen_by_view_count(tmp_path):
+def _store(tmp_path, versions) -> ModelStore:
+    """A model store of tiny cbct-recon versions: ``versions`` = [(version, input_spec views, default)]."""
     from deepsegrecon.cbct.net import DIFGaussian
 
     cfg = {"arch": "dif-gaussian", "features": [4, 8, 8, 16], "out_ch": 8, "det_res": 32, "gs_res": 6,
@@ -58,10 +59,15 @@ def test_weights_chosen_by_view_count(tmp_path):
     weights = tmp_path / "dif_gaussian.pt"
     torch.save(DIFGaussian(cfg).state_dict(), weights)
     store = ModelStore(root=tmp_path / "store", builtin_root=tmp_path / "none")
-    for version, views, default in (("any", "any", True), ("ten", [10], False), ("six-eight", [6, 8], False)):
+    for version, views, default in versions:
         store.write_version("cbct-recon", version, {"dif_gaussian.pt": weights},
                             {"task": "cbct-recon", "network": cfg, "default": default,
                              "input_spec": {"views": views, "arc_deg": 360}})
+    return store
+
+
+def test_weights_chosen_by_view_count(tmp_path):
+    store = _store(tmp_path, [("any", "any", True), ("ten", [10], False), ("six-eight", [6, 8], False)])
     assert model_for(store, None, circular_angles(10)).version == "ten"
     assert model_for(store, None, [(a + 17) % 360 for a in circular_angles(8)]).version == "six-eight"
     assert model_for(store, None, circular_angles(7)).version == "any"
@@ -71,19 +77,10 @@ def test_weights_chosen_by_view_count(tmp_path):
 
 
 def test_a_job_gets_the_weights_for_its_view_count(tmp_path):
-    from deepsegrecon.cbct.net import DIFGaussian
     from deepsegrecon.image import Image
     from deepsegrecon.worker import model_for_job
 
-    cfg = {"arch": "dif-gaussian", "features": [4, 8, 8, 16], "out_ch": 8, "det_res": 32, "gs_res": 6,
-           "decoder": [16, 8, 1]}
-    weights = tmp_path / "dif_gaussian.pt"
-    torch.save(DIFGaussian(cfg).state_dict(), weights)
-    store = ModelStore(root=tmp_path / "store", builtin_root=tmp_path / "none")
-    for version, views, default in (("any", "any", True), ("ten", [10], False)):
-        store.write_version("cbct-recon", version, {"dif_gaussian.pt": weights},
-                            {"task": "cbct-recon", "network": cfg, "default": default,
-                             "input_spec": {"views": views, "arc_deg": 360}})
+    store = _store(tmp_path, [("any", "any", True), ("ten", [10], False)])
     ct = {"ct": Image(np.full((8, 8, 8), -1000.0, np.float32), (2.0, 2.0, 2.0))}
     assert model_for_job("cbct-recon", ct, {"views": 10}, store).version == "ten"
     assert model_for_job("cbct-recon", ct, {"views": 10, "arc_deg": 200.0}, store).version == "any"
