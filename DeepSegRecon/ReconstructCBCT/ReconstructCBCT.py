@@ -139,7 +139,7 @@ class ReconstructCBCTWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKOb
     def onApplyButton(self):
         if self._running:
             return
-        params = {"device": self.ui.deviceComboBox.currentText}
+        params = {"device": self.ui.deviceComboBox.currentText, "refine_iters": self.ui.refineSpinBox.value}
         if self.ui.modelComboBox.currentText not in ("", AUTO_MODEL):
             params["model"] = self.ui.modelComboBox.currentText
         with slicer.util.tryWithErrorDisplay("Reconstruct CBCT could not start.", waitCursor=True):
@@ -184,7 +184,9 @@ def describeMetrics(report):
     if not m:
         return "No reference: no PSNR/SSIM."
     return "  ".join(f"{label}: {m[key]['psnr_db']:.2f} dB, SSIM {m[key]['ssim']:.3f}"
-                     for key, label in (("dif_gaussian", "DIF-Gaussian"), ("fdk", "FDK")))
+                     for key, label in (("dif_gaussian", "DIF-Gaussian"),
+                                        ("dif_gaussian_network_only", "network alone"), ("fdk", "FDK"))
+                     if key in m)
 
 
 # ---------------------------------------------------------------------------------------------- tests

@@ -51,4 +51,8 @@ def test_module_logic_is_the_scene_logic(module, tmp_path):
     assert module.describeMetrics({"metrics": None}).startswith("No reference")
     text = module.describeMetrics({"metrics": {"dif_gaussian": {"psnr_db": 31.234, "ssim": 0.81},
                                                "fdk": {"psnr_db": 22.5, "ssim": 0.4}}})
-    assert "DIF-Gaussian: 31.23 dB" in text and "FDK: 22.50 dB" in text
+    assert "DIF-Gaussian: 31.23 dB" in text and "FDK: 22.50 dB" in text and "network alone" not in text
+    text = module.describeMetrics({"metrics": {"dif_gaussian": {"psnr_db": 31.2, "ssim": 0.8},
+                                               "dif_gaussian_network_only": {"psnr_db": 29.0, "ssim": 0.7},
+                                               "fdk": {"psnr_db": 22.5, "ssim": 0.4}}})
+    assert "network alone: 29.00 dB" in text

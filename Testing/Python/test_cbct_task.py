@@ -70,7 +70,7 @@ def test_simulate_then_reconstruct_from_the_saved_projections(capsys, tmp_path, 
     for key in ("dif_gaussian", "fdk"):
         assert set(m["metrics"][key]) >= {"psnr_db", "ssim"}
     assert 8.0 < m["metrics"]["fdk"]["psnr_db"] < 60.0  # 8 noisy views: FDK is far from perfect, but not noise
-    assert "fdk: PSNR" in out
+    assert "fdk: PSNR" in out and "dif_gaussian_network_only: PSNR" in out
     # the saved folder reconstructs again; FDK of the same projections is the same volume
     stack, geo = read_projections(sim / "projections")
     assert stack.array.shape == (8, 40, 40) and geo.grid_image().same_grid(img)
@@ -95,6 +95,27 @@ def test_fdk_improves_with_views_and_without_noise(tiny_model, ct):
         assert r.volumes["recon"].same_grid(img)
     assert psnr[(60, True)] > psnr[(6, True)] + 3
     assert psnr[(60, False)] >= psnr[(60, True)]
+
+
+def test_data_consistency_steps_are_reported_and_can_be_turned_off(tiny_model, ct):
+    from deepsegrecon.cbct.recon import REFINE_ITERS
+    from deepsegrecon.errors import InputError
+    from deepsegrecon.worker import run_inline
+
+    img, _ = ct
+    params = {"views": 8, "detector": 40, "device": "cpu"}
+    full = run_inline("cbct-recon", {"ct": img}, params)
+    plain = run_inline("cbct-recon", {"ct": img}, {**params, "refine_iters": 0})
+    assert full.report["refine_iters"] == REFINE_ITERS and plain.report["refine_iters"] == 0
+    m = full.report["metrics"]
+    assert "dif_gaussian_network_only" in m and "dif_gaussian_network_only" not in plain.report["metrics"]
+    assert m["dif_gaussian_network_only"] == plain.report["metrics"]["dif_gaussian"]  # the same network output
+    # an untrained network is far off: the steps pull it towards the measured projections
+    assert m["dif_gaussian"]["psnr_db"] > m["dif_gaussian_network_only"]["psnr_db"] + 3
+    assert full.volumes["recon"].same_grid(img) and "refine_s" in full.report["timings_s"]
+    for bad in (-1, 2.5, True, 99):
+        with pytest.raises(InputError, match="refine_iters"):
+            run_inline("cbct-recon", {"ct": img}, {**params, "refine_iters": bad})
 
 
 def _projection_folder(tmp_path, ct, views=6, det=24):
@@ -151,8 +172,9 @@ def test_bad_input_is_refused_and_nothing_is_written(capsys, tmp_path, tiny_mode
     d["detector_shape"] = [24, 30]
     (folder / "geometry.json").write_text(json.dumps(d))
     _refused(capsys, tmp_path, "--projections", folder, match="detector is 24 x 30")
-    # with a good folder it runs
+    # with a good folder it runs, but not with a negative number of data-consistency steps
     geo.save(folder / "geometry.json")
+    _refused(capsys, tmp_path, "--projections", folder, "--refine-iters", -1, match="refine_iters must be")
     code, _, err = run(capsys, "cbct-recon", "--projections", folder, "-o", tmp_path / "ok", "--device", "cpu")
     assert code == 0, err
     assert json.loads((tmp_path / "ok" / "metrics.json").read_text())["metrics"] is None

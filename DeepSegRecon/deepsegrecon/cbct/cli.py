@@ -29,6 +29,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--reference", metavar="CT", help="reference CT on the reconstruction grid (PSNR, SSIM)")
     p.add_argument("--filter", choices=("ram-lak", "shepp-logan"), default="ram-lak", help="FDK ramp filter")
+    p.add_argument("--refine-iters", type=int, metavar="N", help="data-consistency steps after the network "
+                   "(default 4; 0: the network alone)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--model", metavar="VERSION", help="model version (default: the store's default)")
@@ -50,6 +52,8 @@ def cmd_cbct_recon(args) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} is a file; -o needs a folder")
     params = {"device": args.device, "filter": args.filter}
+    if args.refine_iters is not None:
+        params["refine_iters"] = args.refine_iters
     images = {}
     if args.projections:
         if args.views is not None:
@@ -85,13 +89,15 @@ def cmd_cbct_recon(args) -> int:
         if ref is not None:
             rows["reference"] = (ref.array, sp)
         m = report.get("metrics") or {}
-        for key, label in (("fdk", "FDK"), ("recon", "DIF-Gaussian")):
+        steps = report.get("refine_iters") or 0
+        for key, label in (("fdk", "FDK"), ("recon", "DIF-Gaussian" + (f" + {steps} data-consistency steps"
+                                                                       if steps else ""))):
             mm = m.get("fdk" if key == "fdk" else "dif_gaussian")
             rows[label + (f"  {mm['psnr_db']:.1f} dB, SSIM {mm['ssim']:.3f}" if mm else "")] = \
                 (result.volumes[key].array, sp)
         write_preview(rows, stage / "preview.png", title=f"{report['views']} views")
         written = sorted(p.name for p in stage.iterdir())
-    for key in ("dif_gaussian", "fdk"):
+    for key in ("dif_gaussian", "dif_gaussian_network_only", "fdk"):
         if m.get(key):
             print(f"{key}: PSNR {m[key]['psnr_db']:.2f} dB, SSIM {m[key]['ssim']:.4f}")
     for name in written:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .geometry import ConeGeometry
 from .net import DIFGaussian
-from .projector import MU_WATER
+from .projector import MU_WATER, fdk, forward_project, hu_to_mu, mu_to_hu
 
 HU_RANGE = (-1000.0, 1000.0)  # metrics window (PSNR data range 2000 HU)
+REFINE_ITERS = 4  # data-consistency steps after the network, and their relaxation (chosen on training-region
+REFINE_RELAX = 0.3  # crops: 0.45 diverges within a few steps, 0.3 peaks after about 6)
 
 
 def value_to_hu(v):
@@ -48,19 +52,27 @@ def projector_for(geo: ConeGeometry, device="cpu") -> Callable:
     return project
 
 
-@torch.no_grad()
-def reconstruct(model: DIFGaussian, proj: torch.Tensor, geo: ConeGeometry, query_res: Optional[int] = 64,
-                slab_points: int = 160_000, progress: Optional[Callable[[float], None]] = None) -> torch.Tensor:
-    """Network intensity ((HU + 1000) / 2000) on ``geo``'s grid: (k, j, i).
+def query_geometry(geo: ConeGeometry, query_res: Optional[int]) -> ConeGeometry:
+    """``geo`` with a grid of at most ``query_res`` points per axis spanning the same box (first and last voxel
+    centres kept); ``geo`` itself when ``query_res`` is None or the grid is no larger."""
+    if not query_res or max(geo.volume_size) <= int(query_res):
+        return geo
+    size = tuple(min(int(n), int(query_res)) for n in geo.volume_size)
+    spacing = tuple(s * (n - 1) / max(q - 1, 1) for s, n, q in zip(geo.volume_spacing, geo.volume_size, size))
+    return dataclasses.replace(geo, volume_size=size, volume_spacing=spacing)
 
-    The network is queried on a grid of at most ``query_res`` points per axis spanning the volume (``None``: every
-    voxel centre) and resampled trilinearly to the volume grid (the shipped weights learnt 64^3 crops)."""
+
+@torch.no_grad()
+def network_grid(model: DIFGaussian, proj: torch.Tensor, geo: ConeGeometry, query_res: Optional[int] = 64,
+                 slab_points: int = 160_000, progress: Optional[Callable[[float], None]] = None) -> tuple:
+    """(network intensity ((HU + 1000) / 2000), (k, j, i) on the model's device; its grid): the network queried at
+    every voxel centre of ``query_geometry(geo, query_res)``."""
     model.eval()
     device = next(model.parameters()).device
-    project = projector_for(geo, device)
+    geo_q = query_geometry(geo, query_res)
+    project = projector_for(geo_q, device)
     enc = model.encode(proj.to(device) / proj_scale(geo), project)
-    full = geo.volume_size
-    I, J, K = full if not query_res else [min(int(n), int(query_res)) for n in full]
+    I, J, K = geo_q.volume_size
     axes = [torch.linspace(-1, 1, n, device=device) for n in (I, J, K)]
     out = torch.empty(K, J, I, device=device)
     step = max(1, slab_points // (I * J))
@@ -71,10 +83,53 @@ def reconstruct(model: DIFGaussian, proj: torch.Tensor, geo: ConeGeometry, query
         out[z0:z0 + len(zz)] = model.query(enc, g, project(g), cand).reshape(len(zz), J, I)
         if progress:
             progress(min(1.0, (z0 + len(zz)) / K))
-    if (I, J, K) != tuple(full):
-        out = torch.nn.functional.interpolate(out[None, None], size=tuple(reversed(full)), mode="trilinear",
-                                              align_corners=True)[0, 0]
-    return out.cpu()
+    return out, geo_q
+
+
+@torch.no_grad()
+def refine(values: torch.Tensor, proj: torch.Tensor, geo: ConeGeometry, iters: int = REFINE_ITERS,
+           relax: float = REFINE_RELAX, progress: Optional[Callable[[float], None]] = None) -> torch.Tensor:
+    """Data consistency: ``iters`` steps ``x += relax * FDK(p - A x)`` (Shepp-Logan ramp) on ``geo``'s grid, in
+    attenuation, ``x >= 0``. The network fills what the few views leave open; these steps pull the volume back to
+    what the projections measured. Stops early, keeping the previous volume, when the projection residual grows.
+    Intensities ((HU + 1000) / 2000) in and out."""
+    proj = proj.to(values.device).float()
+    mu = hu_to_mu(value_to_hu(values))
+    best = None
+    for it in range(int(iters)):
+        r = proj - forward_project(mu, geo, step_voxels=1.0)
+        norm = float(r.norm())
+        if best is not None and norm > best[0]:
+            mu = best[1]
+            break
+        best = (norm, mu)
+        mu = (mu + relax * fdk(r, geo, "shepp-logan")).clamp(min=0.0)
+        if progress:
+            progress((it + 1) / iters)
+    return hu_to_value(mu_to_hu(mu))
+
+
+def to_grid(values: torch.Tensor, geo: ConeGeometry) -> torch.Tensor:
+    """A (k, j, i) volume spanning ``geo``'s box, trilinearly resampled to its grid (first and last centres kept)."""
+    full = tuple(reversed(geo.volume_size))
+    if tuple(values.shape) == full:
+        return values
+    return F.interpolate(values[None, None], size=full, mode="trilinear", align_corners=True)[0, 0]
+
+
+def reconstruct(model: DIFGaussian, proj: torch.Tensor, geo: ConeGeometry, query_res: Optional[int] = 64,
+                refine_iters: int = 0, progress: Optional[Callable[[float], None]] = None) -> torch.Tensor:
+    """Intensity ((HU + 1000) / 2000) on ``geo``'s grid, (k, j, i), on the CPU.
+
+    The network is queried on a grid of at most ``query_res`` points per axis spanning the volume (``None``: every
+    voxel centre; the shipped weights learnt 64^3 crops), ``refine_iters`` data-consistency steps run on that grid
+    (:func:`refine`), and the result is resampled trilinearly to the volume grid."""
+    share = 0.6 if refine_iters else 1.0
+    out, geo_q = network_grid(model, proj, geo, query_res, progress=(lambda f: progress(share * f)) if progress else None)
+    if refine_iters:
+        out = refine(out, proj, geo_q, refine_iters,
+                     progress=(lambda f: progress(share + (1 - share) * f)) if progress else None)
+    return to_grid(out, geo).cpu()
 
 
 def metrics(volume_hu: np.ndarray, reference_hu: np.ndarray) -> dict:

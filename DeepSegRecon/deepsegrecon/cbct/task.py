@@ -17,8 +17,9 @@ from ..task import InputSpec, Task, TaskContext, VolumeResult, register
 
 TASK = "cbct-recon"
 WEIGHTS = "dif_gaussian.pt"
-STAGES = {"prepare": 5, "simulate": 20, "fdk": 15, "network": 50, "metrics": 10}
+STAGES = {"prepare": 5, "simulate": 20, "fdk": 10, "network": 35, "refine": 20, "metrics": 10}
 FILTERS = ("ram-lak", "shepp-logan")
+MAX_REFINE_ITERS = 20
 
 
 def load_model(entry):
@@ -97,7 +98,7 @@ class CBCTReconTask(Task):
     def default_params(self) -> dict:
         return {"device": "auto", "model": None, "geometry": None, "views": None, "detector": 128, "arc_deg": 360.0,
                 "noise": True, "photons": 1e5, "electronic_sd": 10.0, "seed": 0, "filter": "ram-lak",
-                "query_res": 64, "keep_projections": False}
+                "query_res": 64, "refine_iters": None, "keep_projections": False}
 
     def validate(self, images: dict, params: dict) -> None:
         from ..validate import check_image
@@ -110,6 +111,10 @@ class CBCTReconTask(Task):
             raise InputError("give either a projection stack (with its geometry) or a CT to simulate from")
         if params.get("filter", "ram-lak") not in FILTERS:
             raise InputError(f"unknown filter '{params.get('filter')}'; use {' or '.join(FILTERS)}")
+        iters = params.get("refine_iters")  # None: the recommended count (recon.REFINE_ITERS)
+        if iters is not None and (not isinstance(iters, int) or isinstance(iters, bool)
+                                  or not 0 <= iters <= MAX_REFINE_ITERS):
+            raise InputError(f"refine_iters must be a whole number from 0 to {MAX_REFINE_ITERS}, got {iters!r}")
         geo = geometry_of(images, params)
         if "projections" in images:
             check_projections(images["projections"].array, geo)
@@ -133,7 +138,7 @@ class CBCTReconTask(Task):
         from ..store import ModelStore, entry_from_dir
         from .projector import add_noise, fdk, forward_project, hu_to_mu, mu_to_hu
         from .projio import stack_image
-        from .recon import metrics, reconstruct, value_to_hu
+        from .recon import REFINE_ITERS, metrics, network_grid, refine, to_grid, value_to_hu
 
         params = {**self.default_params(), **(params or {})}
         device = resolve_device(params.get("device") or ctx.device or "auto")
@@ -166,20 +171,32 @@ class CBCTReconTask(Task):
         timings["fdk_s"] = time.perf_counter() - t
         t = time.perf_counter()
         ctx.step("network", 0.0, "DIF-Gaussian")
-        rec = reconstruct(model, proj, geo, query_res=params.get("query_res"),
-                          progress=lambda f: ctx.step("network", f, "DIF-Gaussian"))
-        rec_hu = value_to_hu(rec).numpy().astype(np.float32)
+        net, geo_q = network_grid(model, proj, geo, params.get("query_res"),
+                                  progress=lambda f: ctx.step("network", f, "DIF-Gaussian"))
+        net_hu = value_to_hu(to_grid(net, geo)).cpu().numpy().astype(np.float32)
         timings["dif_gaussian_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        iters = REFINE_ITERS if params.get("refine_iters") is None else int(params["refine_iters"])
+        rec_hu = net_hu
+        if iters:
+            ctx.step("refine", 0.0, "data consistency")
+            rec = refine(net, proj, geo_q, iters, progress=lambda f: ctx.step("refine", f, "data consistency"))
+            rec_hu = value_to_hu(to_grid(rec, geo)).cpu().numpy().astype(np.float32)
+            del rec
+        del net
+        timings["refine_s"] = time.perf_counter() - t
         volumes = {"recon": geo.grid_image(rec_hu), "fdk": geo.grid_image(fdk_hu)}
         if params.get("keep_projections"):
             volumes["projections"] = stack_image(proj.cpu().numpy(), geo)
         report = {"model": entry.version, "device": str(device), "views": geo.n_views,
                   "geometry": geo.to_dict(), "simulated": "ct" in images,
-                  "filter": params["filter"], "metrics": None}
+                  "filter": params["filter"], "refine_iters": iters, "metrics": None}
         if reference is not None:
             ctx.step("metrics", 0.0, "PSNR and SSIM")
             ref = np.asarray(reference.array, np.float32)
             report["metrics"] = {"dif_gaussian": metrics(rec_hu, ref), "fdk": metrics(fdk_hu, ref)}
+            if iters:  # the network alone, before the data-consistency steps
+                report["metrics"]["dif_gaussian_network_only"] = metrics(net_hu, ref)
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         ctx.step("metrics", 1.0)
         return VolumeResult(volumes, report)
