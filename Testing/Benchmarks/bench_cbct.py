@@ -90,7 +90,8 @@ def bench_cbct_heldout(out: Path) -> dict:
 @bench
 def bench_cbct_speed(out: Path) -> dict:
     """128^3 volume from 10 views of 128^2 (held-out chest, 1 mm): FDK and DIF-Gaussian (network + data-consistency
-    steps, as the task runs it; and the network alone) wall and CPU seconds with 2 torch threads (best of 3 after a warm-up; the machine's load average is reported: it is shared)."""
+    steps, as the task runs it; and the network alone) wall and CPU seconds with 2 torch threads (best of 3 after a
+    warm-up; the machine's load average is reported: it is shared)."""
     import torch
 
     from deepsegrecon.cbct.data import heldout_case_128

@@ -125,7 +125,8 @@ def reconstruct(model: DIFGaussian, proj: torch.Tensor, geo: ConeGeometry, query
     voxel centre; the shipped weights learnt 64^3 crops), ``refine_iters`` data-consistency steps run on that grid
     (:func:`refine`), and the result is resampled trilinearly to the volume grid."""
     share = 0.6 if refine_iters else 1.0
-    out, geo_q = network_grid(model, proj, geo, query_res, progress=(lambda f: progress(share * f)) if progress else None)
+    out, geo_q = network_grid(model, proj, geo, query_res,
+                              progress=(lambda f: progress(share * f)) if progress else None)
     if refine_iters:
         out = refine(out, proj, geo_q, refine_iters,
                      progress=(lambda f: progress(share + (1 - share) * f)) if progress else None)
