@@ -37,6 +37,18 @@ def oblique_image():
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One torch thread during a test (small tensors: threads only contend on the shared CPU); restored after.
+    Modules use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def readonly_dir(tmp_path):
     """A folder nobody may write in, root included (root ignores mode bits, so mark it immutable)."""
     import subprocess

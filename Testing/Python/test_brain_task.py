@@ -5,7 +5,6 @@ import csv
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import oblique_direction
 from deepsegrecon import cli
@@ -18,12 +17,7 @@ FLOOR_4 = {"WT": 0.90, "TC": 0.85, "ET": 0.80}  # the issue's bars
 FLOOR_2 = {"WT": 0.85, "TC": 0.80, "ET": 0.75}  # seed 100001; FLAIR + T1c fails on some seeds (README)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,7 @@ from deepsegrecon.cbct.projector import forward_project, hu_to_mu
 from deepsegrecon.cbct.recon import hu_to_value, proj_scale, projector_for, reconstruct
 from deepsegrecon.image import Image
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = {"features": [4, 8, 8, 16], "out_ch": 8, "det_res": 32, "gs_res": 6, "decoder": [16, 8, 1]}

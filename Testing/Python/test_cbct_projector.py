@@ -14,12 +14,7 @@ from deepsegrecon.image import Image
 SPACING = (1.0, 1.2, 0.9)  # anisotropic voxels, (i, j, k) mm
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _geo(n=48, views=4, det=64):

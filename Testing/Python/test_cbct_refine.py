@@ -11,12 +11,7 @@ from deepsegrecon.cbct.recon import hu_to_value, metrics, query_geometry, refine
 from deepsegrecon.image import Image
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _phantom(n=40):

@@ -7,12 +7,7 @@ import torch
 from deepsegrecon.store import ModelStore
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_shipped_weights_are_verified_small_and_documented():
