@@ -55,8 +55,10 @@ def bench_cbct_heldout(out: Path) -> dict:
             net, geo_q = network_grid(model, proj, geo)
             rec = value_to_hu(to_grid(refine(net, proj, geo_q), geo)).numpy()
             net = value_to_hu(to_grid(net, geo)).numpy()
-            f = mu_to_hu(fdk(proj, geo)).numpy()
-            f_ref = refine(hu_to_value(mu_to_hu(fdk(proj, geo_q))), proj, geo_q)
+            f_mu = fdk(proj, geo)
+            f = mu_to_hu(f_mu).numpy()
+            f_q = f_mu if geo_q is geo else fdk(proj, geo_q)  # FDK on the query grid, where the steps run
+            f_ref = refine(hu_to_value(mu_to_hu(f_q)), proj, geo_q)
             f_ref = value_to_hu(to_grid(f_ref, geo)).numpy()
             m = {"case": name, "views": n, "model": entry.version, "dif_gaussian": metrics(rec, case.array),
                  "fdk": metrics(f, case.array), "dif_gaussian_network_only": metrics(net, case.array),
