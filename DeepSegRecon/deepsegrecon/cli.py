@@ -225,6 +225,12 @@ def cmd_models_remove(args) -> int:
     return 0
 
 
+def cmd_models_average(args) -> int:
+    entry = _store().average(args.task, args.versions, args.name, args.weights, description=args.description)
+    print(f"averaged {', '.join(args.versions)} into {entry.task} {entry.version} ({entry.dir})")
+    return 0
+
+
 def cmd_train_teeth(args) -> int:
     from .teeth.train import train_from_phantoms
 
@@ -462,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_teeth)
 
     m = sub.add_parser("models", help="list, import, verify and remove model weights")
-    ms = m.add_subparsers(dest="action", metavar="{list,import,verify,remove}")
+    ms = m.add_subparsers(dest="action", metavar="{list,import,verify,remove,average}")
     ms.required = True
     ml = ms.add_parser("list", help="installed model versions")
     ml.add_argument("--task")
@@ -483,6 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
     mr.add_argument("task", metavar="TASK")
     mr.add_argument("version", metavar="VERSION")
     mr.set_defaults(func=cmd_models_remove)
+    ma = ms.add_parser("average", help="a new version whose weights average those of versions of one network")
+    ma.add_argument("task", metavar="TASK")
+    ma.add_argument("versions", nargs="+", metavar="VERSION")
+    ma.add_argument("--name", required=True, help="the new version's name")
+    ma.add_argument("--weights", type=float, nargs="+", metavar="W", help="one share per version (default equal)")
+    ma.add_argument("--description")
+    ma.set_defaults(func=cmd_models_average)
 
     tr = sub.add_parser("train-teeth-phantoms", help="train the teeth networks on synthetic phantoms")
     tr.add_argument("--out", required=True, metavar="DIR")

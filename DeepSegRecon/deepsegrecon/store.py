@@ -388,6 +388,59 @@ class ModelStore:
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
+    def average(self, task: str, versions, name: str, weights=None, **fields) -> ModelEntry:
+        """Install ``name``: the weighted average of the weights of ``versions`` (a "model soup",
+        Wortsman et al. 2022). They must share the task, the weight files, the network config and every
+        tensor's shape (e.g. a version and its fine-tunes). ``weights`` default to equal shares."""
+        import torch
+
+        versions = [str(v) for v in versions]
+        if len(versions) < 2:
+            raise InputError("averaging needs at least two model versions")
+        weights = [1.0] * len(versions) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(versions) or not all(w > 0 for w in weights):
+            raise InputError(f"give one positive weight per version ({len(versions)}), got {weights}")
+        shares = [w / sum(weights) for w in weights]
+        task = _check_name(task, "task")
+        name = _check_name(name, "version")
+        self._refuse_existing(task, name, self.root / task / name, False)
+        entries = [self.get(task, v) for v in versions]
+        first = entries[0]
+        for e in entries[1:]:
+            if set(e.files) != set(first.files) or e.manifest.get("network") != first.manifest.get("network"):
+                raise ModelError(f"models {first.version} and {e.version} have different weight files or network "
+                                 "configs; only versions of one network can be averaged")
+        tmpdir = Path(tempfile.mkdtemp(prefix="deepsegrecon-average-"))
+        try:
+            files = {}
+            for fname in sorted(first.files):
+                states = [load_state_dict(e, fname, task) for e in entries]
+                out = {}
+                for key, ref in states[0].items():
+                    parts = [s.get(key) for s in states]
+                    if any(p is None or p.shape != ref.shape for p in parts):
+                        raise ModelError(f"{fname}: tensor {key} is missing or has another shape in one of "
+                                         f"{', '.join(versions)}; only versions of one network can be averaged")
+                    if ref.is_floating_point():
+                        out[key] = sum(s * p.double() for s, p in zip(shares, parts)).to(ref.dtype)
+                    elif all(torch.equal(p, ref) for p in parts) or key.endswith("num_batches_tracked"):
+                        out[key] = ref  # a batch-norm step counter: the first version's
+                    else:
+                        raise ModelError(f"{fname}: the integer tensor {key} differs between versions; "
+                                         "it cannot be averaged")
+                files[fname] = tmpdir / fname
+                torch.save(out, files[fname])
+            manifest = {k: v for k, v in first.manifest.items() if k not in ("files", "metrics", "default", "created")}
+            manifest.update(name=f"{first.manifest.get('name') or task} (average)", base_version=first.version,
+                            averaged_from=[{"version": e.version, "weight": round(s, 6), "files": dict(e.files)}
+                                           for e, s in zip(entries, shares)],
+                            description=f"weight average of {task} versions "
+                                        + ", ".join(f"{e.version} ({s:.2f})" for e, s in zip(entries, shares)))
+            manifest.update({k: v for k, v in fields.items() if v is not None})
+            return self.write_version(task, name, files, manifest, move=True)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
     def remove(self, task: str, version: str) -> None:
         """Remove a version from the user store; built-in versions cannot be removed."""
         task = _check_name(task, "task")

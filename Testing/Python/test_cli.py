@@ -194,3 +194,21 @@ def test_teeth_command_writes_every_output_or_nothing(capsys, stores, tmp_path, 
     assert "cbct.nrrd: 1 tooth found (FDI): 11" in stdout and "absent teeth: 18 48" in stdout
     assert "other segments: maxilla" in stdout
     assert "model teeth tiny" in err and " 50% segment  ETA" in err and "100% segment" in err
+
+
+def test_models_average(capsys, stores, tmp_path):
+    import torch
+
+    user, _ = stores
+    for name, value in (("a", 1.0), ("b", 3.0)):
+        path = tmp_path / name / "net.pt"
+        path.parent.mkdir()
+        torch.save({"w": torch.full((2,), value)}, path)
+        code, _, err = run(capsys, "models", "import", path, "--task", "seg", "--version", name)
+        assert code == 0, err
+    code, out, err = run(capsys, "models", "average", "seg", "a", "b", "--name", "ab", "--weights", "1", "3")
+    assert code == 0 and "averaged a, b into seg ab" in out, err
+    state = torch.load(user / "seg" / "ab" / "net.pt", weights_only=True)
+    assert torch.allclose(state["w"], torch.full((2,), 2.5))
+    code, _, err = run(capsys, "models", "average", "seg", "a", "b", "--name", "x", "--weights", "1")
+    assert code == 2 and "one positive weight per version" in err and not (user / "seg" / "x").exists()

@@ -257,3 +257,56 @@ def test_default_roots_follow_environment(monkeypatch, tmp_path):
     assert s.root == tmp_path / "home" / "models" and s.builtin_root == tmp_path / "shipped"
     monkeypatch.delenv("DEEPSEGRECON_BUILTIN_MODELS")
     assert ModelStore().builtin_root.parts[-2:] == ("Resources", "Models")
+
+
+def _version_with(store, tmp_path, version, state, network=None):
+    import torch
+
+    path = tmp_path / f"{version}.pt"
+    torch.save(state, path)
+    return store.write_version("seg", version, {"net.pt": path}, {"network": network or {"arch": "toy"}})
+
+
+def test_average_versions(store, tmp_path):
+    import torch
+
+    a = {"w": torch.tensor([0.0, 4.0]), "steps": torch.tensor(3), "bn.num_batches_tracked": torch.tensor(7)}
+    b = {"w": torch.tensor([2.0, 8.0]), "steps": torch.tensor(3), "bn.num_batches_tracked": torch.tensor(9)}
+    _version_with(store, tmp_path, "a", a)
+    _version_with(store, tmp_path, "b", b)
+    entry = store.average("seg", ["a", "b"], "soup", weights=[3, 1])
+    state = load_state_dict(entry, "net.pt", task="seg")
+    assert torch.allclose(state["w"], torch.tensor([0.5, 5.0])) and int(state["steps"]) == 3
+    assert int(state["bn.num_batches_tracked"]) == 7  # a step counter: the first version's
+    store.verify(entry)
+    m = entry.manifest
+    assert m["base_version"] == "a" and [p["weight"] for p in m["averaged_from"]] == [0.75, 0.25]
+    assert m["averaged_from"][1]["files"] == store.get("seg", "b").files and m["network"] == {"arch": "toy"}
+    assert "metrics" not in m or m["metrics"] is None
+    assert not m.get("default")
+
+
+def test_average_refuses_other_networks_and_writes_nothing(store, tmp_path):
+    import torch
+
+    _version_with(store, tmp_path, "a", {"w": torch.zeros(2)})
+    _version_with(store, tmp_path, "wide", {"w": torch.zeros(3)})
+    _version_with(store, tmp_path, "other", {"w": torch.zeros(2)}, network={"arch": "other"})
+    _version_with(store, tmp_path, "ints", {"w": torch.zeros(2, dtype=torch.long) + 1})
+    _version_with(store, tmp_path, "ints2", {"w": torch.zeros(2, dtype=torch.long)})
+    before = _tree(store.root)
+    with pytest.raises(ModelError, match="another shape"):
+        store.average("seg", ["a", "wide"], "soup")
+    with pytest.raises(ModelError, match="network configs"):
+        store.average("seg", ["a", "other"], "soup")
+    with pytest.raises(InputError, match="at least two"):
+        store.average("seg", ["a"], "soup")
+    with pytest.raises(InputError, match="one positive weight"):
+        store.average("seg", ["a", "wide"], "soup", weights=[1, 0])
+    with pytest.raises(ModelError, match="no model version 'nope'"):
+        store.average("seg", ["a", "nope"], "soup")
+    with pytest.raises(ModelError, match="already installed"):
+        store.average("seg", ["a", "wide"], "a")
+    with pytest.raises(ModelError, match="integer tensor w differs"):
+        store.average("seg", ["ints", "ints2"], "soup")
+    assert _tree(store.root) == before

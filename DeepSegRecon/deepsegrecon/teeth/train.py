@@ -407,8 +407,9 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
                      "device": str(dev), "amp": amp, "batch1": batch1, "batch2": batch2, "lr": lr,
                      "final_loss1": float(np.nanmean([h[0] for h in hist[-100:]])) if hist else None,
                      "final_loss2": float(np.mean([h[1] for h in hist[-100:]])) if hist else None,
-                     "command": f"python -m deepsegrecon.teeth.train --out DIR --minutes {minutes} --device {device} "
-                                f"--seed {seed} --family {family}"},
+                     "command": (f"python -m deepsegrecon.teeth.train --out DIR --minutes {minutes} --device {device} "
+                                 f"--seed {seed} --family {family} --phantoms {len(seeds)} --lr {lr} --version {version}"
+                                 + (f" --init-from {init_from}" if init_from is not None else ""))},
         "description": ("Two-stage MONAI 3D U-Net for dental CBCT: stage 1 jaws + teeth at 1 mm, stage 2 tooth "
                         "classes (jaw x position) at 0.5 mm in the teeth box; instance split and FDI numbering "
                         "in physical space. Trained on synthetic phantoms only: not validated on patient data."),
