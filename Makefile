@@ -35,9 +35,22 @@ bench: venv
 lock:
 	$(UV) pip compile -q --no-header --find-links "$(FIND_LINKS)" requirements.in -o requirements.lock
 
-# Reproduce the shipped teeth weights (see README: trained on synthetic phantoms only).
+# Reproduce the shipped teeth weights in $(WEIGHTS_OUT) (see README: trained on synthetic phantoms only):
+# phantom-v1, two fine-tunes of it, and phantom-v2 = their equal-share average. Copy the version folders
+# into Resources/Models/teeth/ to ship them.
+WEIGHTS_OUT ?= build/teeth-weights
+TEETH_FT := $(PY) -m deepsegrecon.teeth.train --out $(WEIGHTS_OUT) --device auto --seed 0 --lr 0.0008 \
+	--init-from $(WEIGHTS_OUT)/phantom-v1 --eval-seeds
+WEIGHTS_ENV := DEEPSEGRECON_HOME=$(WEIGHTS_OUT)/home DEEPSEGRECON_BUILTIN_MODELS=$(WEIGHTS_OUT)/none
 weights: venv
-	$(VENV)/bin/deepsegrecon train-teeth-phantoms --out Resources/Models/teeth --minutes 150 --device auto --seed 0
+	$(VENV)/bin/deepsegrecon train-teeth-phantoms --out $(WEIGHTS_OUT) --minutes 150 --device auto --seed 0
+	$(TEETH_FT) --minutes 100 --version phantom-v1-ft100
+	$(TEETH_FT) --minutes 60 --version phantom-v1-ft60
+	for v in phantom-v1 phantom-v1-ft100 phantom-v1-ft60; do \
+		$(WEIGHTS_ENV) $(VENV)/bin/deepsegrecon models import $(WEIGHTS_OUT)/$$v || exit 1; done
+	$(WEIGHTS_ENV) $(VENV)/bin/deepsegrecon models average teeth phantom-v1 phantom-v1-ft100 phantom-v1-ft60 \
+		--name phantom-v2
+	cp -r $(WEIGHTS_OUT)/home/models/teeth/phantom-v2 $(WEIGHTS_OUT)/
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) bench-results .pytest_cache

@@ -430,8 +430,14 @@ class ModelStore:
                                          "it cannot be averaged")
                 files[fname] = tmpdir / fname
                 torch.save(out, files[fname])
-            manifest = {k: v for k, v in first.manifest.items() if k not in ("files", "metrics", "default", "created")}
-            manifest.update(name=f"{first.manifest.get('name') or task} (average)", base_version=first.version,
+            keep = ("labels", "input_spec", "network")
+            manifest = {k: v for k, v in first.manifest.items() if k in keep}
+            sources = list(dict.fromkeys(str(e.manifest.get("trained_on")) for e in entries
+                                         if e.manifest.get("trained_on")))
+            command = (f"deepsegrecon models average {task} {' '.join(versions)} --weights "
+                       f"{' '.join(f'{w:g}' for w in weights)} --name {name}")
+            manifest.update(name=f"{task} {name} (average of {', '.join(versions)})", base_version=first.version,
+                            trained_on="; ".join(sources) or None, training={"kind": "average", "command": command},
                             averaged_from=[{"version": e.version, "weight": round(s, 6), "files": dict(e.files)}
                                            for e, s in zip(entries, shares)],
                             description=f"weight average of {task} versions "

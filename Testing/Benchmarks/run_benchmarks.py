@@ -142,7 +142,8 @@ def _finetune_env(home: Path) -> dict:
 def bench_teeth_domain_shift(out: Path) -> dict:
     """Fine-tune the shipped teeth weights (family-A phantoms) on 2 annotated family-B phantoms for at most 5 min on
     the CPU (``deepsegrecon finetune`` in its own process); mean tooth Dice on held-out family-B phantoms before
-    and after. Target: a gain of at least 0.10."""
+    and after. Target: a gain of at least 0.10. ``BENCH_TEETH_BASE`` names the base version (default: the default
+    one; the record for phantom-v1 is ``results/teeth_domain_shift_phantom-v1.json``)."""
     import torch
 
     from deepsegrecon.store import ModelStore
@@ -156,7 +157,7 @@ def bench_teeth_domain_shift(out: Path) -> dict:
     val_fraction = os.environ.get("BENCH_FINETUNE_VAL_FRACTION", "0.5")  # 1 case trains, 1 validates (base check)
     train_seeds = (2001, 2002)  # family-B training seeds (never held out)
     eval_seeds = list(HELDOUT_SEEDS)[10:13]
-    base = ModelStore().get("teeth")
+    base = ModelStore().get("teeth", os.environ.get("BENCH_TEETH_BASE") or None)
     torch.set_num_threads(_bench_threads())
     with tempfile.TemporaryDirectory(prefix="bench-domain-shift-") as d:
         d = Path(d)

@@ -284,6 +284,7 @@ def test_average_versions(store, tmp_path):
     assert m["averaged_from"][1]["files"] == store.get("seg", "b").files and m["network"] == {"arch": "toy"}
     assert "metrics" not in m or m["metrics"] is None
     assert not m.get("default")
+    assert m["training"]["command"] == "deepsegrecon models average seg a b --weights 3 1 --name soup"
 
 
 def test_average_refuses_other_networks_and_writes_nothing(store, tmp_path):
