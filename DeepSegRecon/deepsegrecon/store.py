@@ -398,7 +398,7 @@ class ModelStore:
         if len(versions) < 2:
             raise InputError("averaging needs at least two model versions")
         weights = [1.0] * len(versions) if weights is None else [float(w) for w in weights]
-        if len(weights) != len(versions) or not all(w > 0 for w in weights):
+        if len(weights) != len(versions) or not all(0 < w < float("inf") for w in weights):
             raise InputError(f"give one positive weight per version ({len(versions)}), got {weights}")
         shares = [w / sum(weights) for w in weights]
         task = _check_name(task, "task")

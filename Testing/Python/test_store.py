@@ -304,6 +304,8 @@ def test_average_refuses_other_networks_and_writes_nothing(store, tmp_path):
         store.average("seg", ["a"], "soup")
     with pytest.raises(InputError, match="one positive weight"):
         store.average("seg", ["a", "wide"], "soup", weights=[1, 0])
+    with pytest.raises(InputError, match="one positive weight"):
+        store.average("seg", ["a", "wide"], "soup", weights=[1, float("inf")])
     with pytest.raises(ModelError, match="no model version 'nope'"):
         store.average("seg", ["a", "nope"], "soup")
     with pytest.raises(ModelError, match="already installed"):
