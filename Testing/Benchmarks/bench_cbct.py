@@ -39,8 +39,7 @@ def bench_cbct_heldout(out: Path) -> dict:
     from deepsegrecon.cbct.data import chest_ct_path, chest_split, heldout_case_128, heldout_cases, load_ct
     from deepsegrecon.cbct.geometry import geometry_for_grid
     from deepsegrecon.cbct.projector import add_noise, fdk, forward_project, hu_to_mu, mu_to_hu
-    from deepsegrecon.cbct.recon import (REFINE_ITERS, hu_to_value, metrics, network_grid, refine, to_grid,
-                                         value_to_hu)
+    from deepsegrecon.cbct.recon import REFINE_ITERS, grid_hu, hu_to_value, metrics, network_grid, refine
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 1)))
     models = {n: _model(n) for n in (6, 8, 10)}
@@ -53,13 +52,12 @@ def bench_cbct_heldout(out: Path) -> dict:
             geo = geometry_for_grid(case, n, detector=128)
             proj = add_noise(forward_project(hu_to_mu(torch.from_numpy(case.array)), geo), seed=n)
             net, geo_q = network_grid(model, proj, geo)
-            rec = value_to_hu(to_grid(refine(net, proj, geo_q), geo)).numpy()
-            net = value_to_hu(to_grid(net, geo)).numpy()
+            rec = grid_hu(refine(net, proj, geo_q), geo)
+            net = grid_hu(net, geo)
             f_mu = fdk(proj, geo)
             f = mu_to_hu(f_mu).numpy()
             f_q = f_mu if geo_q is geo else fdk(proj, geo_q)  # FDK on the query grid, where the steps run
-            f_ref = refine(hu_to_value(mu_to_hu(f_q)), proj, geo_q)
-            f_ref = value_to_hu(to_grid(f_ref, geo)).numpy()
+            f_ref = grid_hu(refine(hu_to_value(mu_to_hu(f_q)), proj, geo_q), geo)
             m = {"case": name, "views": n, "model": entry.version, "dif_gaussian": metrics(rec, case.array),
                  "fdk": metrics(f, case.array), "dif_gaussian_network_only": metrics(net, case.array),
                  "fdk_refined": metrics(f_ref, case.array)}

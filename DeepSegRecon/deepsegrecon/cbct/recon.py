@@ -117,6 +117,11 @@ def to_grid(values: torch.Tensor, geo: ConeGeometry) -> torch.Tensor:
     return F.interpolate(values[None, None], size=full, mode="trilinear", align_corners=True)[0, 0]
 
 
+def grid_hu(values: torch.Tensor, geo: ConeGeometry) -> np.ndarray:
+    """Intensities on a grid spanning ``geo``'s box -> HU on ``geo``'s grid, (k, j, i) float32 numpy."""
+    return value_to_hu(to_grid(values, geo)).cpu().numpy().astype(np.float32)
+
+
 def reconstruct(model: DIFGaussian, proj: torch.Tensor, geo: ConeGeometry, query_res: Optional[int] = 64,
                 refine_iters: int = 0, progress: Optional[Callable[[float], None]] = None) -> torch.Tensor:
     """Intensity ((HU + 1000) / 2000) on ``geo``'s grid, (k, j, i), on the CPU.

@@ -138,7 +138,7 @@ class CBCTReconTask(Task):
         from ..store import ModelStore, entry_from_dir
         from .projector import add_noise, fdk, forward_project, hu_to_mu, mu_to_hu
         from .projio import stack_image
-        from .recon import REFINE_ITERS, metrics, network_grid, refine, to_grid, value_to_hu
+        from .recon import REFINE_ITERS, grid_hu, metrics, network_grid, refine
 
         params = {**self.default_params(), **(params or {})}
         device = resolve_device(params.get("device") or ctx.device or "auto")
@@ -173,17 +173,15 @@ class CBCTReconTask(Task):
         ctx.step("network", 0.0, "DIF-Gaussian")
         net, geo_q = network_grid(model, proj, geo, params.get("query_res"),
                                   progress=lambda f: ctx.step("network", f, "DIF-Gaussian"))
-        net_hu = value_to_hu(to_grid(net, geo)).cpu().numpy().astype(np.float32)
         timings["dif_gaussian_s"] = time.perf_counter() - t
         t = time.perf_counter()
         iters = REFINE_ITERS if params.get("refine_iters") is None else int(params["refine_iters"])
-        rec_hu = net_hu
+        rec = net
         if iters:
             ctx.step("refine", 0.0, "data consistency")
             rec = refine(net, proj, geo_q, iters, progress=lambda f: ctx.step("refine", f, "data consistency"))
-            rec_hu = value_to_hu(to_grid(rec, geo)).cpu().numpy().astype(np.float32)
-            del rec
-        del net
+        rec_hu = grid_hu(rec, geo)
+        del rec
         timings["refine_s"] = time.perf_counter() - t
         volumes = {"recon": geo.grid_image(rec_hu), "fdk": geo.grid_image(fdk_hu)}
         if params.get("keep_projections"):
@@ -196,7 +194,8 @@ class CBCTReconTask(Task):
             ref = np.asarray(reference.array, np.float32)
             report["metrics"] = {"dif_gaussian": metrics(rec_hu, ref), "fdk": metrics(fdk_hu, ref)}
             if iters:  # the network alone, before the data-consistency steps
-                report["metrics"]["dif_gaussian_network_only"] = metrics(net_hu, ref)
+                report["metrics"]["dif_gaussian_network_only"] = metrics(grid_hu(net, geo), ref)
+        del net
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         ctx.step("metrics", 1.0)
         return VolumeResult(volumes, report)
