@@ -4,8 +4,8 @@
     deepsegrecon teeth INPUT -o OUT [--device auto|cpu|cuda|mps] [--model VERSION] [--mrb]
                       [--smoothing S] [--format stl|obj ...]
     deepsegrecon models list [--task T]
-    deepsegrecon models import (PATH | --url URL --sha256 H) [--task T] [--version V]
-    deepsegrecon models verify [TASK [VERSION]]
+    deepsegrecon models import (PATH | --url URL --sha256 H [--timeout S]) [--task T] [--version V] [--default]
+    deepsegrecon models verify [TASK [VERSION]] [--deep]
     deepsegrecon models remove TASK VERSION
     deepsegrecon train-teeth-phantoms --out DIR [--minutes M] [--device D] [--seed S]
     deepsegrecon train TASK --cases DIR [--name V] [--epochs E | --minutes M] [--device D]
@@ -19,8 +19,9 @@ per-epoch progress (loss, validation Dice, ETA) on stderr; Ctrl-C cancels and wr
 version appears in the user model store only when training has finished.
 
 Errors the engine raises on purpose print ``error: <message>`` on stderr and exit with their code
-(2 input, 3 model, 4 cancelled, 5 resources; 1 for anything unexpected). Progress goes to stderr,
-results and summaries to stdout.
+(2 input, 3 model, 4 cancelled, 5 resources; 1 for anything unexpected). Ctrl-C and SIGTERM cancel (4); a full disk
+and running out of memory, torch's too, are 5 (:func:`errors.resource_error`, the worker's map as well). Progress
+goes to stderr, results and summaries to stdout.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 
 from . import __version__, errors
-from .errors import DeepSegReconError, InputError, ResourceError
+from .errors import DeepSegReconError, InputError
 
 VISIBLE_COMMANDS = ["phantom", "teeth", "models", "train-teeth-phantoms", "train", "finetune", "add-case"]
 # Capabilities that own their subcommands: each module has ``COMMANDS`` (names) and ``add_parsers(sub)``.
@@ -92,7 +93,7 @@ def cmd_phantom_teeth(args) -> int:
 
 def cmd_teeth(args) -> int:
     from .files import check_writable_dir, staged_outputs
-    from .io import read_image
+    from .io import check_series_used, read_image
     from .validate import check_image
     from .worker import check_model, run_inline
 
@@ -106,7 +107,8 @@ def cmd_teeth(args) -> int:
         raise InputError(f"--smoothing must be between 0 and 1, got {args.smoothing}")
     stem = output_stem(inp)
     print(f"reading {inp}", file=sys.stderr, flush=True)
-    image = read_image(inp)
+    image = read_image(inp, series=args.series)
+    check_series_used(args.series, [image])
     check_image(image, f"input {inp.name}", ndim=3)
     if args.device != "cpu":
         from .device import resolve_device
@@ -188,16 +190,23 @@ def cmd_models_import(args) -> int:
     if args.url:
         if not args.sha256:
             raise InputError("--url needs --sha256 (the expected checksum of the download)")
-        entry = store.import_url(args.url, args.sha256, args.task, args.version, **fields)
+        entry = store.import_url(args.url, args.sha256, args.task, args.version, default=args.default,
+                                 deadline=args.timeout, **fields)
     else:
-        entry = store.import_file(args.path, task=args.task, version=args.version, sha256=args.sha256, **fields)
+        if args.timeout is not None:
+            raise InputError("--timeout applies to downloads (--url) only")
+        entry = store.import_file(args.path, task=args.task, version=args.version, sha256=args.sha256,
+                                  default=args.default, **fields)
     store.verify(entry)
     print(f"imported {entry.task} {entry.version} into {entry.dir}")
+    chosen = store.get(entry.task).version
+    print(f"default version of {entry.task}: {chosen}"
+          + ("" if chosen == entry.version else " (to make it this one, import it with --default)"))
     return 0
 
 
 def cmd_models_verify(args) -> int:
-    from .store import check_task
+    from .store import check_task, load_state_dict
 
     store = _store()
     entries = [store.get(args.task, args.version)] if args.version else store.list(args.task)
@@ -208,12 +217,16 @@ def cmd_models_verify(args) -> int:
         try:
             check_task(e, e.task)
             store.verify(e)
+            if args.deep:  # load every weight file, as a run would
+                for name in e.files:
+                    load_state_dict(e, name, e.task)
             print(f"ok      {e}")
         except DeepSegReconError as err:
             bad += 1
             print(f"FAILED  {e}: {err}")
     if bad:
-        raise errors.ModelError(f"{bad} of {len(entries)} model versions failed verification")
+        raise errors.ModelError(f"{bad} of {len(entries)} model versions failed verification"
+                                + ("" if args.deep else " (checksums)"))
     if not entries:
         print("no models installed")
     return 0
@@ -369,18 +382,25 @@ def cmd_add_case(args) -> int:
     import numpy as np
 
     from . import segio
-    from .io import read_image
+    from .io import check_series_used, read_image
     from .training.cases import _embed, write_case
     from .training.labels import read_label_map
 
+    task_map = _task_label_map(args.task)
+    if task_map is None and not args.label_map:  # a typo, or a new structure: its labels must be named
+        from .training.recipe import trainable_tasks
+
+        raise InputError(f"task '{args.task}' has no labels of its own to check the case against (tasks with "
+                         f"labels: {', '.join(trainable_tasks())}); for a new structure, give its label names and "
+                         "values with --label-map FILE")
     images = {}
     for modality, path in _name_values(args.image, "--image").items():
-        images[modality] = read_image(Path(path).expanduser())
+        images[modality] = read_image(Path(path).expanduser(), series=args.series)
     if not images:
         raise InputError("give at least one --image NAME=PATH")
+    check_series_used(args.series, images.values())
     ref = next(iter(images.values()))
     label_path = Path(args.label).expanduser()
-    task_map = _task_label_map(args.task)
     given = read_label_map(Path(args.label_map).expanduser()) if args.label_map else None
     seg = segio.read_seg_nrrd(label_path)
     if segio.is_seg_nrrd(label_path):  # named segments (Slicer): names from the file
@@ -418,8 +438,10 @@ def cmd_add_case(args) -> int:
 
 def _task_label_map(task: str):
     """The label map ({name: value}) of a task that can be trained, or None for a new structure."""
+    from .store import _check_name
     from .training.recipe import get_recipe
 
+    _check_name(task, "task")
     try:
         return dict(get_recipe(task).label_map)
     except InputError:
@@ -433,6 +455,11 @@ def cmd_worker(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------- parser
+def add_series_option(p) -> None:
+    p.add_argument("--series", action="append", metavar="UID", help="the DICOM series to read from an input folder "
+                   "that holds several (repeat for several folders)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepsegrecon", description="DeepSegRecon: deep-learning segmentation and "
                                 "reconstruction, headless (the same engine as the 3D Slicer modules).")
@@ -465,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--smoothing", type=float, default=None, metavar="S", help="surface smoothing 0..1 (default 0.5)")
     t.add_argument("--format", nargs="+", choices=("stl", "obj"), default=["stl"], metavar="{stl,obj}",
                    help="surface file formats (default stl)")
+    add_series_option(t)
     t.set_defaults(func=cmd_teeth)
 
     m = sub.add_parser("models", help="list, import, verify and remove model weights")
@@ -480,10 +508,15 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("--task")
     mi.add_argument("--version")
     mi.add_argument("--description")
+    mi.add_argument("--default", action="store_true",
+                    help="make the imported version the one runs use when no --model is given")
+    mi.add_argument("--timeout", type=float, metavar="S", help="give up a download (--url) after S seconds "
+                    "(default: $DEEPSEGRECON_DOWNLOAD_TIMEOUT, else 600)")
     mi.set_defaults(func=cmd_models_import)
     mv = ms.add_parser("verify", help="check the sha256 of installed weights")
     mv.add_argument("task", nargs="?", metavar="TASK")
     mv.add_argument("version", nargs="?", metavar="VERSION")
+    mv.add_argument("--deep", action="store_true", help="also load every weight file (slower)")
     mv.set_defaults(func=cmd_models_verify)
     mr = ms.add_parser("remove", help="remove a version from the user store")
     mr.add_argument("task", metavar="TASK")
@@ -544,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--roi", metavar="MASK", help="mask of the voxels that were reviewed (others are not trained on)")
     ac.add_argument("--label-map", metavar="FILE", help="names of the label values of a plain labelmap")
     ac.add_argument("--overwrite", action="store_true", help="replace an existing case folder")
+    add_series_option(ac)
     ac.set_defaults(func=cmd_add_case)
 
     w = sub.add_parser("worker")  # hidden: python -m deepsegrecon.worker JOB_DIR
@@ -563,23 +597,47 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, usage errors (exit 2, as an input error)
         return e.code if isinstance(e.code, int) else errors.EXIT_INPUT
+    previous = _on_sigterm_cancel()
     try:
         return int(args.func(args) or 0)
     except DeepSegReconError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("error: cancelled", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"error: cancelled{' (' + str(e) + ')' if str(e) else ''}", file=sys.stderr)
         return errors.EXIT_CANCELLED
-    except MemoryError as e:
-        print(f"error: {ResourceError(f'out of memory ({e})')}", file=sys.stderr)
-        return errors.EXIT_RESOURCES
-    except Exception as e:  # a bug: show where
-        import traceback
+    except Exception as e:
+        mapped = errors.resource_error(e)  # disk full, out of memory (torch too): exit 5
+        if mapped is not None:
+            print(f"error: {mapped}", file=sys.stderr)
+            return errors.EXIT_RESOURCES
+        import traceback  # a bug: show where
 
         traceback.print_exc()
         print(f"error: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         return errors.EXIT_INTERNAL
+    finally:
+        if previous:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous[0] if previous[0] is not None else signal.SIG_DFL)
+
+
+def _on_sigterm_cancel():
+    """SIGTERM cancels like Ctrl-C (KeyboardInterrupt, once; a second one is ignored); returns (old handler,)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    fired = []
+
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise KeyboardInterrupt("terminated by SIGTERM")
+
+    return (signal.signal(signal.SIGTERM, handler),)
 
 
 if __name__ == "__main__":

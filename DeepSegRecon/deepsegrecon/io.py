@@ -39,15 +39,67 @@ def _check_fits(n_voxels: int, bytes_per_voxel: int, what: str, factor: float = 
         )
 
 
-def dicom_series_files(folder: Path) -> list:
+def dicom_series_files(folder: Path, series=None) -> list:
+    return dicom_series(folder, series)[1]
+
+
+def dicom_series(folder: Path, series=None) -> tuple:
+    """(UID, files) of the DICOM series in ``folder``. A folder with several series is refused with their list
+    unless ``series`` (a UID, or a list of UIDs given for several folders) names exactly one of them; a folder
+    with one series gives it (:func:`check_series_used` refuses a UID no folder held)."""
     import SimpleITK as sitk
 
-    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     if not ids:
         raise InputError(f"{folder} holds no DICOM series")
-    # take the series with the most slices
-    files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), i) for i in ids), key=len)
-    return list(files)
+    wanted = [series] if isinstance(series, str) else list(series or ())
+    hits = [u for u in ids if u in wanted]
+    if len(hits) == 1:
+        uid = hits[0]
+    elif len(ids) == 1:
+        uid = ids[0]
+    else:
+        rows = []
+        for u in ids:
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), u)
+            rows.append(f"  {u}  {_series_description(files[0]) or '(no description)'}  ({len(files)} files)")
+        what = (f"holds no series {', '.join(wanted)}" if wanted and not hits else
+                f"holds {len(ids)} DICOM series; choose one with --series UID")
+        raise InputError(f"{folder} {what}:\n" + "\n".join(rows))
+    return uid, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+
+
+def check_series_used(series, images) -> None:
+    """Refuse a ``--series UID`` that none of the input folders holds (it would be silently ignored)."""
+    used = {getattr(img, "meta", {}).get("dicom_series") for img in images}
+    unused = [u for u in (series or ()) if u not in used]
+    if unused:
+        raise InputError(f"--series {', '.join(unused)}: no input DICOM folder holds this series")
+
+
+def _series_description(path) -> str:
+    import SimpleITK as sitk
+
+    r = sitk.ImageFileReader()
+    r.SetFileName(str(path))
+    try:
+        r.ReadImageInformation()
+        return r.GetMetaData("0008|103e").strip() if r.HasMetaDataKey("0008|103e") else ""
+    except RuntimeError:
+        return ""
+
+
+def check_geometry(spacing, direction, name: str) -> None:
+    """Refuse a zero, negative or non-finite spacing and a direction matrix that is not orthonormal."""
+    sp = np.asarray(spacing, float)
+    if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+        raise InputError(f"{name}: the voxel spacing is zero or invalid ({', '.join(f'{v:g}' for v in sp)} mm)")
+    n = len(sp)
+    d = np.asarray(direction, float).reshape(n, n)
+    if not np.all(np.isfinite(d)) or not np.allclose(d.T @ d, np.eye(n), atol=1e-3):
+        rows = "; ".join(" ".join(f"{v:.4g}" for v in row) for row in d)
+        raise InputError(f"{name}: the direction matrix is not orthonormal (the voxel axes are sheared or scaled): "
+                         f"[{rows}]; resample the image onto an orthogonal grid first")
 
 
 def check_nifti_complete(path: Path) -> None:
@@ -102,11 +154,13 @@ def check_nifti_complete(path: Path) -> None:
         raise truncated
 
 
-def read_image(path, memory_factor: float = 4.0) -> Image:
-    """Read an image file or a DICOM series folder into an :class:`Image`.
+def read_image(path, memory_factor: float = 4.0, series=None) -> Image:
+    """Read an image file or a DICOM series folder into an :class:`Image` (``series``: the UID(s) to take from a
+    folder with several series).
 
-    Raises :class:`InputError` with the reason when the path is missing, not an image, or
-    truncated, and :class:`ResourceError` when it would not fit in memory (checked from the header).
+    Raises :class:`InputError` with the reason when the path is missing, not an image, truncated, not 2-D or
+    3-D, or has a zero spacing or a sheared direction, and :class:`ResourceError` when it would not fit in
+    memory (checked from the header).
     """
     import SimpleITK as sitk
 
@@ -115,7 +169,7 @@ def read_image(path, memory_factor: float = 4.0) -> Image:
         raise InputError(f"input {path} does not exist")
     reader = sitk.ImageSeriesReader() if path.is_dir() else sitk.ImageFileReader()
     if path.is_dir():
-        files = dicom_series_files(path)
+        uid, files = dicom_series(path, series)
         reader.SetFileNames(files)
         info = sitk.ImageFileReader()
         info.SetFileName(files[0])
@@ -126,6 +180,12 @@ def read_image(path, memory_factor: float = 4.0) -> Image:
         info.ReadImageInformation()
     except RuntimeError as e:
         raise InputError(f"cannot read {path}: not an image file or its header is damaged") from e
+    size = info.GetSize()
+    if len(size) < 2 or (len(size) > 3 and any(s != 1 for s in size[3:])):
+        raise InputError(f"{path.name} is {len(size)}-D (size {' x '.join(map(str, size))}): one 2-D or 3-D image "
+                         "is needed, not a series of volumes")
+    check_geometry(info.GetSpacing()[:3], np.asarray(info.GetDirection()).reshape(len(size), -1)[:3, :3]
+                   if len(size) > 3 else info.GetDirection(), path.name)
     n = int(np.prod(info.GetSize())) * (len(files) if path.is_dir() else 1)
     bpv = np.dtype(sitk.GetArrayViewFromImage(sitk.Image(1, 1, info.GetPixelID())).dtype).itemsize
     _check_fits(n * info.GetNumberOfComponents(), max(bpv, 4), f"image {path.name}", memory_factor)
@@ -138,12 +198,16 @@ def read_image(path, memory_factor: float = 4.0) -> Image:
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path} has {img.GetNumberOfComponentsPerPixel()} components per voxel; a scalar image is needed")
     dim = img.GetDimension()
+    if dim > 3:  # trailing sizes of 1
+        img = sitk.Extract(img, list(img.GetSize()[:3]) + [0] * (dim - 3), [0] * dim)
+        dim = 3
+    check_geometry(img.GetSpacing(), img.GetDirection(), path.name)
     if dim == 3 and img.GetSize()[2] == 1:
         img = img[:, :, 0]
         dim = 2
     out = Image.from_sitk(img, source=str(path))
     if path.is_dir():
-        out.meta["dicom_files"] = len(files)
+        out.meta.update(dicom_files=len(files), dicom_series=uid)
     return out
 
 

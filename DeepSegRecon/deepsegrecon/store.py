@@ -13,7 +13,9 @@ A user version shadows a built-in version of the same name.
 Manifest keys: ``name``, ``task``, ``version``, ``files`` ({file name: sha256}), ``labels``,
 ``input_spec``, ``network`` (config to rebuild the net), ``created``, ``trained_on``,
 ``base_version``, ``metrics``, ``description``; optional ``default: true`` marks the version
-:meth:`ModelStore.get` returns when no version is asked for (otherwise the newest).
+:meth:`ModelStore.get` returns when no version is asked for (otherwise the newest). Imports add
+``imported`` (when) and keep ``default`` only when asked to (``default=True``), so importing a copy of a
+model never changes which version unpinned runs use.
 
 Every version is written atomically (:meth:`ModelStore.write_version`): the files go into a hidden
 staging folder beside the target, which is renamed into place only when complete, so a crash
@@ -24,25 +26,30 @@ are ignored when listing.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .errors import InputError, ModelError
+from .errors import InputError, ModelError, ResourceError
 
 MANIFEST = "manifest.json"
 MANIFEST_KEYS = ("name", "task", "version", "files", "labels", "input_spec", "network", "created",
                  "trained_on", "base_version", "metrics", "description")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]*$")
 _CHUNK = 1 << 20
+DOWNLOAD_TIMEOUT_S = 600.0  # overall deadline of a download; $DEEPSEGRECON_DOWNLOAD_TIMEOUT overrides it
+_DOWNLOAD_PREFIX = "deepsegrecon-download-"
+_STALE_DOWNLOAD_S = 1800  # a download folder untouched this long belongs to a killed run
 
 
 def default_user_root() -> Path:
@@ -184,7 +191,8 @@ class ModelStore:
         return sorted(found.values(), key=lambda e: (e.task, _version_key(e.version)))
 
     def get(self, task: str, version: Optional[str] = None) -> ModelEntry:
-        """One version of ``task``; ``version=None`` gives the version marked default, else the newest."""
+        """One version of ``task``; ``version=None`` gives the version marked default, else the newest one
+        not imported (imports never change this choice unless imported as the default)."""
         entries = self.list(task)
         if not entries:
             known = sorted({e.task for e in self.list()})
@@ -193,10 +201,18 @@ class ModelStore:
                 + (f"models exist for: {', '.join(known)}" if known else "the store is empty")
                 + ". Import one with: deepsegrecon models import PATH --task " + task)
         if version is None:
-            # a version marked default (a user one before a built-in one), else the newest
+            # a version marked default (a user one before a built-in one, the latest marked first)
             defaults = [e for e in entries if e.is_default]
-            return max(defaults or entries, key=lambda e: (
-                bool(defaults) and not e.builtin, str(e.manifest.get("created") or ""), _version_key(e.version)))
+            if defaults:
+                return max(defaults, key=lambda e: (not e.builtin, str(e.manifest.get("imported") or
+                                                                        e.manifest.get("created") or ""),
+                                                    _version_key(e.version)))
+            # else the newest version trained here or shipped; imported copies only when there is nothing
+            # else, and then the first imported, so that an import never changes the choice
+            own = [e for e in entries if not e.manifest.get("imported")]
+            if own:
+                return max(own, key=lambda e: (str(e.manifest.get("created") or ""), _version_key(e.version)))
+            return min(entries, key=lambda e: (str(e.manifest["imported"]), _version_key(e.version)))
         for e in entries:
             if e.version == str(version):
                 return e
@@ -295,13 +311,15 @@ class ModelStore:
                 raise ModelError(f"model {task} {version} is built in; choose another version name")
 
     def import_file(self, path, task: Optional[str] = None, version: Optional[str] = None,
-                    sha256: Optional[str] = None, overwrite: bool = False, **fields) -> ModelEntry:
+                    sha256: Optional[str] = None, overwrite: bool = False, default: bool = False,
+                    **fields) -> ModelEntry:
         """Import a version folder (with ``manifest.json``) or a single weights file.
 
         For a folder, ``task``/``version`` default to the manifest's and each file is checked against
         its sha256 in the manifest. For a single file, ``task`` is required, ``version`` defaults to a
         timestamp, ``sha256`` (if given) must match, and ``fields`` (labels, network, description, ...)
-        fill the manifest.
+        fill the manifest. The imported version becomes the default only with ``default=True``; a file
+        that looks like an archive but is not a readable model archive is refused.
         """
         path = Path(path).expanduser()
         if not path.exists():
@@ -312,7 +330,8 @@ class ModelStore:
                                  f"the file has {sha256_file(path)}")
             with tempfile.TemporaryDirectory(prefix="deepsegrecon-unpack-") as tmp:
                 folder = _extract_version_folder(path, Path(tmp))
-                return self.import_file(folder, task=task, version=version, overwrite=overwrite, **fields)
+                return self.import_file(folder, task=task, version=version, overwrite=overwrite, default=default,
+                                        **fields)
         if path.is_dir() or path.name == MANIFEST:
             folder = path if path.is_dir() else path.parent
             manifest = _read_manifest(folder)
@@ -330,23 +349,28 @@ class ModelStore:
                     raise ModelError(f"{folder} is incomplete: {name}, listed in its manifest, is missing")
                 files[name] = src
             manifest.update({k: v for k, v in fields.items() if v is not None})
-            return self.write_version(task, version, files, manifest, overwrite=overwrite)
+            return self.write_version(task, version, files, _imported(manifest, default), overwrite=overwrite)
         if not task:
             raise InputError(f"importing the single file {path.name} needs the task it is for (--task)")
+        _refuse_broken_archive(path)
         version = version or _dt.datetime.now().strftime("imported-%Y%m%d-%H%M%S")
         manifest = {k: v for k, v in fields.items() if v is not None}
         if sha256:
             manifest["files"] = {path.name: sha256.strip().lower()}
         manifest.setdefault("description", f"imported from {path}")
-        return self.write_version(task, version, {path.name: path}, manifest, overwrite=overwrite)
+        return self.write_version(task, version, {path.name: path}, _imported(manifest, default), overwrite=overwrite)
 
     def import_url(self, url: str, sha256: str, task: Optional[str] = None, version: Optional[str] = None,
                    filename: Optional[str] = None, timeout: float = 60.0, max_bytes: Optional[int] = None,
-                   overwrite: bool = False, **fields) -> ModelEntry:
+                   overwrite: bool = False, default: bool = False, deadline: Optional[float] = None,
+                   **fields) -> ModelEntry:
         """Download a weights file (or a .zip/.tar.gz of a version folder), check its sha256, then install it.
 
         On any failure (network, checksum, archive) nothing is written to the store. A single weights
         file needs ``task``; ``version`` defaults to a timestamp (archives: to their manifest's).
+        ``timeout`` bounds each network wait, ``deadline`` (seconds; default ``$DEEPSEGRECON_DOWNLOAD_TIMEOUT``
+        or 10 minutes) the whole download. The temporary download folder is removed on every exit, and
+        folders left by killed runs are removed at the next download.
         """
         if not sha256 or not re.fullmatch(r"[0-9a-fA-F]{64}", sha256.strip()):
             raise InputError("a download needs the expected sha256 (64 hexadecimal digits) of the file")
@@ -357,34 +381,58 @@ class ModelStore:
             self._refuse_existing(task, version, self.root / task / version, overwrite)
         filename = _check_file_name(filename or urllib.parse.unquote(Path(urllib.parse.urlparse(url).path).name)
                                     or "weights.pt")
-        tmpdir = Path(tempfile.mkdtemp(prefix="deepsegrecon-download-"))
+        deadline = download_deadline(deadline)
+        _remove_stale_downloads()
+        tmpdir = Path(tempfile.mkdtemp(prefix=_DOWNLOAD_PREFIX))
         try:
             tmp = tmpdir / filename
             h = hashlib.sha256()
             n = 0
+            end = time.monotonic() + deadline
             try:
-                with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
-                    for chunk in iter(lambda: resp.read(_CHUNK), b""):
+                # each wait is bounded by the time left, so a stalled or trickling server meets the deadline
+                with urllib.request.urlopen(url, timeout=min(timeout, deadline)) as resp, open(tmp, "wb") as out:
+                    while True:
+                        chunk = resp.read1(_CHUNK)  # what has arrived, not a full chunk
+                        if not chunk:
+                            break
                         n += len(chunk)
                         if max_bytes is not None and n > max_bytes:
                             raise ModelError(f"download {url} is larger than {max_bytes} bytes; stopped")
+                        if time.monotonic() > end:
+                            raise ModelError(f"download {url} did not finish within {deadline:g} s ({n} bytes "
+                                             "received); stopped, nothing was installed. Allow more time with "
+                                             "--timeout or DEEPSEGRECON_DOWNLOAD_TIMEOUT")
                         h.update(chunk)
                         out.write(chunk)
-            except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts are OSErrors
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise ResourceError(f"no space left to download {url} into {tmpdir.parent}") from e
+                reason = getattr(e, "reason", None) or e
+                # a wait bounded by the deadline itself timed out, or the deadline passed
+                if time.monotonic() > end or (isinstance(reason, TimeoutError) and deadline <= timeout):
+                    raise ModelError(f"download {url} did not finish within {deadline:g} s; stopped, nothing "
+                                     "was installed. Allow more time with --timeout or "
+                                     "DEEPSEGRECON_DOWNLOAD_TIMEOUT") from e
                 raise ModelError(f"cannot download {url}: {getattr(e, 'reason', None) or e}") from e
+            except ValueError as e:  # URLError, HTTPError, timeouts are OSErrors; a bad URL a ValueError
+                raise ModelError(f"cannot download {url}: {e}") from e
             got = h.hexdigest()
             if got != sha256:
                 raise ModelError(f"checksum mismatch for {url}: expected sha256 {sha256}, the download has {got}; "
                                  "nothing was installed")
             if _is_model_archive(tmp):  # a zipped / tarred version folder with its manifest
-                return self.import_file(tmp, task=task, version=version, overwrite=overwrite, **fields)
+                return self.import_file(tmp, task=task, version=version, overwrite=overwrite, default=default,
+                                        **fields)
             if not task:
                 raise InputError(f"installing the single file {filename} needs the task it is for (--task)")
+            _refuse_broken_archive(tmp)
             version = version or _dt.datetime.now().strftime("imported-%Y%m%d-%H%M%S")
             manifest = {k: v for k, v in fields.items() if v is not None}
             manifest["files"] = {filename: sha256}
             manifest.setdefault("description", f"downloaded from {url}")
-            return self.write_version(task, version, {filename: tmp}, manifest, overwrite=overwrite, move=True)
+            return self.write_version(task, version, {filename: tmp}, _imported(manifest, default),
+                                      overwrite=overwrite, move=True)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -470,22 +518,79 @@ class ModelStore:
 _ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 
-def _is_model_archive(path: Path) -> bool:
-    """A .zip/.tar(.gz) holding a version folder (a manifest.json). A torch ``.pt`` file is a zip too,
-    but holds no manifest, so it is not taken for an archive."""
+def _archive_names(path: Path):
+    """The member names of a zip (or, by its suffix, tar) file; None when it is no readable archive."""
     import tarfile
     import zipfile
 
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
-                return any(Path(n).name == MANIFEST for n in z.namelist())
+                return z.namelist()
         if path.name.lower().endswith(_ARCHIVE_SUFFIXES) and tarfile.is_tarfile(path):
             with tarfile.open(path) as t:
-                return any(Path(n).name == MANIFEST for n in t.getnames())
-    except (OSError, zipfile.BadZipFile, tarfile.TarError):
-        return False
-    return False
+                return t.getnames()
+    except Exception:  # truncated or corrupt: BadZipFile, TarError, EOFError, zlib.error, ...
+        return None
+    return None
+
+
+def _is_model_archive(path: Path) -> bool:
+    """A .zip/.tar(.gz) holding a version folder (a manifest.json). A torch ``.pt`` file is a zip too,
+    but holds no manifest, so it is not taken for an archive."""
+    return any(Path(n).name == MANIFEST for n in _archive_names(path) or ())
+
+
+def _refuse_broken_archive(path: Path) -> None:
+    """Never install an archive that is not a readable model archive, nor a broken zip, as a weights file."""
+    import zipfile
+
+    if path.name.lower().endswith(_ARCHIVE_SUFFIXES):  # (a truncated zip may even show another zip inside it)
+        raise ModelError(f"{path.name} is not a readable model archive: it is truncated or corrupt, or holds no "
+                         f"{MANIFEST}; nothing was installed. An archive must hold one version folder with its "
+                         f"{MANIFEST}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):  # PyTorch files are zips too
+        raise ModelError(f"{path.name} is a truncated or corrupt zip file; nothing was installed")
+
+
+def _imported(manifest: dict, default: bool) -> dict:
+    """An imported version's manifest: ``default`` only when asked for, and when it was imported."""
+    manifest.pop("default", None)
+    if default:
+        manifest["default"] = True
+    manifest["imported"] = _dt.datetime.now(_dt.timezone.utc).isoformat()  # microseconds: orders imports
+    return manifest
+
+
+def download_deadline(value=None) -> float:
+    """The overall download deadline in seconds: ``value``, else ``$DEEPSEGRECON_DOWNLOAD_TIMEOUT``, else 600."""
+    source = "the download timeout"
+    if value is None:
+        value = os.environ.get("DEEPSEGRECON_DOWNLOAD_TIMEOUT")
+        source = "DEEPSEGRECON_DOWNLOAD_TIMEOUT"
+        if value is None or not str(value).strip():
+            return DOWNLOAD_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise InputError(f"{source} must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
+def _remove_stale_downloads() -> None:
+    """Remove download folders of killed runs (untouched for half an hour) from the temp folder."""
+    now = time.time()
+    for d in Path(tempfile.gettempdir()).glob(_DOWNLOAD_PREFIX + "*"):
+        try:
+            newest = max([d.lstat().st_mtime] + [p.lstat().st_mtime for p in d.iterdir()])
+            if d.is_dir() and not d.is_symlink() and now - newest > _STALE_DOWNLOAD_S:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _extract_version_folder(archive: Path, dest: Path) -> Path:
@@ -504,12 +609,26 @@ def _extract_version_folder(archive: Path, dest: Path) -> Path:
         else:
             with tarfile.open(archive) as t:
                 t.extractall(dest, filter="data")
-    except (zipfile.BadZipFile, tarfile.TarError, OSError) as e:
-        raise ModelError(f"{archive.name} is not a readable archive: {e}") from e
+    except (ModelError, MemoryError):
+        raise
+    except tarfile.FilterError as e:  # a link or a path leading out of the folder
+        raise ModelError(f"{archive.name} holds an unsafe member ({_short(e)}); refusing to unpack it") from e
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceError(f"no space left to unpack {archive.name} into {dest}") from e
+        raise ModelError(f"{archive.name} cannot be unpacked: {_short(e)}") from e
+    except Exception as e:  # BadZipFile, TarError, EOFError, zlib.error, ...: truncated or corrupt
+        raise ModelError(f"{archive.name} is not a readable archive (truncated or corrupt): {_short(e)}") from e
     manifests = sorted(dest.rglob(MANIFEST), key=lambda p: len(p.parts))
     if len(manifests) != 1:
         raise ModelError(f"{archive.name} must hold exactly one model version (one {MANIFEST}); it holds {len(manifests)}")
     return manifests[0].parent
+
+
+def _short(error, limit: int = 160) -> str:
+    """The first line of an error message, cut to ``limit`` characters (some quote binary data)."""
+    line = next((x.strip() for x in str(error).splitlines() if x.strip()), type(error).__name__)
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def _rmdir_if_empty(folder: Path) -> None:
@@ -543,21 +662,25 @@ def load_state_dict(entry: ModelEntry, filename: str, task: Optional[str] = None
     """Verify the file's sha256 and task, then load it with ``torch.load(weights_only=True)`` on the CPU."""
     check_task(entry, task)
     path = verify_file(entry, filename)
-    import pickle
-    import zipfile
+    import warnings
 
     import torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Weights only" in str(e):
-            raise ModelError(f"{filename} in model {entry.task} {entry.version} holds Python objects other than "
-                             "tensors; refusing to load it (only plain weights are loaded, for safety)") from e
-        raise ModelError(f"{filename} in model {entry.task} {entry.version} is corrupt: not a PyTorch weights file ({e})") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError) as e:
+        with warnings.catch_warnings():  # garbage read as a pickle warns about its "protocol"
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # any failure to unpickle: IndexError, struct.error, UnicodeDecodeError, ...
+        text = str(e)
+        if "Unsupported global" in text:
+            raise ModelError(f"{filename} in model {entry.task} {entry.version} ({path}) holds Python objects other "
+                             "than tensors; refusing to load it (only plain weights are loaded, for safety)") from e
+        if "WeightsUnpickler error:" in text:  # torch's long advice is about trusted pickles, not this
+            text = text.split("WeightsUnpickler error:", 1)[1]
         raise ModelError(f"{filename} in model {entry.task} {entry.version} is corrupt: not a PyTorch weights file "
-                         f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
+                         f"({type(e).__name__}: {_short(text)}); file {path}") from e
     if not isinstance(state, dict):
         raise ModelError(f"{filename} in model {entry.task} {entry.version} is not a state dict "
                          f"(it holds a {type(state).__name__})")

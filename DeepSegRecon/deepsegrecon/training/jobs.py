@@ -168,6 +168,14 @@ def _check_params(kind: str, params: dict) -> None:
     for key in ("settings", "modalities", "recipe_options"):
         if params.get(key) is not None and not isinstance(params[key], dict):
             raise InputError(f"{key} must be a dict, got {type(params[key]).__name__}")
+    if params.get("settings"):  # every setting through the typed settings, before any case is read
+        from .engine import TrainConfig
+
+        for key, value in params["settings"].items():
+            if isinstance(value, dict):
+                TrainConfig.check_settings(value, part=key)
+            else:
+                TrainConfig.check_settings({key: value})
     if params.get("stages") is not None and not (isinstance(params["stages"], (list, tuple)) and params["stages"]):
         raise InputError("stages must be a non-empty list of part names")
     store = ModelStore()
@@ -587,8 +595,8 @@ class _TrainingTask(Task):
     def run(self, images: dict, params: dict, ctx: TaskContext) -> ModelResult:
         try:
             return run_training(self.kind, params, ctx)
-        except KeyboardInterrupt:
-            raise Cancelled("training cancelled (interrupted)") from None
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM in the CLI
+            raise Cancelled(f"training cancelled ({e or 'interrupted'})") from None
 
 
 @register

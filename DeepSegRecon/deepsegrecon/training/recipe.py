@@ -103,3 +103,17 @@ def fit(recipe: Recipe, cases_dir, out_dir, config: Optional[TrainConfig] = None
     return train(net, cases, config, Path(out_dir), base_state=base_state, progress=progress, cancel=cancel,
                  distributed=distributed, num_classes=recipe.num_classes, to_sample=recipe.sample_fn(),
                  inferer=recipe.inferer, val_cases=val_cases, device=device)
+
+
+def trainable_tasks() -> list:
+    """Names of the tasks with a recipe of their own (``deepsegrecon/<package>/training.py`` defining
+    ``recipe``), found without importing them."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    by_module = {module: task for task, module in RECIPE_MODULES.items()}
+    names = []
+    for path in sorted(root.glob("*/training.py")):
+        if re.search(r"^(def recipe\(|recipe\s*=)", path.read_text(encoding="utf-8"), re.M):
+            names.append(by_module.get(f"deepsegrecon.{path.parent.name}.training", path.parent.name))
+    return sorted(names)

@@ -29,6 +29,8 @@ def _carm_args(p, defaults: bool) -> None:
 
 
 def add_parsers(sub) -> None:
+    from ..cli import add_series_option
+
     d = sub.add_parser("drr", help="render a synthetic X-ray (DRR) of a CT at a known pose")
     d.add_argument("--ct", required=True, help="CT volume (HU)")
     d.add_argument("--pose", required=True, metavar="JSON", help="pose file: parameterization, rotation, translation")
@@ -37,6 +39,7 @@ def add_parsers(sub) -> None:
     d.add_argument("--bone-attenuation", type=float, default=1.0, help="bone contrast multiplier (default 1)")
     d.add_argument("--ct-spacing", type=float, default=0.0, metavar="MM", help="downsample the CT first (0: no)")
     _carm_args(d, True)
+    add_series_option(d)
     d.set_defaults(func=cmd_drr)
 
     r = sub.add_parser("xray-register", help="register an X-ray to a CT (DiffPose: regressor + NCC refinement)")
@@ -59,6 +62,7 @@ def add_parsers(sub) -> None:
     r.add_argument("--parameterization", default="se3_log_map", help="regressor pose parameterisation")
     r.add_argument("--convention", default=None, help="Euler convention (with euler_angles)")
     _carm_args(r, False)
+    add_series_option(r)
     r.set_defaults(func=cmd_register)
 
 
@@ -128,15 +132,16 @@ def read_transform(path):
 
 
 def cmd_drr(args) -> int:
-    from ..files import check_writable_dir, staged_outputs
-    from ..io import read_image
+    from ..files import check_writable_dir, json_text, staged_outputs
+    from ..io import check_series_used, read_image
     from ..worker import run_inline
     from ..cli import ProgressPrinter
 
     out = Path(args.output).expanduser().absolute()
     check_writable_dir(out)
     pose = _pose_file(args.pose)
-    ct = read_image(Path(args.ct).expanduser())
+    ct = read_image(Path(args.ct).expanduser(), series=args.series)
+    check_series_used(args.series, [ct])
     h, w = args.size
     params = {"pose": pose, "height": h, "width": w, "bone_attenuation": args.bone_attenuation,
               "ct_spacing_mm": args.ct_spacing, **_carm_params(args)}
@@ -146,7 +151,7 @@ def cmd_drr(args) -> int:
     carm = result.report["carm"]
     with staged_outputs(out) as stage:
         write_drr(result.volumes["drr"], carm, stage / "drr.nrrd")
-        (stage / "pose.json").write_text(json.dumps(result.report["pose"], indent=1))
+        (stage / "pose.json").write_text(json_text(result.report["pose"]))
     print(f"DRR {w} x {h} px at {carm['delx']:.3f} x {carm['dely']:.3f} mm, SDD {carm['sdd']} mm: {out / 'drr.nrrd'}")
     return 0
 
@@ -156,8 +161,8 @@ def cmd_register(args) -> int:
 
     from ..cli import ProgressPrinter
     from ..errors import InputError
-    from ..files import check_writable_dir, staged_outputs
-    from ..io import read_image
+    from ..files import check_writable_dir, json_text, staged_outputs
+    from ..io import check_series_used, read_image
     from ..worker import run_inline
     from .xrayio import read_xray
 
@@ -196,13 +201,14 @@ def cmd_register(args) -> int:
     params.update(_carm_params(args))
     if params.get("pixel_spacing") is None:
         raise InputError(f"the pixel spacing of {Path(args.xray).name} is 0 or missing: give --pixel-spacing MM")
-    ct = read_image(Path(args.ct).expanduser())
+    ct = read_image(Path(args.ct).expanduser(), series=args.series)
+    check_series_used(args.series, [ct])
     result = run_inline("xray-register", {"ct": ct, "xray": xray}, params, progress=ProgressPrinter())
     with staged_outputs(out) as stage:
         write_transform(result.matrix_lps, stage / "pose.h5")
         write_drr(result.images["drr"], {**result.report["carm"], "delx": result.images["drr"].spacing[0],
                                          "dely": result.images["drr"].spacing[1]}, stage / "drr.nrrd")
-        (stage / "report.json").write_text(json.dumps(result.report, indent=1))
+        (stage / "report.json").write_text(json_text(result.report))
         write_preview(xray, result, stage / "preview.png")
     rep = result.report
     print(f"registered: NCC {rep['ncc']:.4f} after {rep['iterations']} iterations ({rep['refine_seconds']} s), "
