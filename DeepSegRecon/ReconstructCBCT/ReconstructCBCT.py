@@ -36,6 +36,7 @@ setUpEngine()
 
 try:
     from deepsegrecon.scene.cbct import ReconstructCBCTLogic as SceneReconstructCBCTLogic
+    from DeepSegReconCommon.SelfTest import skipIfMissing, skipReason
     from DeepSegReconCommon.TaskWidget import (  # noqa: F401 (findResource: for the tests)
         TaskWidgetMixin,
         defaultJobRoot,
@@ -56,7 +57,7 @@ class ReconstructCBCT(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "Reconstruct CBCT"
-        self.parent.categories = ["DeepSegRecon"]
+        self.parent.categories = ["Segmentation.DeepSegRecon"]
         self.parent.dependencies = []
         self.parent.contributors = ["DeepSegRecon maintainers"]
         self.parent.helpText = """
@@ -194,9 +195,14 @@ class ReconstructCBCTTest(ScriptedLoadableModuleTest):
     """Runs inside Slicer: a CT phantom -> simulated 10 views -> DIF-Gaussian and FDK volumes + metrics table."""
 
     def setUp(self):
+        skipIfMissing("ReconstructCBCT", "Reconstruct CBCT")  # CTest: skipped, with the reason
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        reason = skipReason("ReconstructCBCT", "Reconstruct CBCT")
+        if reason:  # "Reload and Test": say why instead of failing
+            self.delayDisplay(reason)
+            return
         self.setUp()
         self.test_ReconstructCBCT_simulated()
 

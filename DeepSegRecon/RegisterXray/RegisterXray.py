@@ -34,6 +34,7 @@ _setUpEngine()
 
 try:
     from deepsegrecon.scene.xray import RegisterXrayLogic as SceneRegisterXrayLogic
+    from DeepSegReconCommon.SelfTest import skipIfMissing, skipReason
     from DeepSegReconCommon.TaskWidget import (
         FINAL_STATES,
         TaskWidgetMixin,
@@ -50,7 +51,7 @@ class RegisterXray(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "Register X-ray"
-        self.parent.categories = ["DeepSegRecon"]
+        self.parent.categories = ["Segmentation.DeepSegRecon"]
         self.parent.dependencies = []
         self.parent.contributors = ["DeepSegRecon maintainers"]
         self.parent.helpText = """
@@ -198,9 +199,14 @@ class RegisterXrayTest(ScriptedLoadableModuleTest):
     """Runs inside Slicer: a DRR of a small CT at a known pose is registered back."""
 
     def setUp(self):
+        skipIfMissing("RegisterXray", "Register X-ray")  # CTest: skipped, with the reason
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        reason = skipReason("RegisterXray", "Register X-ray")
+        if reason:  # "Reload and Test": say why instead of failing
+            self.delayDisplay(reason)
+            return
         self.setUp()
         self.test_RegisterXray_synthetic()
 

@@ -36,6 +36,7 @@ setUpEngine()
 try:
     from deepsegrecon.scene.brain import SegmentBrainTumorLogic as SceneSegmentBrainTumorLogic
     from DeepSegReconCommon.FinetuneSection import FinetuneSection
+    from DeepSegReconCommon.SelfTest import skipIfMissing, skipReason
     from DeepSegReconCommon.TaskWidget import (
         TaskWidgetMixin,
         defaultJobRoot,
@@ -55,7 +56,7 @@ class SegmentBrainTumor(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "Segment Brain Tumour"
-        self.parent.categories = ["DeepSegRecon"]
+        self.parent.categories = ["Segmentation.DeepSegRecon"]
         self.parent.dependencies = ["Segmentations"]
         self.parent.contributors = ["DeepSegRecon maintainers"]
         self.parent.helpText = """
@@ -179,9 +180,14 @@ class SegmentBrainTumorTest(ScriptedLoadableModuleTest):
     """Runs inside Slicer: phantom volumes -> worker -> three region segments and a volume table."""
 
     def setUp(self):
+        skipIfMissing("SegmentBrainTumor", "Segment Brain Tumour")  # CTest: skipped, with the reason
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        reason = skipReason("SegmentBrainTumor", "Segment Brain Tumour")
+        if reason:  # "Reload and Test": say why instead of failing
+            self.delayDisplay(reason)
+            return
         self.setUp()
         self.test_SegmentBrainTumor_phantom()
 

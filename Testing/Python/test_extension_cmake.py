@@ -202,7 +202,7 @@ def test_extension_tree_has_modules_resources_and_engine(built, tree):
 def test_slicer_registration(built):
     summary = dict(line.split("=", 1) for line in built["summary"].read_text().splitlines() if "=" in line)
     assert summary["name"] == "DeepSegRecon"
-    assert summary["category"] == "DeepSegRecon"
+    assert summary["category"] == "Segmentation"
     assert summary["depends"] == "NA"
     assert sorted(summary["modules"].split(";")) == module_names()
     assert sorted(summary["generic_tests"].split(";")) == module_names()

@@ -238,3 +238,67 @@ def test_eta_text(module):
     assert module.formatEta(7.4) == "about 7 s left"
     assert module.formatEta(125) == "about 2 min 05 s left"
     assert module.formatEta(3 * 3600 + 60) == "about 3 h 01 min left"
+
+
+# ------------------------------------------------------------------------------------------ self-tests
+MODULE_NAMES = ("SegmentTeeth", "SegmentSlices", "ReconstructCBCT", "RegisterXray", "SegmentBrainTumor")
+
+
+@pytest.fixture
+def load_module(module, monkeypatch):
+    """Load DeepSegRecon/<name>/<name>.py with the stand-ins (``module`` set them up); SegmentTeeth is importable
+    by name, as in Slicer, for the module that imports it."""
+    monkeypatch.setitem(sys.modules, "SegmentTeeth", module)
+
+    def load(name):
+        if name == "SegmentTeeth":
+            return module
+        spec = importlib.util.spec_from_file_location(f"{name}_under_test", ROOT / "DeepSegRecon" / name / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
+
+
+@pytest.mark.parametrize("name", MODULE_NAMES)
+def test_self_test_skips_with_the_reason_when_torch_is_missing(load_module, monkeypatch, name):
+    test_class = getattr(load_module(name), f"{name}Test")
+    monkeypatch.setitem(sys.modules, "torch", None)  # as in a Slicer where torch was never installed
+    # CTest: slicer.testing.runUnitTest loads the module's TestCase classes and runs them with unittest
+    result = unittest.TestResult()
+    unittest.TestLoader().loadTestsFromTestCase(test_class).run(result)
+    assert result.testsRun >= 1 and len(result.skipped) == result.testsRun and result.wasSuccessful()
+    for _, reason in result.skipped:
+        assert "self-test skipped: the Python packages torch are not installed in Slicer's Python" in reason
+    # "Reload and Test" calls runTest(): it says why and returns instead of failing
+    case = test_class()
+    shown = []
+    case.delayDisplay = lambda message, msec=100: shown.append(message)
+    case.runTest()
+    assert len(shown) == 1 and "torch" in shown[0] and "skipped" in shown[0]
+
+
+@pytest.mark.parametrize("name", MODULE_NAMES)
+def test_self_test_runs_when_its_packages_are_installed(load_module, name):
+    from DeepSegReconCommon import SelfTest
+
+    test_class = getattr(load_module(name), f"{name}Test")
+    assert SelfTest.skipReason(name) is None  # this environment has every package the worker needs
+    slicer.mrmlScene.AddNode(slicer.vtkMRMLScalarVolumeNode())
+    test_class().setUp()  # no skip: it goes on to clear the scene for the real case
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+
+
+def test_skip_reason_names_every_missing_package():
+    from DeepSegReconCommon import SelfTest
+
+    assert sorted(SelfTest.SELF_TEST_IMPORTS) == sorted(MODULE_NAMES)
+    missing = {"torch", "diffdrr", "kornia"}
+    find = lambda name: None if name in missing else importlib.util.find_spec(name)  # noqa: E731
+    assert SelfTest.missingImports(SelfTest.SELF_TEST_IMPORTS["RegisterXray"], find) == ["torch", "diffdrr", "kornia"]
+    reason = SelfTest.skipReason("RegisterXray", "Register X-ray", find)
+    assert reason.startswith("Register X-ray self-test skipped: the Python packages torch, diffdrr, kornia are not")
+    assert SelfTest.skipReason("SegmentTeeth", findSpec=find).startswith("SegmentTeeth self-test skipped")
+    with pytest.raises(unittest.SkipTest, match="torch"):
+        SelfTest.skipIfMissing("SegmentBrainTumor", findSpec=find)

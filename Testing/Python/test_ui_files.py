@@ -22,7 +22,7 @@ UI_DIR = ROOT / "Resources" / "UI"
 ICON_DIR = ROOT / "Resources" / "Icons"
 MODULES_DIR = ROOT / "DeepSegRecon"
 COMMON_DIR = MODULES_DIR / "DeepSegReconCommon"
-CATEGORY = "DeepSegRecon"
+CATEGORY = "Segmentation.DeepSegRecon"  # the modules sit in the "DeepSegRecon" sub-menu of "Segmentation"
 
 # Slicer and CTK widget classes a module .ui may use: {class: (signals, slots)} with the signatures of the real
 # classes (only those a .ui may connect need listing). A declared class outside this table fails the test,
@@ -435,7 +435,7 @@ def _cmake_list(text: str, var: str) -> list:
 def test_top_level_cmake_is_a_slicer_extension():
     text = _cmake(ROOT / "CMakeLists.txt")
     for pattern in (r"cmake_minimum_required\(VERSION", r"project\(DeepSegRecon\)",
-                    r"set\(EXTENSION_HOMEPAGE\s+\"\S+\"", r"set\(EXTENSION_CATEGORY\s+\"DeepSegRecon\"\)",
+                    r"set\(EXTENSION_HOMEPAGE\s+\"\S+\"", r"set\(EXTENSION_CATEGORY\s+\"Segmentation\"\)",
                     r"set\(EXTENSION_CONTRIBUTORS\s+\"", r"set\(EXTENSION_DESCRIPTION\s+\"",
                     r"set\(EXTENSION_ICONURL\s+\"\S+\.png\"", r"set\(EXTENSION_SCREENSHOTURLS\s+\"",
                     r"set\(EXTENSION_DEPENDS\s+\"NA\"\)", r"find_package\(Slicer REQUIRED\)",

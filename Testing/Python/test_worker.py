@@ -3,13 +3,15 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 
 import numpy as np
 import pytest
 
-from deepsegrecon import worker
+from deepsegrecon import processes, worker
 from deepsegrecon.errors import Cancelled, DeepSegReconError, InputError
 from deepsegrecon.image import Image
 from deepsegrecon.task import CancelToken
@@ -43,6 +45,30 @@ PLUGIN = textwrap.dedent('''
             ctx.step("sleeping", 1.0)
             img = images["image"]
             return VolumeResult({"doubled": img.with_array(img.array * 2)}, report={"steps": n})
+
+
+    @register
+    class TreeTask(Task):
+        """Starts a child that starts a grandchild which ignores SIGTERM, then waits in one long step."""
+        name = "test_tree"
+        inputs = (InputSpec("image"),)
+        result_kind = "volume"
+        uses_device = False
+
+        def run(self, images, params, ctx):
+            import json, os, subprocess, sys
+            from pathlib import Path
+
+            grandchild = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                          "print('ready', flush=True); time.sleep(120)")
+            child = ("import subprocess, sys, time; "
+                     f"p = subprocess.Popen([sys.executable, '-c', {grandchild!r}], stdout=subprocess.PIPE, text=True); "
+                     "p.stdout.readline(); print(p.pid, flush=True); time.sleep(120)")
+            proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+            pids = [os.getpid(), proc.pid, int(proc.stdout.readline())]
+            Path(params["pids_file"]).write_text(json.dumps(pids))
+            ctx.step("sleeping", 0.5, "a child and a grandchild are running")
+            time.sleep(60)  # never sees the cancel flag
 ''')
 
 
@@ -253,3 +279,118 @@ def test_progress_reporter_weights_stages():
     assert [e["fraction"] for e in events] == [0.1, 0.5, 0.5, 1.0]
     assert worker.format_progress({"fraction": 0.42, "stage": "segment", "eta_s": 75, "message": ""}) == \
         " 42% segment  ETA 1 min 15 s"
+
+
+
+# ------------------------------------------------------------------------------ process control on every OS
+def test_popen_options_per_platform():
+    assert processes.popen_options("win32") == {"creationflags": 0x08000000}  # CREATE_NO_WINDOW: no console
+    assert getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000) == processes.CREATE_NO_WINDOW
+    for platform in ("linux", "darwin"):
+        assert processes.popen_options(platform) == {"start_new_session": True}
+
+
+@pytest.mark.parametrize("platform", ["win32", "linux"])
+def test_start_job_arguments_per_platform(tmp_path, image, monkeypatch, platform):
+    """What start_job hands to Popen: on Windows no session argument (POSIX only) and no console window; on every
+    platform the id of this process, which the worker watches."""
+    calls = []
+
+    class Recorder:
+        pid = 12345
+
+        def __init__(self, args, **kwargs):
+            calls.append((args, kwargs))
+
+    job = worker.create_job("test_sleep", {"image": image}, {}, job_root=tmp_path)
+    monkeypatch.setattr(worker.subprocess, "Popen", Recorder)
+    handle = worker.start_job(job, python="PythonSlicer.exe", platform=platform)
+    (args, kwargs), = calls
+    assert args == ["PythonSlicer.exe", "-m", "deepsegrecon.worker", str(job)]
+    if platform == "win32":
+        assert kwargs["creationflags"] == processes.CREATE_NO_WINDOW and "start_new_session" not in kwargs
+    else:
+        assert kwargs["start_new_session"] is True and "creationflags" not in kwargs
+    assert kwargs["env"][worker.PARENT_PID_ENV] == str(os.getpid())
+    assert kwargs["stdin"] is subprocess.DEVNULL and kwargs["cwd"] == str(job)
+    assert handle.platform == platform
+
+
+def _gone(pid, timeout=5.0):
+    end = time.monotonic() + timeout
+    while processes.pid_alive(pid) and time.monotonic() < end:
+        time.sleep(0.05)
+    return not processes.pid_alive(pid)
+
+
+@pytest.mark.parametrize("platform", ["linux", "win32"])
+def test_cancel_stops_the_whole_process_tree(tmp_path, image, plugin_env, monkeypatch, platform):
+    """A real tree (worker -> child -> grandchild that ignores SIGTERM) whose task never sees the cancel flag.
+    The "win32" branch runs without os.killpg (as on Windows): psutil alone must stop every process."""
+    killpg_calls = []
+    if platform == "win32":
+        monkeypatch.delattr(os, "killpg")
+    else:
+        real_killpg = os.killpg
+        monkeypatch.setattr(os, "killpg", lambda pid, sig: (killpg_calls.append((pid, sig)), real_killpg(pid, sig)))
+    pids_file = tmp_path / "pids.json"
+    job = worker.create_job("test_tree", {"image": image}, {"pids_file": str(pids_file)}, job_root=tmp_path / "jobs",
+                            plugins=["dsr_test_tasks"])
+    h = worker.start_job(job, env=plugin_env)
+    h.platform = platform  # how the handle stops it; the process itself was started the POSIX way (Popen refuses
+    #                         Windows creation flags here)
+    _wait_for_progress(h)
+    pids = json.loads(pids_file.read_text())
+    assert pids[0] == h.pid and all(processes.pid_alive(p) for p in pids)
+    t0 = time.monotonic()
+    status = h.cancel(grace=0.3)
+    assert time.monotonic() - t0 < 2.5
+    assert status.state == "cancelled" and status.error_type == "Cancelled", (h.job_dir / "worker.log").read_text()
+    assert all(_gone(p) for p in pids), [p for p in pids if processes.pid_alive(p)]
+    assert killpg_calls == ([] if platform == "win32" else [(h.pid, signal.SIGKILL)])
+    h.cleanup()
+
+
+def test_cancelled_is_reported_whatever_the_exit_code(tmp_path, image, plugin_env):
+    """On Windows a terminated process exits with a positive code (no signal): still "cancelled", not "failed"."""
+    root, h = _start(tmp_path, image, plugin_env, steps=2, dt=30)
+    _wait_for_progress(h)
+    h.cancel_requested = True
+    h.process.kill()  # stopped before it could write its final line
+    h.process.wait(5)
+    h.process.returncode = 1  # TerminateProcess's exit code
+    status = h.poll()
+    assert status.state == "cancelled" and status.error == "cancelled (the worker was stopped)"
+    h.cleanup()
+
+
+@pytest.mark.skipif(sys.platform.startswith("win"), reason="kills the parent with SIGKILL")
+def test_worker_cancels_its_job_when_the_application_dies(tmp_path, image, plugin_env):
+    """A crashed Slicer must not leave a job (e.g. a fine-tune) running for its whole budget."""
+    job = worker.create_job("test_sleep", {"image": image}, {"steps": 2000, "dt": 0.05}, job_root=tmp_path / "jobs",
+                            plugins=["dsr_test_tasks"])
+    app = textwrap.dedent("""
+        import sys, time
+        from deepsegrecon import worker
+        print(worker.start_job(sys.argv[1]).pid, flush=True)
+        time.sleep(120)
+    """)
+    engine = str(worker.Path(worker.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([engine, plugin_env["PYTHONPATH"]])}
+    parent = subprocess.Popen([sys.executable, "-c", app, str(job)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        worker_pid = int(parent.stdout.readline())
+        end = time.monotonic() + 30
+        progress = job / "progress.jsonl"
+        while not (progress.exists() and "sleeping" in progress.read_text()) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert processes.pid_alive(worker_pid)
+        os.kill(parent.pid, signal.SIGKILL)  # the application crashes
+        parent.wait(5)
+        assert _gone(worker_pid, timeout=8), "the worker outlived the application that started it"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    last = _lines(job)[-1]
+    assert last["state"] == "cancelled" and last["exit_code"] == 4
+    assert "has ended: cancelling" in (job / "worker.log").read_text()

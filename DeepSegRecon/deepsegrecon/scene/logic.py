@@ -147,12 +147,13 @@ class TaskLogic:
         handle.cleanup()
 
     def cancel(self) -> None:
-        """Stop the worker (flag file, SIGTERM, SIGKILL: within 2 s) and remove the job folder."""
+        """Stop the worker and every process it started (flag file, terminate, kill: within 2 s, on every OS) and
+        remove the job folder."""
         handle = self._handle
         if handle is None:
             return
         try:
-            handle.cancel(grace=0.8)  # flag file, then SIGTERM, then SIGKILL: under 2 s in all
+            handle.cancel(grace=0.8)  # flag file, then terminate the process tree, then kill: under 2 s in all
         finally:
             self._finish(handle)
         self._status = {**self._status, "state": "cancelled", "error": "cancelled by the user",

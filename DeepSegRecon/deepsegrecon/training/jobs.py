@@ -214,13 +214,9 @@ def _json_clean(o):
 
 # --------------------------------------------------------------------------------------------------- work dir
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    from ..processes import pid_alive  # psutil: os.kill(pid, 0) would send CTRL_C_EVENT on Windows
+
+    return pid_alive(pid)
 
 
 def clean_stale_work_dirs(root=None) -> list:
