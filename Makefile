@@ -8,7 +8,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 DEMO_OUT ?= demo-output
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench lock weights clean
+.PHONY: venv demo test test-data bench check-platforms lock weights clean
 
 venv: $(VENV)/.installed
 
@@ -25,11 +25,36 @@ demo: venv
 	$(VENV)/bin/deepsegrecon teeth Resources/Data/demo_cbct.nrrd -o $(DEMO_OUT) --mrb
 	@ls -1 $(DEMO_OUT)
 
-test: venv
+test: venv test-data
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Debian's invesalius-examples ships Cranium.inv3, the real head CT of the teeth-on-real-anatomy tests and the
+# teeth_real_cranium benchmark. Installed when it is missing and apt-get can run as root; never fails the build
+# (the tests that need it are skipped and say why). --path-include: images that drop /usr/share/doc keep it.
+CRANIUM ?= /usr/share/doc/invesalius-examples/examples/Cranium.inv3
+APT_GET ?= apt-get
+APT_INSTALL = DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends \
+	-o 'DPkg::Options::=--path-include=/usr/share/doc/invesalius-examples/*' invesalius-examples
+test-data:
+	@if [ ! -f "$(CRANIUM)" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v $(firstword $(APT_GET)) >/dev/null 2>&1; then \
+			echo "installing Debian's invesalius-examples (Cranium.inv3, a real head CT for the teeth tests)"; \
+			{ $(APT_INSTALL) >/dev/null 2>&1 || { $(APT_GET) update -qq >/dev/null 2>&1 && \
+				$(APT_INSTALL) >/dev/null 2>&1; }; } || \
+				echo "could not install invesalius-examples: the tests that need Cranium.inv3 will be skipped"; \
+		else \
+			echo "$(CRANIUM) is missing (apt-get install invesalius-examples as root): the tests that need it" \
+				"will be skipped"; \
+		fi; \
+	fi
 
 bench: venv
 	$(PY) Testing/Benchmarks/run_benchmarks.py --out bench-results
+
+# Does every module's Python package list (DeepSegReconCommon/Dependencies.py, from the lock) install from wheels on
+# Slicer 5.10's Python 3.12 for Linux, Windows and macOS arm64? Needs the package index; make test runs it too.
+check-platforms: venv
+	UV="$(UV)" $(PY) Testing/Python/platform_check.py
 
 # Re-pin requirements.lock from requirements.in.
 lock:

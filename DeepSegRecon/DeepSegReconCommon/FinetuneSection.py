@@ -5,12 +5,13 @@ logic method, and a QTimer calls ``poll()`` while a fine-tuning job runs. A modu
 
     self.finetuneSection = FinetuneSection(trainingLogic, caseInputs=self.caseInputs,
                                            device=self.currentDevice,
-                                           onModelChange=self.onModelChange)
+                                           onModelChange=self.onModelChange, moduleName=self.moduleName)
     self.finetuneSection.setup(someLayout)
 
 ``caseInputs()`` returns ``({modality: volume node}, corrected segmentation node)``: what "Add to training set"
 saves. ``onModelChange(activeVersion)`` is called when the installed or the active model versions change (a
 fine-tune succeeded, "Use this version" was clicked), so the module can update its own model selector.
+``moduleName``: whose Python packages "Fine-tune" installs first, after asking (``DeepSegReconCommon.Dependencies``).
 The module calls ``cleanup()`` from its own cleanup and ``onSceneStartClose()`` when the scene closes.
 """
 
@@ -20,6 +21,7 @@ import os
 import qt
 import slicer
 
+from DeepSegReconCommon import Dependencies
 from DeepSegReconCommon.TaskWidget import FINAL_STATES, findResource, formatEta  # noqa: F401 (formatEta: re-export)
 
 POLL_INTERVAL_MS = 500
@@ -56,8 +58,9 @@ def describeProgress(status):
 class FinetuneSection:
     """Collapsible "Improve the model" section: training set, fine-tuning with progress, model versions."""
 
-    def __init__(self, logic, caseInputs, device=None, onModelChange=None):
+    def __init__(self, logic, caseInputs, device=None, onModelChange=None, moduleName=None):
         self.logic = logic
+        self.moduleName = moduleName
         self.caseInputs = caseInputs
         self.device = device or (lambda: "auto")
         self.onModelChange = onModelChange
@@ -134,9 +137,10 @@ class FinetuneSection:
 
     def updateButtons(self, *args):
         running = self._running
+        installing = Dependencies.installing()
         hasCases = getattr(self, "_caseCount", 0) > 0
         self.ui.addCaseButton.enabled = not running
-        self.ui.finetuneButton.enabled = hasCases and not running
+        self.ui.finetuneButton.enabled = hasCases and not running and not installing
         self.ui.finetuneButton.toolTip = ("Fine-tune the model version in use on the training set." if hasCases
                                           else "Add corrected cases to the training set first.")
         self.ui.finetuneCancelButton.enabled = running
@@ -152,7 +156,10 @@ class FinetuneSection:
         self.refresh()
 
     def onFinetuneButton(self):
-        if self._running:
+        if self._running or Dependencies.installing():
+            return
+        if self.moduleName and not Dependencies.ensureInstalled(self.moduleName, "Fine-tuning",
+                                                                onBusyChange=self.updateButtons):
             return
         with slicer.util.tryWithErrorDisplay("Fine-tuning could not start.", waitCursor=True):
             version = self.logic.start_finetune(None, None, minutes=self.ui.budgetSpinBox.value, device=self.device())

@@ -45,7 +45,8 @@ def skipReason(moduleName, title=None, findSpec=None):
     if not missing:
         return None
     return (f"{title or moduleName} self-test skipped: the Python packages {', '.join(missing)} are not installed in "
-            f"Slicer's Python. Open the {title or moduleName} module once to install them, then run the test again.")
+            f"Slicer's Python. Install them from Slicer's Python console with: from DeepSegReconCommon import "
+            f"Dependencies; Dependencies.ensureInstalled({moduleName!r}, selfTest=True). Then run the test again.")
 
 
 def skipIfMissing(moduleName, title=None, findSpec=None):

@@ -10,7 +10,9 @@ derives from ``TaskWidgetMixin`` first, sets ``taskTitle``, calls ``setUpPolling
             self.showRunStatus(self.logic.poll())
 
 and ``onRunSucceeded()`` shows the result. The widget has ``self.logic``, ``self.ui.progressBar``,
-``self.ui.etaLabel``, ``self.ui.statusLabel`` and ``updateButtons()``.
+``self.ui.etaLabel``, ``self.ui.statusLabel`` and ``updateButtons()``. Its start button's slot begins with
+``if self.busy or not self.ensureDependencies(): return`` (the module's Python packages, installed after asking),
+and ``updateButtons()`` disables the start buttons while ``self.busy``.
 """
 
 import contextlib
@@ -22,6 +24,8 @@ import tempfile
 
 import qt
 import slicer
+
+from DeepSegReconCommon import Dependencies
 
 POLL_INTERVAL_MS = 200
 FINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -107,6 +111,26 @@ class TaskWidgetMixin:
     logic = None
     _pollTimer = None
     _running = False
+
+    @property
+    def busy(self):
+        """A job runs or Python packages are being installed: the start buttons are disabled."""
+        return self._running or Dependencies.installing()
+
+    def ensureDependencies(self):
+        """True when the module's Python packages are installed, after asking and installing what is missing."""
+        return Dependencies.ensureInstalled(self.moduleName, self.taskTitle, onBusyChange=self.updateButtons)
+
+    def showMissingPackages(self, buttonText):
+        """Say in the status label which packages the first run will install."""
+        try:
+            missing = Dependencies.Plan(self.moduleName).missing
+        except Exception as e:  # a missing lock file must not break the panel; the run says it again
+            logging.warning(f"{self.taskTitle}: cannot tell which Python packages are needed: {e}")
+            return
+        if missing:
+            self.ui.statusLabel.text = (f"Python packages needed, not installed yet: {', '.join(missing)}. "
+                                        f"Click {buttonText} to install them.")
 
     def panelUIPath(self, relativePath):
         """The module's .ui: beside the module (built extension), else the shared Resources (source tree)."""

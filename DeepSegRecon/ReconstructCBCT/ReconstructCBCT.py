@@ -120,14 +120,16 @@ class ReconstructCBCTWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKOb
             self.ui.modelComboBox.addItem(version)
         if not versions:
             self.ui.statusLabel.text = "No cbct-recon model is installed (see 'deepsegrecon models')."
+        else:
+            self.showMissingPackages("Reconstruct")
         self.updateButtons()
 
     def updateButtons(self, *args):
         simulate = self.ui.simulateRadioButton.checked
         self.ui.viewsSpinBox.enabled = simulate
         self.ui.projectionFolderButton.enabled = not simulate
-        self.ui.loadProjectionsButton.enabled = not simulate and not self._running
-        self.ui.applyButton.enabled = self.ui.inputVolumeSelector.currentNode() is not None and not self._running
+        self.ui.loadProjectionsButton.enabled = not simulate and not self.busy
+        self.ui.applyButton.enabled = self.ui.inputVolumeSelector.currentNode() is not None and not self.busy
         self.ui.cancelButton.enabled = self._running
 
     # ----------------------------------------------------------------------------------------- buttons
@@ -138,7 +140,7 @@ class ReconstructCBCTWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKOb
             self.ui.statusLabel.text = f"Loaded {len(geometry['angles_deg'])} projections with their geometry."
 
     def onApplyButton(self):
-        if self._running:
+        if self.busy or not self.ensureDependencies():
             return
         params = {"device": self.ui.deviceComboBox.currentText, "refine_iters": self.ui.refineSpinBox.value}
         if self.ui.modelComboBox.currentText not in ("", AUTO_MODEL):

@@ -34,6 +34,7 @@ _setUpEngine()
 
 try:
     from deepsegrecon.scene.xray import RegisterXrayLogic as SceneRegisterXrayLogic
+    from DeepSegReconCommon import Dependencies
     from DeepSegReconCommon.SelfTest import skipIfMissing, skipReason
     from DeepSegReconCommon.TaskWidget import (
         FINAL_STATES,
@@ -103,6 +104,7 @@ class RegisterXrayWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObser
         self.ui.xrayVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onXrayChanged)
         self.ui.ctVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
         self.updateButtons()
+        self.showMissingPackages("Register")
 
     def cleanup(self):
         if self._pollTimer:
@@ -130,7 +132,7 @@ class RegisterXrayWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObser
         running = bool(self.logic and self.logic.running)
         ready = self.ui.ctVolumeSelector.currentNode() is not None and \
             self.ui.xrayVolumeSelector.currentNode() is not None
-        self.ui.registerButton.enabled = ready and not running
+        self.ui.registerButton.enabled = ready and not running and not Dependencies.installing()
         self.ui.cancelButton.enabled = running
 
     def parameters(self):
@@ -147,6 +149,8 @@ class RegisterXrayWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObser
         return params
 
     def onRegisterButton(self):
+        if (self.logic and self.logic.running) or not self.ensureDependencies():
+            return
         try:
             self.logic.register(self.ui.ctVolumeSelector.currentNode(), self.ui.xrayVolumeSelector.currentNode(),
                                 self.parameters())

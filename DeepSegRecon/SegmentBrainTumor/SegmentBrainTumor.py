@@ -109,9 +109,10 @@ class SegmentBrainTumorWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTK
         self.fillModelComboBox()
         self.finetuneSection = FinetuneSection(self.trainingLogic, caseInputs=self.caseInputs,
                                                device=lambda: self.ui.deviceComboBox.currentText,
-                                               onModelChange=self.onModelChange)
+                                               onModelChange=self.onModelChange, moduleName=self.moduleName)
         self.finetuneSection.setup(self.ui.finetuneSectionPlaceholder.layout())
         self.updateButtons()
+        self.showMissingPackages("Segment Tumour")
 
     def _selectors(self):
         return {"t1": self.ui.t1Selector, "t1c": self.ui.t1cSelector, "t2": self.ui.t2Selector,
@@ -123,7 +124,7 @@ class SegmentBrainTumorWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTK
     def updateButtons(self, *args):
         chosen = self.selectedInputs()
         ready = chosen["t1c"] is not None and chosen["flair"] is not None
-        self.ui.applyButton.enabled = ready and not self._running
+        self.ui.applyButton.enabled = ready and not self.busy
         self.ui.applyButton.toolTip = ("Segment the tumour." if ready else "Choose at least the FLAIR and T1c volumes.")
         self.ui.cancelButton.enabled = self._running
 
@@ -139,7 +140,7 @@ class SegmentBrainTumorWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTK
         self.fillModelComboBox(select=activeVersion)
 
     def onApplyButton(self):
-        if self._running:
+        if self.busy or not self.ensureDependencies():
             return
         params = self.modelParams()
         with slicer.util.tryWithErrorDisplay("Segment Brain Tumour could not start.", waitCursor=True):

@@ -2,10 +2,12 @@
 
 Slicer module of the DeepSegRecon extension. Qt wiring only: every button calls one method of
 :class:`SegmentSlicesLogic` (the engine's headless ``deepsegrecon.scene.slices.SegmentSlicesLogic`` with Slicer's
-module-logic base). The work runs in a worker process (``PythonSlicer``); a QTimer polls it. Package install and
-the engine location are shared with Segment Teeth, the run wiring with every module (``DeepSegReconCommon.TaskWidget``).
+module-logic base). The work runs in a worker process (``PythonSlicer``); a QTimer polls it. The run wiring and the
+package install are shared with every module (``DeepSegReconCommon.TaskWidget``, ``DeepSegReconCommon.Dependencies``).
 """
 
+import os
+import sys
 
 import qt
 import slicer
@@ -17,7 +19,19 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from SegmentTeeth import missingPackages  # noqa: E402 (also sets up the engine path)
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def setUpEngine():
+    """Make ``import deepsegrecon`` and ``import DeepSegReconCommon`` work (installed extension or source tree)."""
+    for parent in (MODULE_DIR, os.path.dirname(MODULE_DIR)):
+        if os.path.isfile(os.path.join(parent, "deepsegrecon", "__init__.py")):
+            if parent not in sys.path:
+                sys.path.insert(0, parent)
+            break
+
+
+setUpEngine()
 
 from deepsegrecon.scene.slices import SegmentSlicesLogic as SceneSegmentSlicesLogic  # noqa: E402
 from DeepSegReconCommon.FinetuneSection import FinetuneSection  # noqa: E402
@@ -28,7 +42,10 @@ from DeepSegReconCommon.TaskWidget import (  # noqa: E402
     newTrainingLogic,
     pythonSlicerExecutable,
     setModuleIcon,
+    useBuiltinModels,
 )
+
+useBuiltinModels()
 
 OTHER_FILE = "Other file..."
 
@@ -38,7 +55,7 @@ class SegmentSlices(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "Segment Slices"
         self.parent.categories = ["Segmentation.DeepSegRecon"]
-        self.parent.dependencies = ["Segmentations", "SegmentTeeth"]
+        self.parent.dependencies = ["Segmentations"]
         self.parent.contributors = ["DeepSegRecon maintainers"]
         self.parent.helpText = """
 Segments a CT volume into one segment per organ of a label set (default: spleen, kidneys, gallbladder, liver,
@@ -97,11 +114,12 @@ class SegmentSlicesWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         self.fillModelComboBox()
         self.finetuneSection = FinetuneSection(self.trainingLogic, caseInputs=self.caseInputs,
                                                device=lambda: self.ui.deviceComboBox.currentText,
-                                               onModelChange=self.fillModelComboBox)
+                                               onModelChange=self.fillModelComboBox, moduleName=self.moduleName)
         self.finetuneSection.setup(self.ui.finetuneSectionPlaceholder.layout())
         if self.ui.inputVolumeSelector.currentNode() is None:
             self.ui.inputVolumeSelector.setCurrentNode(slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode"))
         self.updateButtons()
+        self.showMissingPackages("Segment Slices")
 
     def labelSet(self):
         """The label set chosen: a built-in name or the JSON file path."""
@@ -111,9 +129,9 @@ class SegmentSlicesWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
     def updateButtons(self, *args):
         hasInput = self.ui.inputVolumeSelector.currentNode() is not None
         self.ui.labelSetPathLineEdit.enabled = self.ui.labelSetComboBox.currentText == OTHER_FILE
-        self.ui.applyButton.enabled = hasInput and not self._running
+        self.ui.applyButton.enabled = hasInput and not self.busy
         self.ui.cancelButton.enabled = self._running
-        self.ui.compareButton.enabled = (not self._running and hasInput
+        self.ui.compareButton.enabled = (not self.busy and hasInput
                                          and self.ui.outputSegmentationSelector.currentNode() is not None
                                          and self.ui.referenceSelector.currentNode() is not None)
 
@@ -124,10 +142,7 @@ class SegmentSlicesWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         return {"image": self.ui.inputVolumeSelector.currentNode()}, self.ui.outputSegmentationSelector.currentNode()
 
     def onApplyButton(self):
-        if self._running:
-            return
-        if missingPackages():
-            slicer.util.errorDisplay("Python packages are missing: open Segment Teeth once to install them.")
+        if self.busy or not self.ensureDependencies():
             return
         params = {**self.modelParams(), "labels": self.labelSet(), "postprocess": self.ui.postprocessCheckBox.checked}
         with slicer.util.tryWithErrorDisplay("Segment Slices could not start.", waitCursor=True):
@@ -140,6 +155,8 @@ class SegmentSlicesWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         self.ui.statusLabel.text = "Cancelling..."
 
     def onCompareButton(self):
+        if self.busy or not self.ensureDependencies():  # the metrics run here, with torch and MONAI
+            return
         with slicer.util.tryWithErrorDisplay("Could not compare with the reference.", waitCursor=True):
             scores = self.logic.score(self.ui.outputSegmentationSelector.currentNode(),
                                       self.ui.referenceSelector.currentNode(),

@@ -9,8 +9,6 @@ The shared "Improve the model" section (``DeepSegReconCommon.FinetuneSection``, 
 model and switches model versions.
 """
 
-import importlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -29,22 +27,6 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-# Python packages the worker needs beyond what Slicer ships (numpy, SimpleITK, VTK), pinned like
-# requirements.in / requirements.lock. Import name -> pip requirement. torch is handled separately:
-# the CPU build from the PyTorch wheel index (on macOS the regular wheel, which includes MPS).
-TORCH_VERSION = "2.13.0"
-PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-PIP_REQUIREMENTS = {
-    "monai": "monai==1.6.1",
-    "nrrd": "pynrrd==1.1.3",
-    "skimage": "scikit-image==0.26.0",
-    "psutil": "psutil==7.2.2",
-    "slicerio": "slicerio==1.4.0",
-    "matplotlib": "matplotlib==3.11.2",
-}
-REQUIRED_IMPORTS = ("torch",) + tuple(PIP_REQUIREMENTS)
-
 
 # ------------------------------------------------------------------------------------- engine location
 def setUpEngine():
@@ -80,20 +62,6 @@ except ImportError as _error:
         f"beside {MODULE_DIR}): {_error}. Reinstall the DeepSegRecon extension.") from _error
 
 useBuiltinModels()
-
-
-# ------------------------------------------------------------------------------------ Python packages
-def missingPackages():
-    """Import names of the required packages that this Python (Slicer's) cannot import."""
-    importlib.invalidate_caches()
-    return [name for name in REQUIRED_IMPORTS if importlib.util.find_spec(name) is None]
-
-
-def torchRequirement():
-    """pip arguments for the pinned CPU build of torch."""
-    if sys.platform == "darwin":
-        return [f"torch=={TORCH_VERSION}"]
-    return [f"torch=={TORCH_VERSION}+cpu", "--extra-index-url", PYTORCH_CPU_INDEX]
 
 
 # ------------------------------------------------------------------------------------------ the module
@@ -181,17 +149,13 @@ class SegmentTeethWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObser
         self.fillModelComboBox()
         self.finetuneSection = FinetuneSection(self.trainingLogic, caseInputs=self.caseInputs,
                                                device=lambda: self.ui.deviceComboBox.currentText,
-                                               onModelChange=self.onModelChange)
+                                               onModelChange=self.onModelChange, moduleName=self.moduleName)
         self.finetuneSection.setup(self.ui.finetuneSectionPlaceholder.layout())
         if not self.ui.exportDirectoryButton.directory:
             self.ui.exportDirectoryButton.directory = qt.QDir.homePath()
         self.initializeParameterNode()
 
-        missing = missingPackages()
-        if missing:
-            self.ui.statusLabel.text = (
-                f"Python packages needed for segmentation are missing: {', '.join(missing)}. "
-                "Click Segment Teeth to install them.")
+        self.showMissingPackages("Segment Teeth")
 
     def enter(self):
         self.initializeParameterNode()
@@ -265,12 +229,12 @@ class SegmentTeethWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObser
     def updateButtons(self):
         hasInput = self.ui.inputVolumeSelector.currentNode() is not None
         hasSegmentation = self.ui.outputSegmentationSelector.currentNode() is not None
-        self.ui.applyButton.enabled = hasInput and not self._running
+        self.ui.applyButton.enabled = hasInput and not self.busy
         self.ui.applyButton.toolTip = ("Segment the teeth of the input volume." if hasInput
                                        else "Select an input volume first.")
         self.ui.cancelButton.enabled = self._running
-        self.ui.surfacesButton.enabled = hasSegmentation and not self._running
-        self.ui.exportButton.enabled = (hasSegmentation and not self._running
+        self.ui.surfacesButton.enabled = hasSegmentation and not self.busy
+        self.ui.exportButton.enabled = (hasSegmentation and not self.busy
                                         and bool(self.ui.exportDirectoryButton.directory))
 
     def fillModelComboBox(self, select=None):
@@ -324,9 +288,7 @@ class SegmentTeethWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObser
 
     # ----------------------------------------------------------------------------------------- buttons
     def onApplyButton(self):
-        if self._running:
-            return
-        if missingPackages() and not self.offerPackageInstall():
+        if self.busy or not self.ensureDependencies():
             return
         params = self.modelParams()
         with slicer.util.tryWithErrorDisplay("Segment Teeth could not start.", waitCursor=True):
@@ -367,29 +329,6 @@ class SegmentTeethWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObser
         if segNode is not None:
             self.ui.statusLabel.text = f"Done: {describeSegmentation(segNode, self.logic.result)}"
 
-    # -------------------------------------------------------------------------------- package install
-    def offerPackageInstall(self):
-        """Ask, then pip-install the missing packages into Slicer's Python; True when all are importable."""
-        missing = missingPackages()
-        if not missing:
-            return True
-        text = (f"Segment Teeth needs these Python packages, which are not installed in Slicer: {', '.join(missing)}."
-                "\n\nInstall them now? This downloads several hundred MB "
-                f"{'(PyTorch ' + TORCH_VERSION + ', CPU build) ' if 'torch' in missing else ''}"
-                "and can take several minutes, during which Slicer does not respond."
-                "\n\nFor NVIDIA GPUs, install PyTorch with the PyTorch extension (PyTorchUtils) instead, then retry.")
-        if not slicer.util.confirmOkCancelDisplay(text, windowTitle="Segment Teeth: install packages"):
-            self.ui.statusLabel.text = f"Cannot segment without: {', '.join(missing)}."
-            return False
-        self.ui.statusLabel.text = f"Installing {', '.join(missing)} (several minutes)..."
-        slicer.app.processEvents()
-        with slicer.util.tryWithErrorDisplay("Installing the Python packages failed.", waitCursor=True):
-            SegmentTeethLogic.installPackages(missing)
-        still = missingPackages()
-        self.ui.statusLabel.text = (f"Still missing: {', '.join(still)}." if still
-                                    else "Packages installed. Click Segment Teeth to start.")
-        return not still
-
 
 # ------------------------------------------------------------------------------------------- the logic
 class SegmentTeethLogic(SceneSegmentTeethLogic, ScriptedLoadableModuleLogic):
@@ -424,24 +363,6 @@ class SegmentTeethLogic(SceneSegmentTeethLogic, ScriptedLoadableModuleLogic):
             return []
         default = store.get(self.task_name).version
         return [default] + [e.version for e in entries if e.version != default]
-
-    @staticmethod
-    def installPackages(importNames):
-        """pip-install the packages behind ``importNames`` into Slicer's Python, keeping Slicer's numpy."""
-        import numpy
-
-        constraints = os.path.join(tempfile.mkdtemp(prefix="deepsegrecon-pip-"), "constraints.txt")
-        with open(constraints, "w") as f:
-            f.write(f"numpy=={numpy.__version__}\n")  # never replace the numpy Slicer is built against
-        try:
-            if "torch" in importNames:
-                slicer.util.pip_install(torchRequirement() + ["-c", constraints])
-            rest = [PIP_REQUIREMENTS[n] for n in importNames if n in PIP_REQUIREMENTS]
-            if rest:
-                slicer.util.pip_install(rest + ["-c", constraints])
-        finally:
-            shutil.rmtree(os.path.dirname(constraints), ignore_errors=True)
-        importlib.invalidate_caches()
 
 
 # --------------------------------------------------------------------------------------------- helpers

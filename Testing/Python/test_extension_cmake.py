@@ -24,6 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 LIB_DIR = "lib/Slicer-5.9/qt-scripted-modules"
+REQUIREMENT_FILES = ("requirements.lock", "requirements-nodeps.txt")
 
 SLICER_CONFIG = r"""
 set(Slicer_FOUND TRUE)
@@ -166,6 +167,8 @@ def expected_files() -> set:
         files.add(f"Resources/UI/{module}.ui")
         files.add(f"Resources/Icons/{module}.png")
     files.add("Resources/Icons/DeepSegRecon.png")
+    for name in REQUIREMENT_FILES:  # what DeepSegReconCommon/Dependencies.py reads inside Slicer
+        files.add(f"Resources/Requirements/{name}")
     engine = ROOT / "DeepSegRecon"
     for p in (engine / "deepsegrecon").rglob("*"):
         rel = p.relative_to(engine)
@@ -190,7 +193,9 @@ def test_extension_tree_has_modules_resources_and_engine(built, tree):
     missing = sorted(expected_files() - present)
     assert not missing, f"missing from the {tree} tree: {missing[:20]}"
     for rel in expected_files():  # copies, not something else
-        if rel.startswith("Resources/"):
+        if rel.startswith("Resources/Requirements/"):
+            src = ROOT / rel[len("Resources/Requirements/"):]
+        elif rel.startswith("Resources/"):
             src = ROOT / "Resources" / rel[len("Resources/"):]
         elif rel.startswith("deepsegrecon/"):
             src = ROOT / "DeepSegRecon" / rel
@@ -203,7 +208,7 @@ def test_slicer_registration(built):
     summary = dict(line.split("=", 1) for line in built["summary"].read_text().splitlines() if "=" in line)
     assert summary["name"] == "DeepSegRecon"
     assert summary["category"] == "Segmentation"
-    assert summary["depends"] == "NA"
+    assert summary["depends"] == "PyTorch"  # its PyTorchUtils installs the torch build that fits the computer
     assert sorted(summary["modules"].split(";")) == module_names()
     assert sorted(summary["generic_tests"].split(";")) == module_names()
     assert sorted(summary["unittests"].split(";")) == [f"{m}.py" for m in module_names()]
@@ -219,3 +224,19 @@ def test_installed_engine_imports_from_the_scripted_modules_folder(built):
                           cwd=str(base), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()).resolve().is_relative_to(base.resolve())
+
+
+def test_installed_dependency_manager_reads_the_installed_lock(built):
+    """Inside Slicer, DeepSegReconCommon/Dependencies.py finds the lock files installed beside it, and derives
+    every module's package list from them."""
+    base = built["install"]
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from DeepSegReconCommon import Dependencies as D; "
+            "print(D.requirementFile('requirements.lock')); print(D.requirementFile('requirements-nodeps.txt')); "
+            "print(sorted(r for m in D.MODULE_PACKAGES for r in sum(D.requirements(m), []))[:3])")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-I", "-c", code, str(base)], capture_output=True, text=True, env=env,
+                          cwd=str(base), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lock, nodeps, _ = proc.stdout.splitlines()
+    assert Path(lock) == base / "Resources" / "Requirements" / "requirements.lock"
+    assert Path(nodeps) == base / "Resources" / "Requirements" / "requirements-nodeps.txt"

@@ -194,45 +194,6 @@ def test_model_versions_lists_the_default_first(module, tmp_path):
     assert logic.model_versions() == ["v1", "v2"]
 
 
-def test_missing_packages_and_pinned_requirements(module, monkeypatch):
-    assert module.missingPackages() == []  # everything the worker needs is in this environment
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("torch", "monai") else real(name, *a))
-    assert module.missingPackages() == ["torch", "monai"]
-    req = module.torchRequirement()
-    if sys.platform == "darwin":
-        assert req == [f"torch=={module.TORCH_VERSION}"]
-    else:
-        assert req[0] == f"torch=={module.TORCH_VERSION}+cpu"
-        assert req[1:] == ["--extra-index-url", module.PYTORCH_CPU_INDEX]
-    # pinned like requirements.in
-    pins = dict(line.split("==", 1) for line in (ROOT / "requirements.in").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
-    assert pins["torch"].split("+")[0] == module.TORCH_VERSION
-    for spec in module.PIP_REQUIREMENTS.values():
-        name, version = spec.split("==")
-        if name in pins:
-            assert pins[name] == version, spec
-
-
-def test_install_packages_keeps_slicers_numpy(module, monkeypatch):
-    calls = []
-
-    def fake_pip_install(args):
-        constraints = args[args.index("-c") + 1]
-        calls.append((list(args), Path(constraints).read_text()))
-
-    monkeypatch.setattr(slicer.util, "pip_install", fake_pip_install, raising=False)
-    module.SegmentTeethLogic.installPackages(["torch", "monai", "nrrd"])
-    assert len(calls) == 2
-    (torch_args, constraints), (rest_args, _) = calls
-    assert torch_args[:len(module.torchRequirement())] == module.torchRequirement()
-    assert rest_args[:2] == ["monai==1.6.1", "pynrrd==1.1.3"]
-    assert constraints.strip() == f"numpy=={np.__version__}"
-    assert not Path(torch_args[torch_args.index("-c") + 1]).exists()  # the temporary constraints file is removed
-
-
 def test_eta_text(module):
     assert module.formatEta(None) == ""
     assert module.formatEta(7.4) == "about 7 s left"
@@ -246,9 +207,10 @@ MODULE_NAMES = ("SegmentTeeth", "SegmentSlices", "ReconstructCBCT", "RegisterXra
 
 @pytest.fixture
 def load_module(module, monkeypatch):
-    """Load DeepSegRecon/<name>/<name>.py with the stand-ins (``module`` set them up); SegmentTeeth is importable
-    by name, as in Slicer, for the module that imports it."""
-    monkeypatch.setitem(sys.modules, "SegmentTeeth", module)
+    """Load DeepSegRecon/<name>/<name>.py with the stand-ins (``module`` set them up). No other module is
+    importable by name: a module imports none of the others."""
+    for name in MODULE_NAMES:
+        monkeypatch.delitem(sys.modules, name, raising=False)
 
     def load(name):
         if name == "SegmentTeeth":

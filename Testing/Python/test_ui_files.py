@@ -438,7 +438,7 @@ def test_top_level_cmake_is_a_slicer_extension():
                     r"set\(EXTENSION_HOMEPAGE\s+\"\S+\"", r"set\(EXTENSION_CATEGORY\s+\"Segmentation\"\)",
                     r"set\(EXTENSION_CONTRIBUTORS\s+\"", r"set\(EXTENSION_DESCRIPTION\s+\"",
                     r"set\(EXTENSION_ICONURL\s+\"\S+\.png\"", r"set\(EXTENSION_SCREENSHOTURLS\s+\"",
-                    r"set\(EXTENSION_DEPENDS\s+\"NA\"\)", r"find_package\(Slicer REQUIRED\)",
+                    r"set\(EXTENSION_DEPENDS\s+\"PyTorch\"\)", r"find_package\(Slicer REQUIRED\)",
                     r"include\(\$\{Slicer_USE_FILE\}\)", r"add_subdirectory\(DeepSegRecon\)",
                     r"include\(\$\{Slicer_EXTENSION_GENERATE_CONFIG\}\)", r"include\(\$\{Slicer_EXTENSION_CPACK\}\)"):
         assert re.search(pattern, text), f"top-level CMakeLists.txt lacks {pattern}"
