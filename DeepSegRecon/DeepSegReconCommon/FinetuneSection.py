@@ -1,30 +1,35 @@
 """The "Improve the model" panel section, shared by every segmentation module.
 
 Qt wiring only, around :class:`deepsegrecon.scene.training.TrainingLogic` (``self.logic``): each button calls one
-logic method, and a QTimer calls ``poll()`` while a fine-tuning job runs. A module adds the section with::
+logic method; the panel's job controller (``DeepSegReconCommon.Jobs``, one timer for the panel) polls the
+fine-tuning job. ``TaskWidgetMixin.setUpPanel()`` adds the section to a module that has a training logic::
 
-    self.finetuneSection = FinetuneSection(trainingLogic, caseInputs=self.caseInputs,
-                                           device=self.currentDevice,
-                                           onModelChange=self.onModelChange, moduleName=self.moduleName)
+    self.finetuneSection = FinetuneSection(trainingLogic, self.jobs, caseInputs=self.caseInputs,
+                                           device=self.currentDevice, onModelChange=self.onModelChange,
+                                           moduleName=self.moduleName)
     self.finetuneSection.setup(someLayout)
 
 ``caseInputs()`` returns ``({modality: volume node}, corrected segmentation node)``: what "Add to training set"
 saves. ``onModelChange(activeVersion)`` is called when the installed or the active model versions change (a
 fine-tune succeeded, "Use this version" was clicked), so the module can update its own model selector.
 ``moduleName``: whose Python packages "Fine-tune" installs first, after asking (``DeepSegReconCommon.Dependencies``).
-The module calls ``cleanup()`` from its own cleanup and ``onSceneStartClose()`` when the scene closes.
+The section's reviewed region and time budget are kept in the module's parameter node
+(:meth:`FinetuneSection.setParameterNode`).
 """
 
 import logging
 import os
+import types
 
 import qt
 import slicer
 
 from DeepSegReconCommon import Dependencies
-from DeepSegReconCommon.TaskWidget import FINAL_STATES, findResource, formatEta  # noqa: F401 (formatEta: re-export)
+from DeepSegReconCommon.Jobs import formatEta  # noqa: F401 (re-export)
+from DeepSegReconCommon.Parameters import WidgetBinding, parameterNodeWrapper
+from DeepSegReconCommon.TaskWidget import findResource
 
-POLL_INTERVAL_MS = 500
+JOB = "finetune"  # the section's job in the panel's job controller
 UI_NAME = "FinetuneSection.ui"
 
 
@@ -55,29 +60,36 @@ def describeProgress(status):
     return ", ".join(parts)
 
 
+@parameterNodeWrapper
+class FinetuneParameters:
+    """The section's values, in the module's parameter node beside the module's own."""
+
+    finetuneRegion: slicer.vtkMRMLNode
+    finetuneMinutes: int = 10
+
+
 class FinetuneSection:
     """Collapsible "Improve the model" section: training set, fine-tuning with progress, model versions."""
 
-    def __init__(self, logic, caseInputs, device=None, onModelChange=None, moduleName=None):
+    def __init__(self, logic, jobs, caseInputs, device=None, onModelChange=None, moduleName=None):
         self.logic = logic
+        self.jobs = jobs
         self.moduleName = moduleName
         self.caseInputs = caseInputs
         self.device = device or (lambda: "auto")
         self.onModelChange = onModelChange
         self.widget = None
         self.ui = None
-        self._pollTimer = None
-        self._running = False
+        self.binding = None
 
     def setup(self, parentLayout):
         self.widget = slicer.util.loadUI(findSectionUI())
         parentLayout.addWidget(self.widget)
         self.ui = slicer.util.childWidgetVariables(self.widget)
         self.widget.setMRMLScene(self.logic.scene)
-
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(POLL_INTERVAL_MS)
-        self._pollTimer.connect("timeout()", self.onPollTimer)
+        self.view = types.SimpleNamespace(progressBar=self.ui.finetuneProgressBar, etaLabel=self.ui.finetuneEtaLabel,
+                                          statusLabel=self.ui.finetuneStatusLabel)
+        self.binding = WidgetBinding({"finetuneRegion": self.ui.roiSelector, "finetuneMinutes": self.ui.budgetSpinBox})
 
         self.ui.addCaseButton.connect("clicked(bool)", self.onAddCaseButton)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneButton)
@@ -86,20 +98,9 @@ class FinetuneSection:
         self.ui.versionComboBox.connect("currentIndexChanged(int)", self.updateButtons)
         self.refresh()
 
-    def cleanup(self):
-        if self._pollTimer is not None:
-            self._pollTimer.stop()
-        if self._running:
-            self.logic.cancel()  # never leave a training worker behind
-            self._running = False
-
-    def onSceneStartClose(self):
-        if self._running:
-            self._pollTimer.stop()
-            self.logic.cancel()
-            self._running = False
-            self.ui.finetuneStatusLabel.text = "Fine-tuning was cancelled: the scene was closed."
-        self.updateButtons()
+    def setParameterNode(self, parameterNode):
+        """Follow the module's parameter node (a vtkMRMLScriptedModuleNode; None: stop following)."""
+        self.binding.setParameters(FinetuneParameters(parameterNode) if parameterNode is not None else None)
 
     # ----------------------------------------------------------------------------------------- state
     def refresh(self, selectVersion=None):
@@ -136,7 +137,7 @@ class FinetuneSection:
         self.updateButtons()
 
     def updateButtons(self, *args):
-        running = self._running
+        running = self.jobs.running(JOB)
         installing = Dependencies.installing()
         hasCases = getattr(self, "_caseCount", 0) > 0
         self.ui.addCaseButton.enabled = not running
@@ -156,23 +157,22 @@ class FinetuneSection:
         self.refresh()
 
     def onFinetuneButton(self):
-        if self._running or Dependencies.installing():
+        if self.jobs.running(JOB) or Dependencies.installing():
             return
         if self.moduleName and not Dependencies.ensureInstalled(self.moduleName, "Fine-tuning",
                                                                 onBusyChange=self.updateButtons):
             return
         with slicer.util.tryWithErrorDisplay("Fine-tuning could not start.", waitCursor=True):
             version = self.logic.start_finetune(None, None, minutes=self.ui.budgetSpinBox.value, device=self.device())
-            self._running = True
-            self.ui.finetuneProgressBar.value = 0
-            self.ui.finetuneEtaLabel.text = ""
-            self.ui.finetuneStatusLabel.text = f"Fine-tuning into the new version {version}..."
+            self.jobs.started(JOB, self.logic, self.view, "Fine-tuning",
+                              f"Fine-tuning into the new version {version}...", describe=describeProgress,
+                              onSucceeded=self.onFinetuneSucceeded, onEnded=self.refresh,
+                              cancelledText="Fine-tuning cancelled; no model version was written.")
             self.showCurves()
-            self._pollTimer.start()
         self.updateButtons()
 
     def onCancelButton(self):
-        self.logic.cancel()  # the next timer tick reports the cancelled state
+        self.logic.cancel()  # the next timer tick shows the cancelled state
         self.ui.finetuneStatusLabel.text = "Cancelling..."
 
     def onUseVersionButton(self):
@@ -184,45 +184,13 @@ class FinetuneSection:
             self._notifyModelChange(active)
         self.refresh(selectVersion=version)
 
-    # --------------------------------------------------------------------------------------- polling
-    def onPollTimer(self):
-        try:
-            status = self.logic.poll()
-        except Exception as e:  # the timer must never keep firing on an error
-            logging.exception("DeepSegRecon: polling the training worker failed")
-            status = {"state": "failed", "error": f"{type(e).__name__}: {e}"}
-        state = status.get("state")
-        if state in FINAL_STATES or state == "idle":
-            self._finish(status)
-            return
-        self.ui.finetuneProgressBar.value = int(round(100 * float(status.get("fraction") or 0.0)))
-        self.ui.finetuneEtaLabel.text = formatEta(status.get("eta_s"))
-        self.ui.finetuneStatusLabel.text = describeProgress(status)
-
-    def _finish(self, status):
-        self._pollTimer.stop()
-        self._running = False
-        self.ui.finetuneEtaLabel.text = ""
-        state = status.get("state")
-        version = status.get("version")
-        if state == "succeeded":
-            self.ui.finetuneProgressBar.value = 100
-            dice = status.get("best_val_dice")
-            self.ui.finetuneStatusLabel.text = (
-                f"New model version {version}" + (f" (best validation Dice {dice:.3f})" if dice is not None else "")
+    def onFinetuneSucceeded(self, status):
+        """The job controller's end of a fine-tune: list the new version; the status line."""
+        version, dice = status.get("version"), status.get("best_val_dice")
+        self.refresh(selectVersion=version)
+        self._notifyModelChange(None)
+        return (f"New model version {version}" + (f" (best validation Dice {dice:.3f})" if dice is not None else "")
                 + ". Choose it below and click \"Use this version\" to segment with it.")
-            self.refresh(selectVersion=version)
-            self._notifyModelChange(None)
-            return
-        self.ui.finetuneProgressBar.value = 0
-        if state in ("cancelled", "idle"):
-            self.ui.finetuneStatusLabel.text = "Fine-tuning cancelled; no model version was written."
-        else:
-            error = status.get("error") or "unknown error"
-            self.ui.finetuneStatusLabel.text = f"Fine-tuning failed: {error}"
-            slicer.util.errorDisplay(f"Fine-tuning failed; no model version was written.\n\n{error}",
-                                     windowTitle="DeepSegRecon")
-        self.refresh()
 
     # --------------------------------------------------------------------------------------- helpers
     def _notifyModelChange(self, active):

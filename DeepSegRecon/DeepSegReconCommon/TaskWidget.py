@@ -1,21 +1,25 @@
-"""Wiring shared by the DeepSegRecon modules: resources, the worker interpreter, and the poll / cancel / progress /
-ETA loop around a worker job (:class:`TaskWidgetMixin`).
+"""The module skeleton shared by the five DeepSegRecon panels: resources, the worker interpreter, and
+:class:`TaskWidgetMixin` (parameter node, job controller, model list, weights import, "Improve the model").
 
-Qt wiring only: the work is done by the module's logic (the engine's headless scene logic). A module widget
-derives from ``TaskWidgetMixin`` first, sets ``taskTitle``, calls ``setUpPolling()`` in ``setup()`` and
-``startedRun(text)`` after its logic started a job; its timer slot is::
+Qt wiring only: the work is done by the module's logic (the engine's headless scene logic), and each button's slot
+makes one logic call, the one the tests make. A module widget derives from ``TaskWidgetMixin`` first and sets
+``taskTitle``, ``startButtonText`` and ``parameterWidgets`` ({parameter of its parameter node: ``self.ui`` widget
+name}); its ``setup()`` loads its .ui, makes ``self.logic`` (and ``self.trainingLogic`` for a segmentation module
+with an "Improve the model" section), connects its buttons and calls ``self.setUpPanel()``. Its start button's slot
+is::
 
-    def onPollTimer(self):
-        with self.pollErrors():
-            self.showRunStatus(self.logic.poll())
+    def onApplyButton(self):
+        if self.busy or not self.ensureDependencies():  # the module's Python packages, installed after asking
+            return
+        with slicer.util.tryWithErrorDisplay("... could not start.", waitCursor=True):
+            self.logic.start(...)
+            self.startedRun("Starting the ... worker...")
 
-and ``onRunSucceeded()`` shows the result. The widget has ``self.logic``, ``self.ui.progressBar``,
-``self.ui.etaLabel``, ``self.ui.statusLabel`` and ``updateButtons()``. Its start button's slot begins with
-``if self.busy or not self.ensureDependencies(): return`` (the module's Python packages, installed after asking),
-and ``updateButtons()`` disables the start buttons while ``self.busy``.
+and ``onRunSucceeded(status)`` shows the result. ``self.jobs`` (``DeepSegReconCommon.Jobs``, one QTimer)
+polls the run and the section's fine-tuning job, shows progress, ETA and errors, and cancels them when the scene
+closes or the panel goes away.
 """
 
-import contextlib
 import logging
 import os
 import shutil
@@ -26,9 +30,10 @@ import qt
 import slicer
 
 from DeepSegReconCommon import Dependencies
+from DeepSegReconCommon.Jobs import FINAL_STATES, POLL_INTERVAL_MS, JobController, formatEta  # noqa: F401
+from DeepSegReconCommon.Parameters import WidgetBinding
 
-POLL_INTERVAL_MS = 200
-FINAL_STATES = ("succeeded", "failed", "cancelled")
+RUN = "run"  # the module's own job in the job controller (the fine-tune section's is "finetune")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -82,6 +87,14 @@ def defaultJobRoot():
     return os.path.join(slicer.app.temporaryPath or tempfile.gettempdir(), "DeepSegRecon", "jobs")
 
 
+def sceneLogicArguments(scene=None, python=None, job_root=None, fallbackPython=None):
+    """(scene, python, job_root) of a module's scene logic: Slicer's scene, ``PythonSlicer`` and Slicer's
+    temporary folder unless given."""
+    return (scene if scene is not None else slicer.mrmlScene,
+            python or pythonSlicerExecutable(fallback=fallbackPython),
+            job_root if job_root is not None else defaultJobRoot())
+
+
 def newTrainingLogic(logic, training_root=None):
     """The "Improve the model" logic (training set, fine-tuning, model versions) of a segmentation logic's model."""
     from deepsegrecon.scene.training import TrainingLogic
@@ -90,38 +103,109 @@ def newTrainingLogic(logic, training_root=None):
                          job_root=logic.job_root, plugins=logic.plugins, env=logic.env)
 
 
-def formatEta(seconds):
-    if seconds is None:
-        return ""
-    seconds = int(round(float(seconds)))
-    if seconds < 60:
-        return f"about {seconds} s left"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"about {minutes} min {seconds:02d} s left"
-    hours, minutes = divmod(minutes, 60)
-    return f"about {hours} h {minutes:02d} min left"
+def _errorDisplay(text, title):
+    slicer.util.errorDisplay(text, windowTitle=title)
 
 
 class TaskWidgetMixin:
-    """A module panel that runs one worker job at a time: a QTimer polls it, the progress bar, ETA and status label
-    follow it, and a cancelled, failed or closed run leaves the scene as it was."""
+    """A module panel that runs one worker job at a time, keeps its values in a parameter node, lists and imports
+    model weights, and (segmentation modules) has the "Improve the model" section."""
 
-    taskTitle = ""  # e.g. "Segment Teeth": in logs and error dialogs
+    taskTitle = ""  # e.g. "Segment Teeth": in logs and dialogs
+    startButtonText = ""  # the start button, named in the "packages needed" hint
+    parameterWidgets = {}  # {parameter name: self.ui widget name}
+    autoModelText = None  # a first model-list entry that sends no version (the worker chooses)
     logic = None
-    _pollTimer = None
-    _running = False
+    trainingLogic = None
+    finetuneSection = None
+    importSection = None
+    jobs = None
+    binding = None
+    _timer = None
+    _fillingModels = False
 
+    # ------------------------------------------------------------------------------------------ set-up
+    def setUpPanel(self):
+        """After the module's ``self.ui`` and ``self.logic`` exist: job controller, parameter node, model list,
+        "Improve the model" (with ``self.trainingLogic``), "Model weights", scene observers."""
+        from DeepSegReconCommon.FinetuneSection import FinetuneSection
+        from DeepSegReconCommon.ModelImportSection import ModelImportSection
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self.jobs = JobController(self._timer, _errorDisplay)
+        self._timer.connect("timeout()", self.jobs.tick)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.binding = WidgetBinding({name: getattr(self.ui, widget) for name, widget in self.parameterWidgets.items()},
+                                     onChange=self.updateButtons)
+        if hasattr(self.ui, "modelComboBox"):
+            self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
+            self.fillModelComboBox()
+        if self.trainingLogic is not None:
+            self.finetuneSection = FinetuneSection(self.trainingLogic, self.jobs, caseInputs=self.caseInputs,
+                                                   device=self.currentDevice, onModelChange=self.fillModelComboBox,
+                                                   moduleName=self.moduleName)
+            self.finetuneSection.setup(self.ui.finetuneSectionPlaceholder.layout())
+        self.importSection = ModelImportSection(self.logic, onImported=self.onModelImported)
+        self.importSection.setup(self.layout)
+        self.initializeParameterNode()
+        self.showMissingPackages()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        self.setParameterNode(None)
+
+    def cleanup(self):
+        if self.jobs is not None:
+            self.jobs.cancelAll("the module was closed")  # never leave a worker process behind
+        self.setParameterNode(None)
+        self.removeObservers()
+
+    def onSceneStartClose(self, caller, event):
+        self.jobs.cancelAll("the scene was closed")
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        self.fillModelComboBox()  # the version chosen in the closed scene is gone with it
+        if self.finetuneSection is not None:
+            self.finetuneSection.refresh()
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # --------------------------------------------------------------------------------- parameter node
+    def initializeParameterNode(self):
+        """Show the module's parameter node; an empty ``inputVolume`` gets the scene's first volume."""
+        parameters = self.logic.getParameterNode()
+        if "inputVolume" in self.parameterWidgets and parameters.inputVolume is None:
+            parameters.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        self.setParameterNode(parameters)
+
+    def setParameterNode(self, parameters):
+        if self.binding is None:
+            return
+        self.binding.setParameters(parameters)
+        if self.finetuneSection is not None:
+            self.finetuneSection.setParameterNode(parameters.parameterNode if parameters is not None else None)
+        self.updateButtons()
+
+    # ------------------------------------------------------------------------------------------ state
     @property
     def busy(self):
         """A job runs or Python packages are being installed: the start buttons are disabled."""
-        return self._running or Dependencies.installing()
+        return self.running or Dependencies.installing()
+
+    @property
+    def running(self):
+        return self.jobs is not None and self.jobs.running(RUN)
 
     def ensureDependencies(self):
         """True when the module's Python packages are installed, after asking and installing what is missing."""
         return Dependencies.ensureInstalled(self.moduleName, self.taskTitle, onBusyChange=self.updateButtons)
 
-    def showMissingPackages(self, buttonText):
+    def showMissingPackages(self):
         """Say in the status label which packages the first run will install."""
         try:
             missing = Dependencies.Plan(self.moduleName).missing
@@ -130,113 +214,95 @@ class TaskWidgetMixin:
             return
         if missing:
             self.ui.statusLabel.text = (f"Python packages needed, not installed yet: {', '.join(missing)}. "
-                                        f"Click {buttonText} to install them.")
+                                        f"Click {self.startButtonText or self.taskTitle} to install them.")
 
     def panelUIPath(self, relativePath):
         """The module's .ui: beside the module (built extension), else the shared Resources (source tree)."""
         path = self.resourcePath(relativePath)
         return path if os.path.isfile(path) else findResource(relativePath)
 
-    def setUpPolling(self):
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(POLL_INTERVAL_MS)
-        self._pollTimer.connect("timeout()", self.onPollTimer)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+    def confirmOverwrite(self, node):
+        """True to go on: ``node`` is None (a new node) or empty, or the user agreed to replace its segments."""
+        if not self.logic.needs_overwrite_confirmation(node):
+            return True
+        return slicer.util.confirmYesNoDisplay(
+            f"The segmentation '{node.GetName()}' already has segments. Replace them with the result?\n\n"
+            "To keep them, choose No and select \"Create new segmentation\" as the output.",
+            windowTitle=self.taskTitle)
 
-    def cleanup(self):
-        if getattr(self, "finetuneSection", None) is not None:
-            self.finetuneSection.cleanup()
-        if self._pollTimer is not None:
-            self._pollTimer.stop()
-        if self.logic is not None and self._running:
-            self.logic.cancel()  # never leave a worker process behind
-        self.removeObservers()
-
-    def onSceneStartClose(self, caller, event):
-        if self._running:
-            self.logic.cancel()
-            self.finishRun({"state": "cancelled", "error": "the scene was closed"})
-        if getattr(self, "finetuneSection", None) is not None:
-            self.finetuneSection.onSceneStartClose()  # a running fine-tune stops with the scene
-
-    def listModelVersions(self, select=None, noModelText=""):
-        """Fill ``self.ui.modelComboBox`` with the logic's model versions (the default first) and select ``select``;
-        with none, a disabled "(no model installed)" entry and ``noModelText`` in the status label."""
+    # ------------------------------------------------------------------------------------------ models
+    def fillModelComboBox(self, select=None):
+        """The logic's model versions, the default first (after ``autoModelText``); selected: ``select``, else the
+        version chosen in the scene ("Use this version"), else the one shown before."""
+        if not hasattr(self.ui, "modelComboBox"):
+            return
         combo = self.ui.modelComboBox
+        current = combo.currentText if combo.count else None
         try:
             versions = self.logic.model_versions()
+            active = self.trainingLogic.active_version() if self.trainingLogic is not None else None
         except Exception as e:  # a broken store must not break the panel
             logging.warning(f"{self.taskTitle}: cannot list the model versions: {e}")
-            versions = []
-        combo.clear()
-        for version in versions:
-            combo.addItem(version)
-        combo.enabled = bool(versions)
-        if select and combo.findText(select) >= 0:
-            combo.currentIndex = combo.findText(select)
-        if not versions:
-            combo.addItem("(no model installed)")
-            self.ui.statusLabel.text = noModelText
+            versions, active = [], None
+        self._fillingModels = True
+        try:
+            combo.clear()
+            for text in ([self.autoModelText] if self.autoModelText and versions else []) + list(versions):
+                combo.addItem(text)
+            combo.enabled = bool(versions)
+            for text in (select, active, current):
+                if text and combo.findText(text) >= 0:
+                    combo.currentIndex = combo.findText(text)
+                    break
+            if not versions:
+                combo.addItem("(no model installed)")
+                self.ui.statusLabel.text = (f"No {self.logic.model_task} model is installed. Import one under "
+                                            "\"Model weights\" below.")
+        finally:
+            self._fillingModels = False
+
+    def onModelChosen(self, index=None):
+        """The version chosen in the model list is the one in use in this scene (the "Improve the model" section
+        shows it)."""
+        combo = self.ui.modelComboBox
+        version = combo.currentText
+        if self._fillingModels or self.trainingLogic is None or not combo.enabled or not version:
+            return
+        try:
+            if version != self.trainingLogic.active_version():
+                self.trainingLogic.set_active_version(version)
+        except Exception as e:
+            logging.warning(f"{self.taskTitle}: cannot choose the model version {version}: {e}")
+        if self.finetuneSection is not None:
+            self.finetuneSection.refresh()
+
+    def onModelImported(self, version):
+        """The weights import installed ``version``: list it, selected."""
+        self.fillModelComboBox(select=version)
+        if self.finetuneSection is not None:
+            self.finetuneSection.refresh()
+
+    def currentDevice(self):
+        return self.ui.deviceComboBox.currentText if hasattr(self.ui, "deviceComboBox") else "auto"
 
     def modelParams(self):
-        """Run parameters from the panel: ``device``, and ``model`` unless no model is installed."""
-        params = {"device": self.ui.deviceComboBox.currentText}
-        if self.ui.modelComboBox.enabled and self.ui.modelComboBox.currentText:
-            params["model"] = self.ui.modelComboBox.currentText
+        """Run parameters from the panel: ``device``, and ``model`` unless none is installed or chosen."""
+        params = {"device": self.currentDevice()}
+        combo = getattr(self.ui, "modelComboBox", None)
+        if combo is not None and combo.enabled and combo.currentText and combo.currentText != self.autoModelText:
+            params["model"] = combo.currentText
         return params
 
     # ------------------------------------------------------------------------------------------ the run
     def startedRun(self, statusText):
-        """The logic started a job: show it and poll it."""
-        self._running = True
-        self.ui.progressBar.value = 0
-        self.ui.etaLabel.text = ""
-        self.ui.statusLabel.text = statusText
+        """The logic started a job: the job controller shows and polls it."""
+        self.jobs.started(RUN, self.logic, self.ui, self.taskTitle, statusText, onSucceeded=self.onRunSucceeded,
+                          onEnded=self.updateButtons)
         self.updateButtons()
-        self._pollTimer.start()
 
-    @contextlib.contextmanager
-    def pollErrors(self):
-        """Around one timer tick: an error ends the run as failed (the timer must never keep firing on one)."""
-        try:
-            yield
-        except Exception as e:
-            logging.exception(f"{self.taskTitle}: polling the worker failed")
-            self.finishRun({"state": "failed", "error": f"{type(e).__name__}: {e}"})
-
-    def showRunStatus(self, status):
-        """Progress, ETA and status text of a running job; the end of the run when it is over."""
-        state = status.get("state")
-        if state in FINAL_STATES or state == "idle":  # idle: cancelled from elsewhere (scene close, cleanup)
-            self.finishRun(status if state != "idle" else {"state": "cancelled", "error": "cancelled"})
-            return
-        self.ui.progressBar.value = int(round(100 * float(status.get("fraction") or 0.0)))
-        self.ui.etaLabel.text = self.etaText(status.get("eta_s"))
-        self.ui.statusLabel.text = self.runStatusText(status)
-
-    def runStatusText(self, status):
-        return status.get("message") or status.get("stage") or "Running..."
-
-    def etaText(self, seconds):
-        return formatEta(seconds)
-
-    def finishRun(self, status):
-        self._pollTimer.stop()
-        self._running = False
-        self.ui.etaLabel.text = ""
-        state = status.get("state")
-        if state == "succeeded":
-            self.ui.progressBar.value = 100
-            self.ui.statusLabel.text = "Done."
-            self.onRunSucceeded()
-        elif state in ("cancelled", "idle"):
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = "Cancelled; the scene was left unchanged."
-        else:
-            error = status.get("error") or "unknown error"
-            self.ui.statusLabel.text = f"Failed: {error}"
-            slicer.util.errorDisplay(f"{self.taskTitle} failed:\n\n{error}", windowTitle=self.taskTitle)
-        self.updateButtons()
+    def onCancelButton(self):
+        self.logic.cancel()  # the next timer tick shows the cancelled state
+        self.ui.statusLabel.text = "Cancelling..."
 
     def showOutputSegmentation(self):
         """Select the run's segmentation node in ``self.ui.outputSegmentationSelector``; the node, or None."""
@@ -245,5 +311,12 @@ class TaskWidgetMixin:
             self.ui.outputSegmentationSelector.setCurrentNode(segNode)
         return segNode
 
-    def onRunSucceeded(self):
-        """Show the result of a finished run (the module's output nodes, a summary in the status label)."""
+    def caseInputs(self):
+        """What "Add to training set" saves: the input volume and the (corrected) output segmentation."""
+        return {"image": self.ui.inputVolumeSelector.currentNode()}, self.ui.outputSegmentationSelector.currentNode()
+
+    def onRunSucceeded(self, status):
+        """Show the result of a finished run (the module's output nodes); may return the status line."""
+
+    def updateButtons(self, *args):
+        """Enable the buttons that can be used now (``self.busy``: no second run)."""

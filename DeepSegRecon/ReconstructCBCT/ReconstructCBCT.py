@@ -3,10 +3,9 @@ FDK volume of the same projections, and PSNR/SSIM against a reference.
 
 Slicer module of the DeepSegRecon extension. Qt wiring only: every button calls one method of
 :class:`ReconstructCBCTLogic`, the engine's headless scene logic (``deepsegrecon.scene.cbct``) with Slicer's
-module-logic base. The work runs in a worker process (``PythonSlicer``); a QTimer polls it.
+module-logic base. The work runs in a worker process (``PythonSlicer``); the panel's job controller polls it.
 """
 
-import logging
 import os
 import sys
 
@@ -36,15 +35,9 @@ setUpEngine()
 
 try:
     from deepsegrecon.scene.cbct import ReconstructCBCTLogic as SceneReconstructCBCTLogic
+    from DeepSegReconCommon.Parameters import parameterNodeWrapper
     from DeepSegReconCommon.SelfTest import skipIfMissing, skipReason
-    from DeepSegReconCommon.TaskWidget import (  # noqa: F401 (findResource: for the tests)
-        TaskWidgetMixin,
-        defaultJobRoot,
-        findResource,
-        pythonSlicerExecutable,
-        setModuleIcon,
-        useBuiltinModels,
-    )
+    from DeepSegReconCommon.TaskWidget import TaskWidgetMixin, sceneLogicArguments, setModuleIcon, useBuiltinModels
 except ImportError as _error:
     raise ImportError(f"Reconstruct CBCT cannot import its engine ('deepsegrecon' and 'DeepSegReconCommon' beside "
                       f"{MODULE_DIR}): {_error}. Reinstall the DeepSegRecon extension.") from _error
@@ -84,16 +77,37 @@ MICCAI 2024. Built on 3D Slicer, PyTorch and MONAI.
         setModuleIcon(self.parent, "Icons/ReconstructCBCT.png")
 
 
+# ---------------------------------------------------------------------------------------- the parameters
+@parameterNodeWrapper
+class ReconstructCBCTParameterNode:
+    """The panel's values, saved with the scene."""
+
+    simulate: bool = True  # simulate projections from a CT, else
+    fromProjections: bool = False  # a projection stack loaded from its folder
+    inputVolume: slicer.vtkMRMLScalarVolumeNode
+    views: int = 10
+    reference: slicer.vtkMRMLScalarVolumeNode
+    projectionFolder: str = os.path.expanduser("~")
+    refineIterations: int = 4
+    device: str = "auto"
+
+
 # ------------------------------------------------------------------------------------------ the widget
 class ReconstructCBCTWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Qt wiring only: each button calls one logic method; a timer polls the running job."""
+    """Qt wiring only: each button calls one logic method; the panel's job controller polls the running job."""
 
     taskTitle = "Reconstruct CBCT"
+    startButtonText = "Reconstruct"
+    autoModelText = AUTO_MODEL  # the version trained for the job's view count, else the default
+    parameterWidgets = {"simulate": "simulateRadioButton", "fromProjections": "projectionsRadioButton",
+                        "inputVolume": "inputVolumeSelector",
+                        "views": "viewsSpinBox", "reference": "referenceSelector",
+                        "projectionFolder": "projectionFolderButton", "refineIterations": "refineSpinBox",
+                        "device": "deviceComboBox"}
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -102,27 +116,10 @@ class ReconstructCBCTWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKOb
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = ReconstructCBCTLogic()
-        self.setUpPolling()
-
-        self.ui.simulateRadioButton.connect("toggled(bool)", self.updateButtons)
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.loadProjectionsButton.connect("clicked(bool)", self.onLoadProjectionsButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
-        try:
-            versions = self.logic.model_versions()
-        except Exception as e:  # a broken store must not break the panel
-            logging.warning(f"Reconstruct CBCT: cannot list the model versions: {e}")
-            versions = []
-        if versions:  # first entry: the version trained for the job's view count, else the default
-            self.ui.modelComboBox.addItem(AUTO_MODEL)
-        for version in versions:
-            self.ui.modelComboBox.addItem(version)
-        if not versions:
-            self.ui.statusLabel.text = "No cbct-recon model is installed (see 'deepsegrecon models')."
-        else:
-            self.showMissingPackages("Reconstruct")
-        self.updateButtons()
+        self.setUpPanel()
 
     def updateButtons(self, *args):
         simulate = self.ui.simulateRadioButton.checked
@@ -130,7 +127,7 @@ class ReconstructCBCTWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKOb
         self.ui.projectionFolderButton.enabled = not simulate
         self.ui.loadProjectionsButton.enabled = not simulate and not self.busy
         self.ui.applyButton.enabled = self.ui.inputVolumeSelector.currentNode() is not None and not self.busy
-        self.ui.cancelButton.enabled = self._running
+        self.ui.cancelButton.enabled = self.running
 
     # ----------------------------------------------------------------------------------------- buttons
     def onLoadProjectionsButton(self):
@@ -142,33 +139,19 @@ class ReconstructCBCTWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKOb
     def onApplyButton(self):
         if self.busy or not self.ensureDependencies():
             return
-        params = {"device": self.ui.deviceComboBox.currentText, "refine_iters": self.ui.refineSpinBox.value}
-        if self.ui.modelComboBox.currentText not in ("", AUTO_MODEL):
-            params["model"] = self.ui.modelComboBox.currentText
+        params = {**self.modelParams(), "refine_iters": self.ui.refineSpinBox.value}
         with slicer.util.tryWithErrorDisplay("Reconstruct CBCT could not start.", waitCursor=True):
             self.logic.reconstruct(self.ui.inputVolumeSelector.currentNode(), self.ui.simulateRadioButton.checked,
                                    self.ui.viewsSpinBox.value, self.ui.referenceSelector.currentNode(), params)
             self.ui.metricsLabel.text = ""
             self.startedRun("Starting the reconstruction worker...")
 
-    def onCancelButton(self):
-        self.logic.cancel()
-        self.ui.statusLabel.text = "Cancelling..."
-
-    # ------------------------------------------------------------------------------------------ polling
-    def onPollTimer(self):
-        with self.pollErrors():
-            self.showRunStatus(self.logic.poll())
-
-    def etaText(self, seconds):
-        return "" if seconds is None else f"ETA {int(seconds)} s"
-
-    def onRunSucceeded(self):
-        self.ui.statusLabel.text = "Done: " + ", ".join(n.GetName() for n in self.logic.output_nodes)
+    def onRunSucceeded(self, status):
         self.ui.metricsLabel.text = describeMetrics(self.logic.result.report if self.logic.result else {})
         recon = next((n for n in self.logic.output_nodes if n.IsA("vtkMRMLScalarVolumeNode")), None)
         if recon is not None:
             slicer.util.setSliceViewerLayers(background=recon, fit=True)
+        return "Done: " + ", ".join(n.GetName() for n in self.logic.output_nodes)
 
 
 # ------------------------------------------------------------------------------------------- the logic
@@ -176,10 +159,11 @@ class ReconstructCBCTLogic(SceneReconstructCBCTLogic, ScriptedLoadableModuleLogi
     """The engine's scene logic with Slicer's module-logic base (scene logic first in the bases)."""
 
     def __init__(self, scene=None, python=None, job_root=None):
-        SceneReconstructCBCTLogic.__init__(self, scene if scene is not None else slicer.mrmlScene,
-                                           python=python or pythonSlicerExecutable(),
-                                           job_root=job_root if job_root is not None else defaultJobRoot())
+        SceneReconstructCBCTLogic.__init__(self, *sceneLogicArguments(scene, python, job_root))
         ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return ReconstructCBCTParameterNode(ScriptedLoadableModuleLogic.getParameterNode(self))
 
 
 def describeMetrics(report):

@@ -2,7 +2,7 @@
 
 Slicer module of the DeepSegRecon extension. Qt wiring only: every button calls one method of
 :class:`RegisterXrayLogic` (the engine's headless ``deepsegrecon.scene.xray.RegisterXrayLogic`` with Slicer's
-module-logic base). The work runs in a worker process (``PythonSlicer``); a QTimer polls it.
+module-logic base). The work runs in a worker process (``PythonSlicer``); the panel's job controller polls it.
 """
 
 import json
@@ -34,15 +34,9 @@ _setUpEngine()
 
 try:
     from deepsegrecon.scene.xray import RegisterXrayLogic as SceneRegisterXrayLogic
-    from DeepSegReconCommon import Dependencies
+    from DeepSegReconCommon.Parameters import parameterNodeWrapper
     from DeepSegReconCommon.SelfTest import skipIfMissing, skipReason
-    from DeepSegReconCommon.TaskWidget import (
-        FINAL_STATES,
-        TaskWidgetMixin,
-        defaultJobRoot,
-        pythonSlicerExecutable,
-        setModuleIcon,
-    )
+    from DeepSegReconCommon.TaskWidget import TaskWidgetMixin, sceneLogicArguments, setModuleIcon
 except ImportError as _error:
     raise ImportError(f"Register X-ray cannot import its engine (the 'deepsegrecon' and 'DeepSegReconCommon' packages "
                       f"beside {MODULE_DIR}): {_error}. Reinstall the DeepSegRecon extension.") from _error
@@ -79,16 +73,36 @@ Built on 3D Slicer, PyTorch, MONAI and DiffDRR (Gopalakrishnan and Golland); the
         setModuleIcon(self.parent, "Icons/RegisterXray.png")
 
 
+@parameterNodeWrapper
+class RegisterXrayParameterNode:
+    """The panel's values, saved with the scene."""
+
+    ctVolume: slicer.vtkMRMLScalarVolumeNode
+    xrayVolume: slicer.vtkMRMLScalarVolumeNode
+    sdd: float = 1020.0
+    pixelSpacing: float = 0.0
+    sid: float = 0.0
+    view: str = "AP"
+    values: str = "auto"
+    boneAttenuation: float = 1.0
+    trainMinutes: float = 10.0
+    initialPose: str = ""
+
+
 class RegisterXrayWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Qt wiring only: each button calls one logic method; a timer polls the running job. Its own poll loop: the
-    status label carries the ETA (the panel has no ETA label), and ``self.logic.running`` is the running state."""
+    """Qt wiring only: each button calls one logic method; the panel's job controller polls the running job."""
 
     taskTitle = "Register X-ray"
+    startButtonText = "Register"
+    # the X-ray before its geometry: choosing an X-ray fills SDD and spacing in, a saved scene's values come after
+    parameterWidgets = {"ctVolume": "ctVolumeSelector", "xrayVolume": "xrayVolumeSelector", "sdd": "sddSpinBox",
+                        "pixelSpacing": "pixelSpacingSpinBox", "sid": "sidSpinBox", "view": "viewComboBox",
+                        "values": "valuesComboBox", "boneAttenuation": "boneAttenuationSpinBox",
+                        "trainMinutes": "trainMinutesSpinBox", "initialPose": "initPosePathLineEdit"}
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
         self._xrayNode = None
 
     def setup(self):
@@ -98,24 +112,10 @@ class RegisterXrayWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObser
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = RegisterXrayLogic()
-        self.setUpPolling()
         self.ui.registerButton.connect("clicked(bool)", self.onRegisterButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.xrayVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onXrayChanged)
-        self.ui.ctVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
-        self.updateButtons()
-        self.showMissingPackages("Register")
-
-    def cleanup(self):
-        if self._pollTimer:
-            self._pollTimer.stop()
-        if self.logic and self.logic.running:
-            self.logic.cancel()
-        self.removeObservers()
-
-    def onSceneStartClose(self, caller, event):
-        if self.logic and self.logic.running:
-            self.logic.cancel()
+        self.setUpPanel()
 
     def onXrayChanged(self, node=None):
         """Show the spacing the X-ray node carries (the user corrects it where the file had none)."""
@@ -126,14 +126,12 @@ class RegisterXrayWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObser
             if sdd:
                 self.ui.sddSpinBox.value = float(sdd)
         self._xrayNode = node
-        self.updateButtons()
 
     def updateButtons(self, *args):
-        running = bool(self.logic and self.logic.running)
         ready = self.ui.ctVolumeSelector.currentNode() is not None and \
             self.ui.xrayVolumeSelector.currentNode() is not None
-        self.ui.registerButton.enabled = ready and not running and not Dependencies.installing()
-        self.ui.cancelButton.enabled = running
+        self.ui.registerButton.enabled = ready and not self.busy
+        self.ui.cancelButton.enabled = self.running
 
     def parameters(self):
         params = {"sdd": self.ui.sddSpinBox.value, "pixel_spacing": [self.ui.pixelSpacingSpinBox.value] * 2,
@@ -149,43 +147,21 @@ class RegisterXrayWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObser
         return params
 
     def onRegisterButton(self):
-        if (self.logic and self.logic.running) or not self.ensureDependencies():
+        if self.busy or not self.ensureDependencies():
             return
-        try:
+        with slicer.util.tryWithErrorDisplay("Register X-ray could not start.", waitCursor=True):
             self.logic.register(self.ui.ctVolumeSelector.currentNode(), self.ui.xrayVolumeSelector.currentNode(),
                                 self.parameters())
-        except Exception as e:  # noqa: BLE001 - shown to the user
-            slicer.util.errorDisplay(f"Register X-ray: {e}")
-            return
-        self.ui.statusLabel.text = "running"
-        self._pollTimer.start()
-        self.updateButtons()
+            self.ui.reportLabel.text = ""
+            self.startedRun("Starting the registration worker...")
 
-    def onCancelButton(self):
-        self.logic.cancel()
-        self._pollTimer.stop()
-        self.ui.statusLabel.text = "cancelled"
-        self.updateButtons()
-
-    def onPollTimer(self):
-        status = self.logic.poll()
-        self.ui.progressBar.value = int(100 * (status.get("fraction") or 0))
-        eta = status.get("eta_s")
-        self.ui.statusLabel.text = f"{status.get('stage') or ''} {status.get('message') or ''}" + \
-            (f" (ETA {int(eta)} s)" if eta is not None else "")
-        if status["state"] not in FINAL_STATES:
-            return
-        self._pollTimer.stop()
-        self.updateButtons()
-        if status["state"] == "succeeded":
-            rep = self.logic.result.report
-            self.ui.reportLabel.text = (f"NCC {rep['ncc']:.4f}, {rep['iterations']} iterations, "
-                                        f"{rep['seconds']:.0f} s; regressor: {rep.get('regressor')}")
-            drr = self.logic.output_nodes[1] if len(self.logic.output_nodes) > 1 else None
-            slicer.util.setSliceViewerLayers(background=self.ui.xrayVolumeSelector.currentNode(), foreground=drr,
-                                             foregroundOpacity=0.5, fit=True)
-        else:
-            self.ui.statusLabel.text = f"{status['state']}: {status.get('error') or ''}"
+    def onRunSucceeded(self, status):
+        rep = self.logic.result.report
+        self.ui.reportLabel.text = (f"NCC {rep['ncc']:.4f}, {rep['iterations']} iterations, "
+                                    f"{rep['seconds']:.0f} s; regressor: {rep.get('regressor')}")
+        drr = self.logic.output_nodes[1] if len(self.logic.output_nodes) > 1 else None
+        slicer.util.setSliceViewerLayers(background=self.ui.xrayVolumeSelector.currentNode(), foreground=drr,
+                                         foregroundOpacity=0.5, fit=True)
 
 
 class RegisterXrayLogic(SceneRegisterXrayLogic, ScriptedLoadableModuleLogic):
@@ -193,10 +169,12 @@ class RegisterXrayLogic(SceneRegisterXrayLogic, ScriptedLoadableModuleLogic):
     ``poll()``, ``cancel()``, ``wait()``, ``output_nodes`` (transform, DRR volume), ``result``."""
 
     def __init__(self, scene=None, python=None, job_root=None):
-        SceneRegisterXrayLogic.__init__(self, scene if scene is not None else slicer.mrmlScene,
-                                        python=python or pythonSlicerExecutable(fallback=sys.executable),
-                                        job_root=job_root if job_root is not None else defaultJobRoot())
+        SceneRegisterXrayLogic.__init__(self, *sceneLogicArguments(scene, python, job_root,
+                                                                   fallbackPython=sys.executable))
         ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return RegisterXrayParameterNode(ScriptedLoadableModuleLogic.getParameterNode(self))
 
 
 class RegisterXrayTest(ScriptedLoadableModuleTest):

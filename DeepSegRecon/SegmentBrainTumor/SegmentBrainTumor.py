@@ -4,7 +4,7 @@ tumour segments with their volumes in mL (SegResNet + VAE regulariser, Myronenko
 Slicer module of the DeepSegRecon extension. Qt wiring only: every button calls one method of
 :class:`SegmentBrainTumorLogic`, the engine's headless scene logic
 (``deepsegrecon.scene.brain.SegmentBrainTumorLogic``) with Slicer's module-logic base. The work runs in a worker
-process (``PythonSlicer``); a QTimer polls it for progress, ETA and the result.
+process (``PythonSlicer``); the panel's job controller polls it for progress, ETA and the result.
 """
 
 import os
@@ -35,16 +35,10 @@ setUpEngine()
 
 try:
     from deepsegrecon.scene.brain import SegmentBrainTumorLogic as SceneSegmentBrainTumorLogic
-    from DeepSegReconCommon.FinetuneSection import FinetuneSection
+    from DeepSegReconCommon.Parameters import parameterNodeWrapper
     from DeepSegReconCommon.SelfTest import skipIfMissing, skipReason
-    from DeepSegReconCommon.TaskWidget import (
-        TaskWidgetMixin,
-        defaultJobRoot,
-        newTrainingLogic,
-        pythonSlicerExecutable,
-        setModuleIcon,
-        useBuiltinModels,
-    )
+    from DeepSegReconCommon.TaskWidget import TaskWidgetMixin, newTrainingLogic, sceneLogicArguments, setModuleIcon, \
+        useBuiltinModels
 except ImportError as _error:
     raise ImportError(f"Segment Brain Tumour cannot import its engine (the 'deepsegrecon' and 'DeepSegReconCommon' "
                       f"packages beside {MODULE_DIR}): {_error}. Reinstall the DeepSegRecon extension.") from _error
@@ -80,17 +74,29 @@ autoencoder regularization", BrainLes 2018 (BraTS 2018 winner). Phantom anatomy:
         setModuleIcon(self.parent, "Icons/SegmentBrainTumor.png")
 
 
+@parameterNodeWrapper
+class SegmentBrainTumorParameterNode:
+    """The panel's values, saved with the scene. No output segmentation: the result goes into a new one."""
+
+    t1: slicer.vtkMRMLScalarVolumeNode
+    t1c: slicer.vtkMRMLScalarVolumeNode
+    t2: slicer.vtkMRMLScalarVolumeNode
+    flair: slicer.vtkMRMLScalarVolumeNode
+    outputSegmentation: slicer.vtkMRMLSegmentationNode
+    device: str = "auto"
+
+
 class SegmentBrainTumorWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Qt wiring only: each button calls one logic method; a timer polls the running job."""
+    """Qt wiring only: each button calls one logic method; the panel's job controller polls the running job."""
 
     taskTitle = "Segment Brain Tumour"
+    startButtonText = "Segment Tumour"
+    parameterWidgets = {"t1": "t1Selector", "t1c": "t1cSelector", "t2": "t2Selector", "flair": "flairSelector",
+                        "outputSegmentation": "outputSegmentationSelector", "device": "deviceComboBox"}
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self.trainingLogic = None
-        self.finetuneSection = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -98,66 +104,38 @@ class SegmentBrainTumorWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTK
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-
         self.logic = SegmentBrainTumorLogic()
         self.trainingLogic = self.logic.createTrainingLogic()
-        self.setUpPolling()
-        for selector in self._selectors().values():
-            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
-        self.fillModelComboBox()
-        self.finetuneSection = FinetuneSection(self.trainingLogic, caseInputs=self.caseInputs,
-                                               device=lambda: self.ui.deviceComboBox.currentText,
-                                               onModelChange=self.onModelChange, moduleName=self.moduleName)
-        self.finetuneSection.setup(self.ui.finetuneSectionPlaceholder.layout())
-        self.updateButtons()
-        self.showMissingPackages("Segment Tumour")
-
-    def _selectors(self):
-        return {"t1": self.ui.t1Selector, "t1c": self.ui.t1cSelector, "t2": self.ui.t2Selector,
-                "flair": self.ui.flairSelector}
+        self.setUpPanel()
 
     def selectedInputs(self):
-        return {m: s.currentNode() for m, s in self._selectors().items()}
+        return {m: getattr(self.ui, f"{m}Selector").currentNode() for m in MODALITIES}
 
     def updateButtons(self, *args):
         chosen = self.selectedInputs()
         ready = chosen["t1c"] is not None and chosen["flair"] is not None
         self.ui.applyButton.enabled = ready and not self.busy
         self.ui.applyButton.toolTip = ("Segment the tumour." if ready else "Choose at least the FLAIR and T1c volumes.")
-        self.ui.cancelButton.enabled = self._running
-
-    def fillModelComboBox(self, select=None):
-        self.listModelVersions(select, "No brain-tumor model is installed (see the README).")
+        self.ui.cancelButton.enabled = self.running
 
     def caseInputs(self):
         """What "Add to training set" saves: the chosen MRI volumes and the corrected segmentation."""
         return ({m: n for m, n in self.selectedInputs().items() if n is not None},
                 self.ui.outputSegmentationSelector.currentNode())
 
-    def onModelChange(self, activeVersion):
-        self.fillModelComboBox(select=activeVersion)
-
     def onApplyButton(self):
-        if self.busy or not self.ensureDependencies():
+        output = self.ui.outputSegmentationSelector.currentNode()
+        if self.busy or not self.confirmOverwrite(output) or not self.ensureDependencies():
             return
-        params = self.modelParams()
         with slicer.util.tryWithErrorDisplay("Segment Brain Tumour could not start.", waitCursor=True):
-            self.logic.start(self.selectedInputs(), params, output_node=self.ui.outputSegmentationSelector.currentNode())
+            self.logic.start(self.selectedInputs(), self.modelParams(), output_node=output)
             self.ui.inputsUsedLabel.text = ""
             self.ui.volumesLabel.text = ""
             self.startedRun("Starting the segmentation worker...")
 
-    def onCancelButton(self):
-        self.logic.cancel()
-        self.ui.statusLabel.text = "Cancelling..."
-
-    def onPollTimer(self):
-        with self.pollErrors():
-            self.showRunStatus(self.logic.poll())
-
-    def onRunSucceeded(self):
+    def onRunSucceeded(self, status):
         self.showOutputSegmentation()
         vols = self.logic.volumes_ml()
         self.ui.volumesLabel.text = ", ".join(f"{k.replace('_', ' ')} {v:.1f} mL" for k, v in vols.items())
@@ -168,10 +146,11 @@ class SegmentBrainTumorLogic(SceneSegmentBrainTumorLogic, ScriptedLoadableModule
     """The engine's headless scene logic with Slicer's module-logic base (scene logic first in the bases)."""
 
     def __init__(self, scene=None, python=None, job_root=None):
-        SceneSegmentBrainTumorLogic.__init__(self, scene if scene is not None else slicer.mrmlScene,
-                                             python=python or pythonSlicerExecutable(),
-                                             job_root=job_root if job_root is not None else defaultJobRoot())
+        SceneSegmentBrainTumorLogic.__init__(self, *sceneLogicArguments(scene, python, job_root))
         ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return SegmentBrainTumorParameterNode(ScriptedLoadableModuleLogic.getParameterNode(self))
 
     def createTrainingLogic(self, training_root=None):
         return newTrainingLogic(self, training_root)

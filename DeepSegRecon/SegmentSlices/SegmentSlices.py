@@ -2,8 +2,9 @@
 
 Slicer module of the DeepSegRecon extension. Qt wiring only: every button calls one method of
 :class:`SegmentSlicesLogic` (the engine's headless ``deepsegrecon.scene.slices.SegmentSlicesLogic`` with Slicer's
-module-logic base). The work runs in a worker process (``PythonSlicer``); a QTimer polls it. The run wiring and the
-package install are shared with every module (``DeepSegReconCommon.TaskWidget``, ``DeepSegReconCommon.Dependencies``).
+module-logic base). The work runs in a worker process (``PythonSlicer``); the panel's job controller polls it. The
+panel skeleton and the package install are shared with every module (``DeepSegReconCommon.TaskWidget``,
+``DeepSegReconCommon.Dependencies``).
 """
 
 import os
@@ -34,13 +35,12 @@ def setUpEngine():
 setUpEngine()
 
 from deepsegrecon.scene.slices import SegmentSlicesLogic as SceneSegmentSlicesLogic  # noqa: E402
-from DeepSegReconCommon.FinetuneSection import FinetuneSection  # noqa: E402
+from DeepSegReconCommon.Parameters import parameterNodeWrapper  # noqa: E402
 from DeepSegReconCommon.SelfTest import skipIfMissing, skipReason  # noqa: E402
 from DeepSegReconCommon.TaskWidget import (  # noqa: E402
     TaskWidgetMixin,
-    defaultJobRoot,
     newTrainingLogic,
-    pythonSlicerExecutable,
+    sceneLogicArguments,
     setModuleIcon,
     useBuiltinModels,
 )
@@ -76,17 +76,31 @@ corrected scans before relying on the results; not for diagnosis.</p>
         setModuleIcon(self.parent, "Icons/SegmentSlices.png")
 
 
+@parameterNodeWrapper
+class SegmentSlicesParameterNode:
+    """The panel's values, saved with the scene. No output segmentation: the result goes into a new one."""
+
+    inputVolume: slicer.vtkMRMLScalarVolumeNode
+    outputSegmentation: slicer.vtkMRMLSegmentationNode
+    reference: slicer.vtkMRMLNode  # a segmentation or a labelmap volume
+    device: str = "auto"
+    labelSet: str = "abdomen"
+    labelSetFile: str = ""
+    postprocess: bool = True
+
+
 class SegmentSlicesWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Qt wiring only: each button calls one logic method; a timer polls the running job."""
+    """Qt wiring only: each button calls one logic method; the panel's job controller polls the running job."""
 
     taskTitle = "Segment Slices"
+    startButtonText = "Segment Slices"
+    parameterWidgets = {"inputVolume": "inputVolumeSelector", "outputSegmentation": "outputSegmentationSelector",
+                        "reference": "referenceSelector", "device": "deviceComboBox", "labelSet": "labelSetComboBox",
+                        "labelSetFile": "labelSetPathLineEdit", "postprocess": "postprocessCheckBox"}
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self.trainingLogic = None
-        self.finetuneSection = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -94,32 +108,18 @@ class SegmentSlicesWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-
         self.logic = SegmentSlicesLogic()
         self.trainingLogic = self.logic.createTrainingLogic()
-        self.setUpPolling()
 
         from deepsegrecon.slices.labels import builtin_sets
 
         for name in builtin_sets() + [OTHER_FILE]:
             self.ui.labelSetComboBox.addItem(name)
         self.ui.labelSetPathLineEdit.nameFilters = ["Label set (*.json)"]
-        self.ui.labelSetComboBox.connect("currentIndexChanged(int)", self.updateButtons)
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
-        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
-        self.ui.referenceSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
-        self.fillModelComboBox()
-        self.finetuneSection = FinetuneSection(self.trainingLogic, caseInputs=self.caseInputs,
-                                               device=lambda: self.ui.deviceComboBox.currentText,
-                                               onModelChange=self.fillModelComboBox, moduleName=self.moduleName)
-        self.finetuneSection.setup(self.ui.finetuneSectionPlaceholder.layout())
-        if self.ui.inputVolumeSelector.currentNode() is None:
-            self.ui.inputVolumeSelector.setCurrentNode(slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode"))
-        self.updateButtons()
-        self.showMissingPackages("Segment Slices")
+        self.setUpPanel()
 
     def labelSet(self):
         """The label set chosen: a built-in name or the JSON file path."""
@@ -130,29 +130,19 @@ class SegmentSlicesWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         hasInput = self.ui.inputVolumeSelector.currentNode() is not None
         self.ui.labelSetPathLineEdit.enabled = self.ui.labelSetComboBox.currentText == OTHER_FILE
         self.ui.applyButton.enabled = hasInput and not self.busy
-        self.ui.cancelButton.enabled = self._running
+        self.ui.cancelButton.enabled = self.running
         self.ui.compareButton.enabled = (not self.busy and hasInput
                                          and self.ui.outputSegmentationSelector.currentNode() is not None
                                          and self.ui.referenceSelector.currentNode() is not None)
 
-    def fillModelComboBox(self, select=None):
-        self.listModelVersions(select, "No slices model is installed (see the README: deepsegrecon models import).")
-
-    def caseInputs(self):
-        return {"image": self.ui.inputVolumeSelector.currentNode()}, self.ui.outputSegmentationSelector.currentNode()
-
     def onApplyButton(self):
-        if self.busy or not self.ensureDependencies():
+        output = self.ui.outputSegmentationSelector.currentNode()
+        if self.busy or not self.confirmOverwrite(output) or not self.ensureDependencies():
             return
         params = {**self.modelParams(), "labels": self.labelSet(), "postprocess": self.ui.postprocessCheckBox.checked}
         with slicer.util.tryWithErrorDisplay("Segment Slices could not start.", waitCursor=True):
-            self.logic.start({"image": self.ui.inputVolumeSelector.currentNode()}, params,
-                             output_node=self.ui.outputSegmentationSelector.currentNode())
+            self.logic.start({"image": self.ui.inputVolumeSelector.currentNode()}, params, output_node=output)
             self.startedRun("Starting the segmentation worker...")
-
-    def onCancelButton(self):
-        self.logic.cancel()
-        self.ui.statusLabel.text = "Cancelling..."
 
     def onCompareButton(self):
         if self.busy or not self.ensureDependencies():  # the metrics run here, with torch and MONAI
@@ -166,11 +156,7 @@ class SegmentSlicesWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
             self.ui.statusLabel.text = ("Mean Dice %.3f over %s." % (mean, ", ".join(scores["organs_scored"]))
                                         if mean is not None else "No organ of the label set is in the reference.")
 
-    def onPollTimer(self):
-        with self.pollErrors():
-            self.showRunStatus(self.logic.poll())
-
-    def onRunSucceeded(self):
+    def onRunSucceeded(self, status):
         self.showOutputSegmentation()
         result = self.logic.result
         found = ", ".join(s.name for s in (result.segments if result else [])) or "no organ"
@@ -178,17 +164,18 @@ class SegmentSlicesWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
         text = f"Done: {found}. Absent: {absent}."
         for warning in self.logic.warnings():
             text += f"\nWarning: {warning}"
-        self.ui.statusLabel.text = text
+        return text
 
 
 class SegmentSlicesLogic(SceneSegmentSlicesLogic, ScriptedLoadableModuleLogic):
     """The engine's scene logic for the slices task with Slicer's module-logic base (scene logic first)."""
 
     def __init__(self, scene=None, python=None, job_root=None):
-        SceneSegmentSlicesLogic.__init__(self, scene if scene is not None else slicer.mrmlScene,
-                                         python=python or pythonSlicerExecutable(),
-                                         job_root=job_root if job_root is not None else defaultJobRoot())
+        SceneSegmentSlicesLogic.__init__(self, *sceneLogicArguments(scene, python, job_root))
         ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return SegmentSlicesParameterNode(ScriptedLoadableModuleLogic.getParameterNode(self))
 
     def createTrainingLogic(self, training_root=None):
         return newTrainingLogic(self, training_root)

@@ -115,8 +115,12 @@ def test_no_module_imports_another_and_every_start_button_installs_first():
         assert f'self.parent.dependencies = ["Segmentations"]' in text or "self.parent.dependencies = []" in text
     section = (MODULES_DIR / "DeepSegReconCommon" / "FinetuneSection.py").read_text(encoding="utf-8")
     assert "Dependencies.ensureInstalled(self.moduleName" in section
+    # the skeleton gives the section the panel's module name (whose packages "Fine-tune" installs)
+    skeleton = (MODULES_DIR / "DeepSegReconCommon" / "TaskWidget.py").read_text(encoding="utf-8")
+    assert "FinetuneSection(self.trainingLogic" in skeleton and "moduleName=self.moduleName" in skeleton
     for module in ("SegmentTeeth", "SegmentSlices", "SegmentBrainTumor"):
-        assert "moduleName=self.moduleName" in (MODULES_DIR / module / f"{module}.py").read_text(encoding="utf-8")
+        assert "self.trainingLogic = self.logic.createTrainingLogic()" in (
+            MODULES_DIR / module / f"{module}.py").read_text(encoding="utf-8")
 
 
 def test_torch_minimum_covers_what_the_locked_packages_need(pins):

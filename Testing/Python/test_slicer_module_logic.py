@@ -141,10 +141,12 @@ def test_logic_is_the_scene_logic_with_slicer_module_logic(module, tmp_path):
     assert logic.moduleName == "SegmentTeeth" and logic.task_name == "teeth"
     assert logic.scene is slicer.mrmlScene
     assert Path(logic.job_root) == tmp_path / "tmp" / "DeepSegRecon" / "jobs"
-    node = logic.getParameterNode()
-    assert node.GetAttribute("ModuleName") == "SegmentTeeth" and logic.getParameterNode() is node
+    parameters = logic.getParameterNode()
+    node = parameters.parameterNode
+    assert isinstance(parameters, module.SegmentTeethParameterNode)
+    assert node.GetAttribute("ModuleName") == "SegmentTeeth" and logic.getParameterNode().parameterNode is node
     for name in ("start", "poll", "cancel", "wait", "run", "create_surfaces", "create_models", "export_surfaces",
-                 "model_versions"):
+                 "model_versions", "import_model", "needs_overwrite_confirmation"):
         assert callable(getattr(logic, name)), name
 
 
@@ -264,3 +266,72 @@ def test_skip_reason_names_every_missing_package():
     assert SelfTest.skipReason("SegmentTeeth", findSpec=find).startswith("SegmentTeeth self-test skipped")
     with pytest.raises(unittest.SkipTest, match="torch"):
         SelfTest.skipIfMissing("SegmentBrainTumor", findSpec=find)
+
+
+# ------------------------------------------------------------------------------------------ parameter nodes
+def _sample_value(scene, name, value_type, default):
+    """A value of ``value_type`` that differs from ``default`` (a new node of that class for a node type)."""
+    if isinstance(value_type, type) and issubclass(value_type, slicer.vtkMRMLNode):
+        cls = "vtkMRMLSegmentationNode" if value_type is slicer.vtkMRMLNode else value_type.__name__
+        return scene.AddNewNodeByClass(cls, f"{name} node")
+    return {str: f"{name}: ü, spaces and /a/path", int: 7, float: 2.75, bool: not default}[value_type]
+
+
+@pytest.mark.parametrize("name", MODULE_NAMES)
+def test_parameter_node_round_trip_through_a_saved_scene(load_module, tmp_path, name):
+    """Each module's parameter node (Slicer's parameterNodeWrapper inside Slicer; the stand-in on slicer-core):
+    defaults on first use (no output node: results go into a new one), every value written, saved with the scene
+    and read back from the saved file; the fine-tune section keeps its values in the same node."""
+    import typing
+
+    from DeepSegReconCommon import Parameters
+    from DeepSegReconCommon.FinetuneSection import FinetuneParameters
+
+    mod = load_module(name)
+    assert Parameters.WRAPPER == "fallback"  # slicer-core ships no slicer.parameterNodeWrapper
+    with pytest.raises(ImportError):
+        importlib.import_module("slicer.parameterNodeWrapper")
+    cls = getattr(mod, f"{name}ParameterNode")
+    widget_class = getattr(mod, f"{name}Widget")
+    types_ = typing.get_type_hints(cls)
+    assert set(widget_class.parameterWidgets) == set(types_), "every parameter has its widget, and only those"
+
+    logic = getattr(mod, f"{name}Logic")(python=sys.executable)
+    parameters = logic.getParameterNode()
+    assert isinstance(parameters, cls)
+    node = parameters.parameterNode
+    assert node.GetSingletonTag() == name and logic.getParameterNode().parameterNode is node
+    defaults = {n: getattr(parameters, n) for n in types_}
+    assert defaults.get("outputSegmentation", None) is None  # a new output node by default
+    assert all(v is None for n, v in defaults.items() if isinstance(types_[n], type)
+               and issubclass(types_[n], slicer.vtkMRMLNode))
+
+    scene = slicer.mrmlScene
+    values = {n: _sample_value(scene, n, t, defaults[n]) for n, t in types_.items()}
+    for n, v in values.items():
+        setattr(parameters, n, v)
+    section = FinetuneParameters(node)
+    assert section.finetuneRegion is None and section.finetuneMinutes == 10
+    region = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "reviewed") if hasattr(
+        slicer, "vtkMRMLMarkupsROINode") else scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "reviewed")
+    section.finetuneRegion, section.finetuneMinutes = region, 25
+    with pytest.raises(ValueError):
+        section.finetuneMinutes = "25"  # typed, as Slicer's wrapper
+    assert {n: getattr(logic.getParameterNode(), n) for n in types_} == values  # a second wrapper reads them
+
+    path = tmp_path / "scene.mrml"
+    scene.SetURL(str(path))
+    assert scene.Commit()
+    loaded = slicer.vtkMRMLScene()
+    loaded.SetURL(str(path))
+    assert loaded.Import()
+    back = cls(loaded.GetSingletonNode(name, "vtkMRMLScriptedModuleNode"))
+    for n, v in values.items():
+        got = getattr(back, n)
+        if isinstance(v, slicer.vtkMRMLNode):
+            assert got is not None and (got.GetID(), got.GetName()) == (v.GetID(), v.GetName()), n
+        else:
+            assert got == v and type(got) is type(v), n
+    section_back = FinetuneParameters(back.parameterNode)
+    assert section_back.finetuneRegion.GetName() == "reviewed" and section_back.finetuneMinutes == 25
+    loaded.Clear(1)

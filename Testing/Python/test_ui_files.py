@@ -378,7 +378,7 @@ def _check_buttons_call_one_logic_method(py: Path, class_name: str, ui: Path) ->
             slots[node.func.value.attr] = target.attr
     assert set(slots) == buttons, f"buttons without a clicked() slot: {sorted(buttons - set(slots))}"
     for button, slot in slots.items():
-        method = _method(widget, slot)
+        method = _method(widget, slot) or _method(_skeleton(), slot)  # e.g. onCancelButton, shared by the panels
         assert method is not None, slot
         calls = {n.func.attr for n in ast.walk(method)
                  if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
@@ -386,6 +386,11 @@ def _check_buttons_call_one_logic_method(py: Path, class_name: str, ui: Path) ->
                  and isinstance(n.func.value.value, ast.Name) and n.func.value.value.id == "self"}
         assert len(calls) == 1, f"{button} -> {slot}() calls logic methods {sorted(calls)}; it should call exactly one"
     return slots
+
+
+def _skeleton() -> ast.ClassDef:
+    """The module skeleton every panel derives from (``DeepSegReconCommon/TaskWidget.py``)."""
+    return _classes(ast.parse((COMMON_DIR / "TaskWidget.py").read_text(encoding="utf-8")))["TaskWidgetMixin"]
 
 
 @pytest.mark.parametrize("module", module_names())
@@ -399,10 +404,14 @@ def test_segment_teeth_buttons_call_the_scene_logic_api():
     tree = ast.parse((MODULES_DIR / "SegmentTeeth" / "SegmentTeeth.py").read_text(encoding="utf-8"))
     widget = _classes(tree)["SegmentTeethWidget"]
     expected = {"onApplyButton": "start", "onCancelButton": "cancel", "onSurfacesButton": "create_surfaces",
-                "onExportButton": "export_surfaces", "onPollTimer": "poll"}
+                "onExportButton": "export_surfaces"}
     for slot, logic_method in expected.items():
-        src = ast.unparse(_method(widget, slot))
+        src = ast.unparse(_method(widget, slot) or _method(_skeleton(), slot))
         assert f"self.logic.{logic_method}(" in src, (slot, logic_method)
+    # the panel's job controller polls the logic the run was started with
+    controller = _classes(ast.parse((COMMON_DIR / "Jobs.py").read_text(encoding="utf-8")))["JobController"]
+    assert ".logic.poll()" in ast.unparse(_method(controller, "tick"))
+    assert "self.jobs.started(RUN, self.logic" in ast.unparse(_method(_skeleton(), "startedRun"))
     # the scene logic provides what the widget calls
     from deepsegrecon.scene.logic import SegmentTeethLogic
 
@@ -610,13 +619,14 @@ def test_finetune_section_buttons_call_the_training_logic_api():
     tree = ast.parse((COMMON_DIR / "FinetuneSection.py").read_text(encoding="utf-8"))
     section = _classes(tree)["FinetuneSection"]
     expected = {"onAddCaseButton": "add_to_training_set", "onFinetuneButton": "start_finetune",
-                "onCancelButton": "cancel", "onUseVersionButton": "set_active_version", "onPollTimer": "poll"}
+                "onCancelButton": "cancel", "onUseVersionButton": "set_active_version"}
     for slot, logic_method in expected.items():
         assert f"self.logic.{logic_method}(" in ast.unparse(_method(section, slot)), (slot, logic_method)
     setup = ast.unparse(_method(section, "setup"))
-    for call in ("slicer.util.loadUI", "slicer.util.childWidgetVariables", "setMRMLScene", "qt.QTimer()",
-                 "self.onPollTimer"):
+    for call in ("slicer.util.loadUI", "slicer.util.childWidgetVariables", "setMRMLScene"):
         assert call in setup, f"FinetuneSection.setup() does not call {call}"
+    # no timer of its own: the panel's job controller polls the fine-tuning job
+    assert "self.jobs.started(JOB, self.logic" in ast.unparse(_method(section, "onFinetuneButton"))
     from deepsegrecon.scene.training import TrainingLogic
 
     for name in ("add_to_training_set", "start_finetune", "poll", "cancel", "wait", "model_versions",
@@ -624,26 +634,103 @@ def test_finetune_section_buttons_call_the_training_logic_api():
         assert callable(getattr(TrainingLogic, name, None)), name
 
 
-def test_segment_teeth_panel_has_the_finetune_section():
+def test_segmentation_panels_have_the_finetune_section():
     info = parse_ui(UI_DIR / "SegmentTeeth.ui")
     assert info["widgets"].get("finetuneSectionPlaceholder") == "QWidget"
-    tree = ast.parse((MODULES_DIR / "SegmentTeeth" / "SegmentTeeth.py").read_text(encoding="utf-8"))
-    classes = _classes(tree)
-    setup = ast.unparse(_method(classes["SegmentTeethWidget"], "setup"))
-    assert "FinetuneSection(self.trainingLogic" in setup
-    assert "self.finetuneSection.setup(self.ui.finetuneSectionPlaceholder.layout())" in setup
-    assert "self.logic.createTrainingLogic()" in setup
-    assert _method(classes["SegmentTeethLogic"], "createTrainingLogic") is not None
-    # the shared widget code stops the section's job on cleanup and scene close, for every module that has one
-    mixin = _classes(ast.parse((COMMON_DIR / "TaskWidget.py").read_text(encoding="utf-8")))["TaskWidgetMixin"]
-    assert "self.finetuneSection.cleanup()" in ast.unparse(_method(mixin, "cleanup"))
-    assert "self.finetuneSection.onSceneStartClose()" in ast.unparse(_method(mixin, "onSceneStartClose"))
+    # the skeleton adds the section to a panel that has a training logic, and stops its job with the panel's
+    skeleton = _skeleton()
+    set_up = ast.unparse(_method(skeleton, "setUpPanel"))
+    assert "FinetuneSection(self.trainingLogic, self.jobs" in set_up and "moduleName=self.moduleName" in set_up
+    assert "self.finetuneSection.setup(self.ui.finetuneSectionPlaceholder.layout())" in set_up
+    for name in ("cleanup", "onSceneStartClose"):
+        assert "self.jobs.cancelAll(" in ast.unparse(_method(skeleton, name)), name
     for module in ("SegmentTeeth", "SegmentBrainTumor", "SegmentSlices"):
-        widget = _classes(ast.parse((MODULES_DIR / module / f"{module}.py").read_text(encoding="utf-8")))[f"{module}Widget"]
-        assert "TaskWidgetMixin" in [ast.unparse(b) for b in widget.bases], module
-        for name in ("cleanup", "onSceneStartClose"):
-            method = _method(widget, name)
-            assert method is None or f"TaskWidgetMixin.{name}(self" in ast.unparse(method), (module, name)
+        classes = _classes(ast.parse((MODULES_DIR / module / f"{module}.py").read_text(encoding="utf-8")))
+        assert "self.trainingLogic = self.logic.createTrainingLogic()" in ast.unparse(
+            _method(classes[f"{module}Widget"], "setup")), module
+        assert _method(classes[f"{module}Logic"], "createTrainingLogic") is not None, module
+        assert info["widgets"].get("finetuneSectionPlaceholder") == "QWidget"
+
+
+@pytest.mark.parametrize("module", module_names())
+def test_every_panel_uses_the_module_skeleton(module):
+    """The panel derives from the skeleton and sets it up (one job controller with one timer, the parameter node,
+    the weights import section); it has no poll loop or timer of its own and does not override the skeleton's
+    cleanup."""
+    text = (MODULES_DIR / module / f"{module}.py").read_text(encoding="utf-8")
+    classes = _classes(ast.parse(text))
+    widget = classes[f"{module}Widget"]
+    assert "TaskWidgetMixin" == ast.unparse(widget.bases[0]), module
+    assert ast.unparse(_method(widget, "setup")).rstrip().endswith("self.setUpPanel()")
+    assert "QTimer" not in text and "onPollTimer" not in text and "poll()" not in ast.unparse(widget)
+    for name in ("cleanup", "onSceneStartClose", "enter", "exit"):
+        assert _method(widget, name) is None, f"{module}Widget overrides the skeleton's {name}()"
+    # its logic wraps Slicer's parameter node with the module's parameterNodeWrapper class
+    get = ast.unparse(_method(classes[f"{module}Logic"], "getParameterNode"))
+    assert f"{module}ParameterNode(ScriptedLoadableModuleLogic.getParameterNode(self))" in get
+    assert any(ast.unparse(d) == "parameterNodeWrapper" for d in classes[f"{module}ParameterNode"].decorator_list)
+    set_up = ast.unparse(_method(_skeleton(), "setUpPanel"))
+    assert "qt.QTimer()" in set_up and "JobController(self._timer" in set_up
+    assert "ModelImportSection(self.logic" in set_up and "self.importSection.setup(self.layout)" in set_up
+    common = "".join(p.read_text(encoding="utf-8") for p in COMMON_DIR.glob("*.py") if p.name != "TaskWidget.py")
+    assert "QTimer(" not in common, "one timer per panel: the skeleton's"
+
+
+# widget class -> the parameter type it holds (DeepSegReconCommon/Parameters.py WIDGET_BINDINGS)
+_BINDABLE = {"qMRMLNodeComboBox": "node", "QComboBox": "str", "ctkDirectoryButton": "str", "ctkPathLineEdit": "str",
+             "QSpinBox": "int", "QDoubleSpinBox": "float", "ctkSliderWidget": "float", "QCheckBox": "bool",
+             "QRadioButton": "bool"}
+
+
+@pytest.mark.parametrize("module", module_names())
+def test_every_parameter_is_bound_to_a_widget_of_its_type(module):
+    """``parameterWidgets`` maps each field of the module's parameter node to a widget of its .ui whose class the
+    skeleton can read and write, holding that field's type."""
+    from DeepSegReconCommon.Parameters import WIDGET_BINDINGS
+
+    assert set(_BINDABLE) == set(WIDGET_BINDINGS)
+    classes = _classes(ast.parse((MODULES_DIR / module / f"{module}.py").read_text(encoding="utf-8")))
+    fields = {n.target.id: ast.unparse(n.annotation) for n in classes[f"{module}ParameterNode"].body
+              if isinstance(n, ast.AnnAssign)}
+    assign = next(n for n in classes[f"{module}Widget"].body if isinstance(n, ast.Assign)
+                  and ast.unparse(n.targets[0]) == "parameterWidgets")
+    bound = ast.literal_eval(assign.value)
+    assert set(bound) == set(fields), module
+    widgets = parse_ui(UI_DIR / f"{module}.ui")["widgets"]
+    for name, widget in bound.items():
+        cls = widgets.get(widget)
+        assert cls in _BINDABLE, f"{module}: {name} -> {widget} ({cls}) cannot be bound"
+        kind = _BINDABLE[cls]
+        assert (fields[name].startswith("slicer.vtkMRML") if kind == "node" else fields[name] == kind), (
+            f"{module}: {name} is a {fields[name]}, its widget {widget} holds a {kind}")
+
+
+def test_model_import_section_ui_has_the_expected_controls():
+    info = parse_ui(UI_DIR / "ModelImportSection.ui")
+    w = info["widgets"]
+    expected = {"importCollapsibleButton": "ctkCollapsibleButton", "importSourceComboBox": "QComboBox",
+                "importPathLineEdit": "ctkPathLineEdit", "importUrlLineEdit": "QLineEdit",
+                "importSha256LineEdit": "QLineEdit", "importDefaultCheckBox": "QCheckBox",
+                "importButton": "QPushButton", "importStatusLabel": "QLabel"}
+    for name, cls in expected.items():
+        assert w.get(name) == cls, (name, w.get(name))
+    slots = _check_buttons_call_one_logic_method(COMMON_DIR / "ModelImportSection.py", "ModelImportSection",
+                                                 UI_DIR / "ModelImportSection.ui")
+    assert slots == {"importButton": "onImportButton"}
+    section = _classes(ast.parse((COMMON_DIR / "ModelImportSection.py").read_text(encoding="utf-8")))
+    assert "self.logic.import_model(" in ast.unparse(_method(section["ModelImportSection"], "onImportButton"))
+    from deepsegrecon.scene.logic import TaskLogic
+
+    assert callable(TaskLogic.import_model) and callable(TaskLogic.needs_overwrite_confirmation)
+
+
+def test_start_buttons_ask_before_overwriting_a_segmentation():
+    for module in ("SegmentTeeth", "SegmentBrainTumor", "SegmentSlices"):
+        widget = _classes(ast.parse((MODULES_DIR / module / f"{module}.py").read_text(encoding="utf-8")))[
+            f"{module}Widget"]
+        apply = ast.unparse(_method(widget, "onApplyButton"))
+        assert "self.confirmOverwrite(output)" in apply and "output_node=output" in apply, module
+    assert "self.logic.needs_overwrite_confirmation(node)" in ast.unparse(_method(_skeleton(), "confirmOverwrite"))
 
 
 def test_extension_cmake_installs_the_shared_helpers():

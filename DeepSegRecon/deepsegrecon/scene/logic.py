@@ -1,7 +1,8 @@
 """Headless module logic: run a task in a background worker process and bring its result into the scene.
 
-Shared by every capability; the Slicer module widgets call these methods (a QTimer calls :meth:`TaskLogic.poll`)
-and the tests call the same ones. Nothing is added to the scene before the result is complete: on failure,
+Shared by every capability; the Slicer module panels call these methods (their job controller calls
+:meth:`TaskLogic.poll` on a QTimer; "Import weights" calls :meth:`TaskLogic.import_model`) and the tests call the
+same ones. Nothing is added to the scene before the result is complete: on failure,
 cancel, or a killed worker, the scene holds exactly the nodes it had before :meth:`TaskLogic.start`, and the
 job folder is removed.
 """
@@ -138,7 +139,7 @@ class TaskLogic:
         finally:
             self._finish(handle)
         if status.get("error"):
-            status["error"] = _without_log_reference(status["error"])
+            status["error"] = _for_slicer(_without_log_reference(status["error"]))
         self._status = status
         return dict(status)
 
@@ -196,6 +197,36 @@ class TaskLogic:
         except ModelError:
             default = None
         return sorted((e.version for e in entries), key=lambda v: v != default)
+
+    def import_model(self, source, sha256: Optional[str] = None, version: Optional[str] = None,
+                     default: bool = False):
+        """Install model weights as a version of :attr:`model_task` in the user model store (``$DEEPSEGRECON_HOME``):
+        ``source`` is a version folder (with its ``manifest.json``), a .zip / .tar.gz of one or a weights file, or an
+        http(s) URL of one, which needs its ``sha256``. The version becomes the store's default only with
+        ``default=True``. Weights of another task, a broken archive or a checksum mismatch raise with nothing
+        installed (:meth:`deepsegrecon.store.ModelStore.import_file` / ``import_url``, as ``deepsegrecon models
+        import``). Returns the new, verified :class:`~deepsegrecon.store.ModelEntry`."""
+        from ..store import ModelStore
+
+        source = str(source or "").strip()
+        if not source:
+            raise InputError("choose a model folder or a zip file, or give a URL and its sha256")
+        store = ModelStore()
+        version = str(version).strip() if version else None
+        if re.match(r"(?i)^(https?|ftp)://", source):
+            entry = store.import_url(source, sha256 or "", self.model_task, version, default=bool(default))
+        else:
+            entry = store.import_file(source, task=self.model_task, version=version, sha256=sha256 or None,
+                                      default=bool(default))
+        store.verify(entry)
+        return entry
+
+    def needs_overwrite_confirmation(self, node) -> bool:
+        """Whether a run into ``node`` replaces something the user has: a segmentation node that has segments.
+        None (the default: a new node for the result) and an empty segmentation never need asking."""
+        slicer = slicer_module()
+        return (isinstance(node, slicer.vtkMRMLSegmentationNode)
+                and node.GetSegmentation().GetNumberOfSegments() > 0)
 
     # ------------------------------------------------------------------------------------------------ results
     def _first_input(self):
@@ -317,6 +348,12 @@ def _error_type(e: BaseException) -> str:
         if cls.__name__ in ERROR_TYPES:
             return cls.__name__
     return "DeepSegReconError"
+
+
+def _for_slicer(message: str) -> str:
+    """Inside Slicer there is no ``deepsegrecon`` command: point at the panel's weights import instead."""
+    return re.sub(r"Import one with: deepsegrecon models import \S+(?: --task \S+)?",
+                  'Import one with "Import weights" in the module\'s "Model weights" section', message)
 
 
 def _without_log_reference(message: str) -> str:
