@@ -1,4 +1,5 @@
-"""Read and write images: NRRD, NIfTI, MHA/MHD and DICOM series (SimpleITK)."""
+"""Read and write images: NRRD, NIfTI, MHA/MHD and DICOM series (SimpleITK); InVesalius projects (``.inv3``,
+read only)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ from .errors import InputError, ResourceError
 from .files import atomic_file
 from .image import Image
 
-IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".dcm")
+IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".dcm", ".inv3")
+
+# InVesalius keeps a volume as a raw (k, j, i) matrix with its spacing and no position or direction. Its rows run
+# posterior -> anterior (the DICOM rows turned upside down, as VTK displays them), its columns as DICOM's (right ->
+# left) and its slices from the feet up: in LPS the direction is diag(1, -1, 1). (``main.plist``'s ``orientation``
+# key names the acquisition plane, not the axes' senses.) Checked on Debian's Cranium.inv3: the face comes out
+# anterior and the teeth at the bottom. Left and right cannot be told from such a file.
+INV3_DIRECTION = np.diag([1.0, -1.0, 1.0])
 
 
 def _suffix(path: Path) -> str:
@@ -155,8 +163,8 @@ def check_nifti_complete(path: Path) -> None:
 
 
 def read_image(path, memory_factor: float = 4.0, series=None) -> Image:
-    """Read an image file or a DICOM series folder into an :class:`Image` (``series``: the UID(s) to take from a
-    folder with several series).
+    """Read an image file, a DICOM series folder or an InVesalius project (``.inv3``, :func:`read_inv3`) into an
+    :class:`Image` (``series``: the UID(s) to take from a folder with several series).
 
     Raises :class:`InputError` with the reason when the path is missing, not an image, truncated, not 2-D or
     3-D, or has a zero spacing or a sheared direction, and :class:`ResourceError` when it would not fit in
@@ -167,6 +175,8 @@ def read_image(path, memory_factor: float = 4.0, series=None) -> Image:
     path = Path(path)
     if not path.exists():
         raise InputError(f"input {path} does not exist")
+    if path.is_file() and _suffix(path) == ".inv3":
+        return read_inv3(path, memory_factor)
     reader = sitk.ImageSeriesReader() if path.is_dir() else sitk.ImageFileReader()
     if path.is_dir():
         uid, files = dicom_series(path, series)
@@ -209,6 +219,47 @@ def read_image(path, memory_factor: float = 4.0, series=None) -> Image:
     if path.is_dir():
         out.meta.update(dicom_files=len(files), dicom_series=uid)
     return out
+
+
+def read_inv3(path, memory_factor: float = 4.0) -> Image:
+    """The CT volume of an InVesalius project (``.inv3``: a gzipped tar with ``main.plist`` and a raw matrix), as
+    float32 with the project's spacing and the direction :data:`INV3_DIRECTION` (origin: voxel (0, 0, 0) at 0).
+
+    Raises :class:`InputError` when the file is not a readable project or its matrix does not match its header,
+    and :class:`ResourceError` when the volume would not fit in memory (checked from the header)."""
+    import plistlib
+    import tarfile
+    import zlib
+    from xml.parsers.expat import ExpatError
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input {path} does not exist")
+    bad = (OSError, EOFError, KeyError, TypeError, ValueError, zlib.error, ExpatError, tarfile.TarError,
+           plistlib.InvalidFileException)
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            files = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            info = plistlib.loads(tar.extractfile(files["main.plist"]).read())
+            m = info["matrix"]
+            shape = tuple(int(n) for n in m["shape"])  # (k, j, i)
+            dtype = np.dtype(m["dtype"]).newbyteorder("<")
+            spacing = tuple(float(s) for s in info["spacing"])
+            if len(shape) != 3 or len(spacing) != 3 or min(shape) < 1 or dtype.kind not in "iuf":
+                raise InputError(f"{path}: its matrix is not a 3-D scalar volume (shape {list(shape)}, "
+                                 f"type {m['dtype']}, spacing {list(spacing)})")
+            check_geometry(spacing, INV3_DIRECTION, path.name)
+            _check_fits(int(np.prod(shape)), max(dtype.itemsize, 4), f"image {path.name}", memory_factor)
+            raw = tar.extractfile(files[m["filename"]]).read()
+    except InputError:
+        raise
+    except bad as e:
+        raise InputError(f"{path} is not a readable InVesalius project: {type(e).__name__}: {e}") from e
+    arr = np.frombuffer(raw, dtype=dtype, count=len(raw) // dtype.itemsize)
+    if arr.size != int(np.prod(shape)):
+        raise InputError(f"{path}: matrix has {arr.size} voxels, its header says {' x '.join(map(str, shape))}")
+    return Image(arr.reshape(shape).astype(np.float32), spacing, (0.0, 0.0, 0.0), INV3_DIRECTION.copy(),
+                 {"source": str(path)})
 
 
 def write_image(image: Image, path, compress: bool = True) -> Path:

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from deepsegrecon.cbct.data import read_inv3, resample_iso
+from deepsegrecon.cbct.data import HEAD_CT, resample_iso
 from deepsegrecon.cbct.geometry import circular_angles
 from deepsegrecon.cbct.task import full_circle, model_for
 from deepsegrecon.errors import InputError
+from deepsegrecon.io import INV3_DIRECTION, read_image, read_inv3, write_image
 from deepsegrecon.store import ModelStore
 
 
@@ -36,13 +37,54 @@ def test_inv3_reader_keeps_voxel_order_and_spacing(tmp_path):
     assert np.allclose(iso.spacing, 2.0) and iso.array.shape == (2, 2, 2)  # 4.5 x 3.6 x 4.5 mm at 2 mm
 
 
+def test_inv3_geometry(tmp_path):
+    """read_image reads a .inv3 too: voxel order kept, spacing (i, j, k) from the plist, rows posterior -> anterior
+    (direction diag(1, -1, 1)), slices from the feet up; the geometry survives a NRRD round trip."""
+    arr = np.full((4, 6, 5), -1000, np.int16)  # (k, j, i)
+    arr[0, 5, 2] = 2000  # lowest slice, last row: a front tooth
+    arr[3, 0, 2] = 500  # top slice, first row: the back of the head
+    _inv3(tmp_path / "head.inv3", arr, spacing=(0.5, 0.75, 1.5))
+    img = read_image(tmp_path / "head.inv3")
+    import deepsegrecon.cbct.data as data
+
+    assert data.read_inv3 is read_inv3  # the CBCT training data uses the shared reader
+    assert np.array_equal(img.array, arr) and img.array.shape == (4, 6, 5)
+    assert np.allclose(img.spacing, (0.5, 0.75, 1.5)) and np.allclose(img.origin, 0.0)
+    assert np.array_equal(img.direction, np.diag([1.0, -1.0, 1.0])) and np.array_equal(img.direction, INV3_DIRECTION)
+    tooth, back = img.physical_points(np.array([[2, 5, 0], [2, 0, 3]]))  # (i, j, k)
+    assert np.allclose(tooth, (1.0, -3.75, 0.0)) and np.allclose(back, (1.0, 0.0, 4.5))
+    assert tooth[1] < back[1] and tooth[2] < back[2]  # LPS: the tooth is anterior (smaller y) and inferior
+    write_image(img, tmp_path / "head.nrrd")
+    again = read_image(tmp_path / "head.nrrd")
+    assert again.same_grid(img) and np.array_equal(again.array, arr)
+
+
 def test_inv3_reader_names_a_bad_file(tmp_path):
     _inv3(tmp_path / "short.inv3", np.zeros((2, 2, 2), np.int16), shape=(3, 2, 2))
     with pytest.raises(InputError, match="header says"):
         read_inv3(tmp_path / "short.inv3")
     (tmp_path / "text.inv3").write_text("not a project")
     with pytest.raises(InputError, match="not a readable InVesalius project"):
-        read_inv3(tmp_path / "text.inv3")
+        read_image(tmp_path / "text.inv3")
+    _inv3(tmp_path / "flat.inv3", np.zeros((2, 2, 2), np.int16), spacing=(0.9, 0.0, 1.5))
+    with pytest.raises(InputError, match="spacing is zero"):
+        read_image(tmp_path / "flat.inv3")
+    with pytest.raises(InputError, match="does not exist"):
+        read_image(tmp_path / "missing.inv3")
+
+
+@pytest.mark.skipif(not HEAD_CT.is_file(), reason=f"{HEAD_CT} is missing: apt-get install invesalius-examples "
+                    "(make test installs it when it can)")
+def test_cranium_inv3_face_is_anterior():
+    """Debian's Cranium.inv3 read as LPS: the teeth (brightest voxels of the lowest slices) lie in front of the
+    middle of the head and in its lowest 20 mm."""
+    img = read_image(HEAD_CT)
+    assert img.array.shape == (108, 256, 256) and np.allclose(img.spacing, (0.957031, 0.957031, 1.5), atol=1e-5)
+    head = np.argwhere(img.array > -300)[:, ::-1]  # (i, j, k)
+    teeth = np.argwhere(img.array[:8] > 1800)[:, ::-1]
+    y_head, y_teeth = img.physical_points(head)[:, 1], img.physical_points(teeth)[:, 1]
+    middle = (y_head.min() + y_head.max()) / 2
+    assert len(teeth) > 500 and np.all(y_teeth < middle)  # LPS: anterior = smaller y
 
 
 def test_full_circle():

@@ -5,14 +5,13 @@
   the benchmark and never seen in training;
 - the shared TotalSegmentator DICOM CT (512 x 512 x 20 at 0.98 x 0.98 x 2 mm), all of it (a 40 mm slab);
 - the head CT of Debian's ``invesalius-examples`` (``Cranium.inv3``, 256 x 256 x 108 at 0.96 x 0.96 x 1.5 mm), when
-  installed (``apt-get install invesalius-examples``).
+  installed (``apt-get install invesalius-examples``; read by :func:`deepsegrecon.io.read_inv3`, rows posterior ->
+  anterior).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import plistlib
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..image import Image
+from ..io import read_inv3  # noqa: F401  (the shared reader; re-exported: it used to live here)
 
 GRID_MM = 2.0
 HELDOUT_SLICES = 64  # of the chest CT on the 2 mm grid: 128 mm
@@ -36,25 +36,6 @@ def dicom_ct_dir(shared: Path = None) -> Path:
 
 
 HEAD_CT = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
-
-
-def read_inv3(path) -> Image:
-    """The CT volume of an InVesalius project (``.inv3``: a gzipped tar with ``main.plist`` and a raw ``matrix.dat``)."""
-    from ..errors import InputError
-
-    try:
-        with tarfile.open(path, "r:gz") as tar:
-            files = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-            info = plistlib.loads(tar.extractfile(files["main.plist"]).read())
-            m = info["matrix"]
-            raw = tar.extractfile(files[m["filename"]]).read()
-    except (OSError, KeyError, tarfile.TarError, plistlib.InvalidFileException) as e:
-        raise InputError(f"{path} is not a readable InVesalius project: {e}") from e
-    shape = tuple(int(n) for n in m["shape"])  # (k, j, i)
-    arr = np.frombuffer(raw, dtype=np.dtype(m["dtype"]).newbyteorder("<"))
-    if arr.size != int(np.prod(shape)):
-        raise InputError(f"{path}: matrix has {arr.size} voxels, its header says {shape}")
-    return Image(arr.reshape(shape).astype(np.float32), tuple(float(s) for s in info["spacing"]))
 
 
 def resample_iso(image: Image, spacing: float = GRID_MM) -> Image:

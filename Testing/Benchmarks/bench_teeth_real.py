@@ -1,0 +1,72 @@
+"""Segment Teeth on real anatomy (issue 19).
+
+- ``teeth_real_cranium``: the shipped teeth pipeline (``deepsegrecon teeth`` in its own process, on the CPU) on
+  Debian's ``Cranium.inv3`` (a real head CT, read with its true orientation), scored against the reference labelling
+  of its upper teeth made by ``Testing/Data/make_cranium_teeth_reference.py``: teeth found, FDI agreement up to a
+  left-right mirror, Dice per tooth, where the claimed teeth lie, wall time and peak memory. The bar: at least 10
+  upper teeth found in the mouth, no lower teeth, no tooth voxel more than 20 mm above the lowest slice or in the
+  back half of the head. Needs ``apt-get install invesalius-examples``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from run_benchmarks import ROOT, bench
+
+
+def _reference_module():
+    path = ROOT / "Testing" / "Data" / "make_cranium_teeth_reference.py"
+    spec = importlib.util.spec_from_file_location("make_cranium_teeth_reference", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@bench
+def bench_teeth_real_cranium(out: Path) -> dict:
+    """Shipped teeth weights on the real head CT Cranium.inv3 (upper teeth only), against the reference labelling."""
+    from deepsegrecon.segio import read_seg_nrrd
+    from deepsegrecon.store import ModelStore
+
+    R = _reference_module()
+    if not R.CRANIUM.is_file():
+        raise RuntimeError(R.MISSING)
+    ct = R.read_cranium()
+    ref = R.on_grid(R.load_reference(), ct)
+    model = ModelStore().get("teeth")
+    threads = os.environ.get("OMP_NUM_THREADS")
+    with tempfile.TemporaryDirectory(prefix="bench-cranium-") as d:
+        d = Path(d)
+        cmd = [sys.executable, "-m", "deepsegrecon", "teeth", str(R.CRANIUM), "-o", str(d / "out"), "--device", "cpu"]
+        t = time.perf_counter()
+        with open(d / "log.txt", "w+") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory, not the earlier benches'
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            wall = time.perf_counter() - t
+            log.seek(0)
+            log_text = log.read()
+        peak = usage.ru_maxrss / 1024.0
+        if proc.returncode not in (0, 2):  # 2: the result withheld as no dental arch (an input error)
+            raise RuntimeError(f"deepsegrecon teeth failed ({proc.returncode}):\n{log_text[-3000:]}")
+        pred = R.on_grid(read_seg_nrrd(d / "out" / "Cranium.seg.nrrd").labelmap, ct) if proc.returncode == 0 else None
+    run = {"model": model.version, "exit_code": proc.returncode, "wall_s": round(wall, 1),
+           "peak_rss_mb": round(peak, 1), "torch_threads": int(threads) if threads else "default",
+           "log_tail": log_text[-800:]}
+    if pred is None:  # the result withheld: nothing was claimed
+        pred = np.zeros(ct.array.shape, np.uint8)
+        run["withheld"] = next((ln for ln in log_text.splitlines() if ln.startswith("error:")), "exit code 2")
+    scores = R.compare(pred, ref, ct)
+    return {**run, **scores, "scan": f"{R.CRANIUM.name} (Debian invesalius-examples), {ct.array.shape[::-1]} voxels "
+            f"of {' x '.join(f'{s:.3f}' for s in ct.spacing)} mm, direction diag(1, -1, 1)",
+            "reference": "Testing/Data/cranium_upper_teeth.seg.nrrd (threshold, seeded watershed, FDI up to mirror)",
+            "bar": f">= {R.MIN_TEETH_FOUND} upper teeth found (Dice >= {R.FOUND_DICE}), no lower teeth, no tooth voxel "
+                   f"> {R.MAX_HEIGHT_MM:g} mm above the lowest slice or in the back half of the head"}
