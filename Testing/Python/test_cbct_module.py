@@ -39,8 +39,10 @@ def test_module_logic_is_the_scene_logic(module, tmp_path):
     from deepsegrecon.errors import InputError
     from deepsegrecon.scene.cbct import ReconstructCBCTLogic as SceneLogic
 
-    assert module.findResource("UI/ReconstructCBCT.ui") == str(ROOT / "Resources" / "UI" / "ReconstructCBCT.ui")
-    assert module.findResource("Icons/ReconstructCBCT.png")
+    from DeepSegReconCommon.TaskWidget import findResource  # the module put DeepSegReconCommon on the path
+
+    assert findResource("UI/ReconstructCBCT.ui") == str(ROOT / "Resources" / "UI" / "ReconstructCBCT.ui")
+    assert findResource("Icons/ReconstructCBCT.png")
     logic = module.ReconstructCBCTLogic(python=sys.executable)
     assert isinstance(logic, SceneLogic) and isinstance(logic, module.ScriptedLoadableModuleLogic)
     assert logic.moduleName == "ReconstructCBCT" and logic.task_name == "cbct-recon"
