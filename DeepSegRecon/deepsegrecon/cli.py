@@ -144,6 +144,13 @@ def cmd_teeth(args) -> int:
     print(f"{inp.name}: {len(teeth)} {'tooth' if len(teeth) == 1 else 'teeth'} found (FDI): "
           f"{' '.join(str(t) for t in teeth) or 'none'}")
     print(f"absent teeth: {' '.join(str(a).removeprefix('tooth_') for a in absent) or 'none'}")
+    implausible = result.report.get("dropped_implausible") or []
+    if implausible:
+        print(f"dropped {len(implausible)} implausible piece{'s' if len(implausible) != 1 else ''} "
+              "(not counted as teeth):")
+        for d in implausible:
+            print(f"  numbered {d['numbered_as']} at LPS ({', '.join(f'{c:.0f}' for c in d['centroid_lps'])}) mm, "
+                  f"{d['volume_mm3']:.0f} mm3: {d['reason']}")
     if other:
         print(f"other segments: {', '.join(other)}")
     for entry in written:

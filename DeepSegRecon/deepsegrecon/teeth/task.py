@@ -4,15 +4,19 @@ Pipeline (all in the canonical S/P/L re-indexing of the input grid, see :mod:`.n
 
 1. stage 1, whole volume at about 1 mm: background / maxilla / mandible / teeth;
 2. stage 2, teeth bounding box (+ margin) at about 0.5 mm: background + 16 tooth classes
-   (jaw x position), with coordinate channels measured from the stage-1 teeth box;
+   (jaw x position), with coordinate channels measured from the stage-1 teeth box; the box is cut to the
+   dentition-sized window that holds most stage-1 teeth (:func:`.plausible.dental_window`);
 3. instance split and FDI numbering in physical space, borders between teeth re-decided at the
-   stage-2 image's dark gaps between roots (:mod:`.postprocess`);
+   stage-2 image's dark gaps between roots (:mod:`.postprocess`); then the plausibility gate
+   (:func:`.plausible.gate`): pieces that are no teeth are dropped and reported, and with no dental arch
+   left the result is withheld (:class:`.plausible.NoTeethFound`, exit code 2);
 4. back to the input grid: teeth by linear interpolation of the stage-2 teeth probability with each
    voxel given its nearest tooth instance, bones by linear interpolation of the stage-1
    probabilities; slab by slab, so memory stays bounded;
 5. tooth surfaces re-decided at the input resolution from the image (:mod:`.refine`).
 
-The labelmap is on exactly the input grid (shape, spacing, origin, direction).
+The labelmap is on exactly the input grid (shape, spacing, origin, direction). Memory is estimated before
+anything large is allocated (:func:`check_memory`): a run that would need more than 4 GiB is refused (exit code 5).
 """
 
 from __future__ import annotations
@@ -25,18 +29,30 @@ import numpy as np
 import torch
 
 from ..device import CHOICES, amp_enabled, resolve_device
-from ..errors import InputError, ModelError
+from ..errors import InputError, ModelError, ResourceError
 from ..image import Image
 from ..task import InputSpec, SegmentationResult, Task, TaskContext, register
 from . import labels as L
 from .nets import (build_nets, canonical_frame, coarse_centres, coord_channels, grid_size, load_weights,
                    normalise, resample, teeth_reference, upsample_slab)
+from .plausible import DENTAL_BOX_MM, NoTeethFound, dental_window, gate, measure_pieces, no_teeth_message
 from .postprocess import postprocess
 from .refine import refine_surface
 
 TASK = "teeth"
 WEIGHT_FILES = ("stage1.pt", "stage2.pt")
 STAGES = {"prepare": 6, "stage1": 14, "stage2": 45, "instances": 15, "output": 20}
+
+MEMORY_LIMIT = 4 * 2**30  # bytes: the most a run may use, whatever the size of the input
+STAGE1_TTA_MAX_VOXELS = 16e6  # stage 1's mirrored pass only up to about a whole head at 1 mm (time, memory)
+PROCESS_BYTES = int(0.7 * 2**30)  # Python, torch, MONAI, SciPy and the two networks
+# Bytes per voxel (float32 throughout), from the resident memory sampled during runs on phantoms, a head CT, an
+# abdominal CT and a 512 x 512 x 133 chest CT, rounded up.
+PER_INPUT_VOXEL = 10  # the canonical and normalised copies of the input, the labelmap and its re-indexed copy
+PER_STAGE1_VOXEL = {True: 60, False: 35}  # input, logits (with the mirrored pass or not), stitching, probabilities
+PER_STAGE1_KEPT = 17  # the stage-1 probabilities and labels, kept to the end
+PER_STAGE2_VOXEL = 300  # 4 input channels, 17-class logits of both passes, stitching, probabilities, instances
+PER_REFINE_VOXEL = 80  # input voxels in the stage-2 box: distance maps and nearest-voxel indices
 
 
 @dataclass
@@ -180,6 +196,38 @@ def assemble(shape, probs1, fg2, fdi2, lo, hi, n2, step=None) -> np.ndarray:
     return out
 
 
+def memory_need(image: Image, net_cfg: dict, tta: bool = True, box=None) -> int:
+    """Bytes a run on ``image`` needs at its peak: the process (libraries, weights), the input and its copies, and
+    the larger of stage 1 over the whole field and, once its box is known (``box``: the stage-2 box's size in
+    canonical input voxels), stage 2 and the output with the stage-1 results they keep."""
+    can = canonical_frame(image)
+    sp = np.array(can.spacing)
+    shape = np.array([image.array.shape[p] for p in can.perm])
+    n1 = float(np.prod(grid_size(shape, sp, float(net_cfg["stage1"]["spacing_mm"]))))
+    peak = n1 * PER_STAGE1_VOXEL[bool(tta and n1 <= STAGE1_TTA_MAX_VOXELS)]
+    if box is not None:
+        n2 = float(np.prod(grid_size(box, sp, float(net_cfg["stage2"]["spacing_mm"]))))
+        peak = max(peak, n1 * PER_STAGE1_KEPT + max(n2 * PER_STAGE2_VOXEL, float(np.prod(box)) * PER_REFINE_VOXEL))
+    return int(PROCESS_BYTES + image.array.nbytes + shape.prod() * PER_INPUT_VOXEL + peak)
+
+
+def check_memory(image: Image, net_cfg: dict, tta: bool = True, box=None) -> None:
+    """Refuse (exit code 5), before allocating, a run that would need more than :data:`MEMORY_LIMIT` or more than
+    the memory available: up front for stage 1, then with the stage-2 box (see :func:`memory_need`)."""
+    import psutil
+
+    need = memory_need(image, net_cfg, tta, box)
+    available = psutil.virtual_memory().available
+    if need > MEMORY_LIMIT or need - PROCESS_BYTES - image.array.nbytes > available:
+        where = (f"the {MEMORY_LIMIT / 2**30:.0f} GiB a teeth run may use" if need > MEMORY_LIMIT
+                 else f"the {available / 2**30:.1f} GiB of memory available")
+        size = " x ".join(str(n) for n in image.array.shape[::-1])
+        what = "the image" if box is None else "the teeth region of the image"
+        raise ResourceError(f"{what} ({size} voxels) is too large to segment: it would need about "
+                            f"{need / 2**30:.1f} GiB, more than {where}; crop it to the jaws or resample it to "
+                            "coarser voxels")
+
+
 def segment(image: Image, model: TeethModel, device="cpu", step: Optional[Callable] = None, amp: bool = True,
             overlap2: float = 0.35, tta: bool = True) -> SegmentationResult:
     """Segment teeth, maxilla and mandible in ``image`` (HU-like CBCT) with ``model``.
@@ -191,6 +239,7 @@ def segment(image: Image, model: TeethModel, device="cpu", step: Optional[Callab
     timings = {}
     t_all = t0 = time.perf_counter()
     step("prepare", 0.0, "re-indexing")
+    check_memory(image, net_cfg, tta)  # before any large allocation
     can = canonical_frame(image)
     arr = can.to_canonical(image.array)
     sp = np.array(can.spacing)
@@ -206,61 +255,75 @@ def segment(image: Image, model: TeethModel, device="cpu", step: Optional[Callab
     step("prepare", 1.0)
     timings["prepare_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    tta1 = tta and float(np.prod(n1)) <= STAGE1_TTA_MAX_VOXELS
     logits1 = _sliding_tta(model.net1, x1[None], c1["roi"], device, amp, 0.25,
-                           lambda f: step("stage1", f, "stage 1: jaws and teeth"), tta)[0]
+                           lambda f: step("stage1", f, "stage 1: jaws and teeth"), tta1)[0]
     probs1 = torch.softmax(logits1, 0)
     del logits1, x1
     lab1 = torch.argmax(probs1, 0).numpy()
     timings["stage1_s"] = time.perf_counter() - t0
 
-    teeth1 = _largest_teeth(lab1 == L.STAGE1_TEETH, float(np.prod(sp * shape / np.array(n1))))
-    info = {}
-    fdi2 = fg2 = None
-    lo = hi = n2 = None
+    sp1 = sp * shape / np.array(n1)
+    teeth1 = _largest_teeth(lab1 == L.STAGE1_TEETH, float(np.prod(sp1)))
+    # stage 2 only inside the dentition-sized window that holds most stage-1 teeth: bounded time and memory
+    teeth1, _ = dental_window(teeth1, sp1)
+    if not teeth1.any():
+        raise NoTeethFound(no_teeth_message(gate({})[2]))
     t0 = time.perf_counter()
-    if teeth1.any():
-        c2 = net_cfg["stage2"]
-        lo, hi, ref = stage2_box(teeth1, shape, n1, sp, float(c2["margin_mm"]))
-        n2 = tuple(max(n, 8) for n in grid_size(hi - lo, sp, float(c2["spacing_mm"])))
-        crop = torch.from_numpy(np.ascontiguousarray(arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]))
-        img2 = resample(normalise(crop, net_cfg)[None], n2)
-        del crop
-        coords = coord_channels(lo, hi, n2, sp, ref, float(c2.get("coord_scale_mm", 30.0)))
-        x2 = torch.cat([img2, coords], 0)[None]
-        img2 = img2[0].numpy()  # kept: its dark gaps between roots place the borders between teeth
-        del coords
-        logits2 = _sliding_tta(model.net2, x2, c2["roi"], device, amp, overlap2,
-                               lambda f: step("stage2", f, "stage 2: tooth classes"), tta)[0]
-        del x2
-        probs2 = torch.softmax(logits2, 0).numpy()
-        del logits2
-        timings["stage2_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        step("instances", 0.0, "splitting and numbering teeth")
-        sp2 = (hi - lo) * sp / np.array(n2)
-        mid_hint = (ref[2] - lo[2] + 0.5) * n2[2] / (hi[2] - lo[2]) - 0.5
-        fg2 = 1.0 - probs2[0]
-        fdi2, info = postprocess(fg2, probs2[1:], tuple(sp2), grid_mapper(image, can, lo, hi, n2), mid_hint,
-                                 step=lambda f: step("instances", f, "splitting and numbering teeth"), image=img2)
-        del probs2, img2
-        timings["instances_s"] = time.perf_counter() - t0
-        step("instances", 1.0)
-    else:
-        timings["stage2_s"] = timings["instances_s"] = 0.0
+    c2 = net_cfg["stage2"]
+    lo, hi, ref = stage2_box(teeth1, shape, n1, sp, float(c2["margin_mm"]))
+    check_memory(image, net_cfg, tta, hi - lo)  # before stage 2 allocates
+    n2 = tuple(max(n, 8) for n in grid_size(hi - lo, sp, float(c2["spacing_mm"])))
+    crop = torch.from_numpy(np.ascontiguousarray(arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]))
+    img2 = resample(normalise(crop, net_cfg)[None], n2)
+    del crop
+    coords = coord_channels(lo, hi, n2, sp, ref, float(c2.get("coord_scale_mm", 30.0)))
+    x2 = torch.cat([img2, coords], 0)[None]
+    img2 = img2[0].numpy()  # kept: its dark gaps between roots place the borders between teeth
+    del coords
+    logits2 = _sliding_tta(model.net2, x2, c2["roi"], device, amp, overlap2,
+                           lambda f: step("stage2", f, "stage 2: tooth classes"), tta)[0]
+    del x2
+    probs2 = torch.softmax(logits2, 0).numpy()
+    del logits2
+    timings["stage2_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    step("instances", 0.0, "splitting and numbering teeth")
+    sp2 = (hi - lo) * sp / np.array(n2)
+    mid_hint = (ref[2] - lo[2] + 0.5) * n2[2] / (hi[2] - lo[2]) - 0.5
+    fg2 = 1.0 - probs2[0]
+    mapper = grid_mapper(image, can, lo, hi, n2)
+    fdi2, info = postprocess(fg2, probs2[1:], tuple(sp2), mapper, mid_hint,
+                             step=lambda f: step("instances", f, "splitting and numbering teeth"), image=img2)
+    del probs2
+    # the plausibility gate: pieces without a tooth's size, shape and brightness, or off the dental arch, are dropped;
+    # with no arch left, nothing is segmented
+    pieces = measure_pieces(fdi2, mapper, float(np.prod(sp2)), img2, float(net_cfg["intensity"]["scale"]))
+    del img2
+    _, dropped, verdict = gate(pieces)
+    if verdict:
+        raise NoTeethFound(no_teeth_message(verdict))
+    if dropped:
+        gone = np.isin(fdi2, list(dropped))
+        fdi2[gone] = 0
+        fg2[gone] = 0.0
+    info["implausible"] = [{"numbered_as": int(k), "centroid_lps": [round(float(c), 1) for c in pieces[k]["centroid"]],
+                            "volume_mm3": round(pieces[k]["volume_mm3"], 1), "reason": why}
+                           for k, why in sorted(dropped.items())]
+    timings["instances_s"] = time.perf_counter() - t0
+    step("instances", 1.0)
 
     # ---------------- back to the input grid
     t0 = time.perf_counter()
     out = assemble(shape, probs1, fg2, fdi2, lo, hi, n2, step)
     del probs1, fg2, fdi2
-    if lo is not None:
-        refine_surface(out, arr, sp, (lo, hi))
+    refine_surface(out, arr, sp, (lo, hi))
     labelmap = can.from_canonical(out)
     del out
     timings["output_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_all
     grids = {"input_spacing_mm": list(image.spacing), "stage1_shape": list(n1),
-             "stage2_shape": list(n2) if n2 is not None else None,
-             "stage2_box_canonical": [lo.tolist(), hi.tolist()] if lo is not None else None}
+             "stage2_shape": list(n2), "stage2_box_canonical": [lo.tolist(), hi.tolist()]}
     return make_result(image, labelmap, info, {"model": model.version, "device": str(device),
                                                "timings_s": {k: round(v, 2) for k, v in timings.items()},
                                                "grids": grids})
@@ -289,6 +352,7 @@ def make_result(image: Image, labelmap: np.ndarray, info: dict, extra: dict) -> 
         "bones": {L.segment_name(v): {"volume_mm3": round(float(counts[v] * vox), 1)}
                   for v in (L.MAXILLA, L.MANDIBLE) if counts[v] > 0},
         "dropped_fragments": sum(1 for d in instances.values() if not d.get("fdi")),
+        "dropped_implausible": (info or {}).get("implausible", []),
         "midline_lps": (info or {}).get("midline"),
     }
     return SegmentationResult(result_img, L.segment_infos(present), absent, report)
