@@ -8,7 +8,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 DEMO_OUT ?= demo-output
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-data bench check-platforms lock weights clean
+.PHONY: venv demo test test-data bench check-platforms lock weights weights-brain clean
 
 venv: $(VENV)/.installed
 
@@ -76,6 +76,14 @@ weights: venv
 	$(WEIGHTS_ENV) $(VENV)/bin/deepsegrecon models average teeth phantom-v1 phantom-v1-ft100 phantom-v1-ft60 \
 		--name phantom-v2
 	cp -r $(WEIGHTS_OUT)/home/models/teeth/phantom-v2 $(WEIGHTS_OUT)/
+
+# Reproduce the default brain-tumor weights (real-v1: real BraTS patients of ../shared/data, fixed split) in
+# $(BRAIN_OUT)/store/brain-tumor/real-v1; resumable (add --resume). A wall-clock budget, so the step count depends on
+# the machine. The paper's configuration on a GPU: BRAIN_ARGS="--device cuda --init-filters 32 --crop 96 128 96".
+BRAIN_OUT ?= build/brain-weights
+BRAIN_ARGS ?= --threads 1
+weights-brain: venv
+	nice $(PY) -m deepsegrecon.brain.train_real --out $(BRAIN_OUT) --minutes 110 --val-every 300 $(BRAIN_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) bench-results .pytest_cache

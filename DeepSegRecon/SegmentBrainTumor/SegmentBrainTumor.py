@@ -63,9 +63,10 @@ segmentation, the model version and the device, and click <b>Segment Tumour</b>.
 resampled onto the first one. The panel says which inputs were used. <b>Cancel</b> leaves the scene as it was.</li>
 <li><b>Improve the model</b>: add corrected cases to the training set and fine-tune a new model version.</li>
 </ol>
-<p><b>Honest status of the weights:</b> the shipped weights are a CPU-sized version of the network trained
-<b>only on synthetic tumour phantoms</b> built on the MNI152 brain template, not on patient scans. Accuracy figures
-are measured on held-out phantoms. Do not use them for diagnosis.</p>
+<p><b>Honest status of the weights:</b> the default weights (real-v1) are a CPU-sized version of the network
+trained at 2 mm on 26 real glioma patients (BraTS); on 6 held-out patients they score Dice WT 0.87, TC 0.71,
+ET 0.64. Inputs must be skull-stripped and co-registered, as BraTS distributes them. Do not use them for
+diagnosis.</p>
 """
         self.parent.acknowledgementText = """
 DeepSegRecon builds on 3D Slicer, PyTorch and MONAI. Network: A. Myronenko, "3D MRI brain tumor segmentation using
@@ -178,7 +179,8 @@ class SegmentBrainTumorTest(ScriptedLoadableModuleTest):
         p = make_phantom(100_005)
         nodes = {m: image_to_volume_node(slicer.mrmlScene, img, f"phantom {m}") for m, img in p["images"].items()}
         logic = SegmentBrainTumorLogic()
-        seg, table = logic.run({"t1c": nodes["t1c"], "flair": nodes["flair"]}, {"device": "cpu"}, timeout=900)
+        seg, table = logic.run({"t1c": nodes["t1c"], "flair": nodes["flair"]}, {"device": "cpu", "model": "phantom-v1"},
+                               timeout=900)
         names = [seg.GetSegmentation().GetNthSegment(i).GetName()
                  for i in range(seg.GetSegmentation().GetNumberOfSegments())]
         self.assertEqual(names, ["enhancing_tumor", "tumor_core", "whole_tumor"])

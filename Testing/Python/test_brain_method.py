@@ -116,7 +116,7 @@ def test_loss_is_dice_plus_l2_plus_kl_and_kl_falls():
 def test_shipped_training_history_kl_and_loss_fell():
     from deepsegrecon.store import ModelStore
 
-    m = ModelStore().get("brain-tumor").manifest
+    m = ModelStore().get("brain-tumor", "phantom-v1").manifest
     first, last = m["training"]["first_terms"], m["training"]["final_terms"]
     assert last["loss"] < first["loss"] and last["dice"] < first["dice"]
     assert last["kl"] < first["kl"] or last["kl"] < 0.05

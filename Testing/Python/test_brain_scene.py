@@ -34,7 +34,8 @@ def _count(mrml, cls):
 
 def test_flair_and_t1c_give_region_segments_and_volume_table(setup, phantom):
     mrml, nodes, logic = setup
-    out = logic.run({"t1": None, "t1c": nodes["t1c"], "t2": None, "flair": nodes["flair"]}, {"device": "cpu"},
+    out = logic.run({"t1": None, "t1c": nodes["t1c"], "t2": None, "flair": nodes["flair"]},
+                    {"device": "cpu", "model": "phantom-v1"},  # a phantom: the phantom-trained weights
                     timeout=600)
     seg, table = out
     assert isinstance(seg, slicer.vtkMRMLSegmentationNode) and isinstance(table, slicer.vtkMRMLTableNode)

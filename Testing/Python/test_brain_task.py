@@ -32,7 +32,7 @@ def model():
     from deepsegrecon.brain.task import load_model
     from deepsegrecon.store import ModelStore
 
-    return load_model(ModelStore().get("brain-tumor"))
+    return load_model(ModelStore().get("brain-tumor", "phantom-v1"))  # the phantom floors are phantom-v1's
 
 
 def _dice(res, truth):
@@ -103,7 +103,7 @@ def test_cli_writes_region_segments_volumes_and_preview(capsys, phantom_dir, tmp
 
     out = tmp_path / "out"
     args = [f"--{m}={phantom_dir / (m + '.nrrd')}" for m in ("t1", "t1c", "t2", "flair")]
-    code, stdout, err = run(capsys, "brain-tumor", *args, "-o", out)
+    code, stdout, err = run(capsys, "brain-tumor", *args, "-o", out, "--model", "phantom-v1")  # phantom weights
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["case-007.seg.nrrd", "case-007_preview.png",
                                                        "case-007_volumes.csv"]
@@ -124,7 +124,7 @@ def test_cli_writes_region_segments_volumes_and_preview(capsys, phantom_dir, tmp
     # BraTS labels on request
     out2 = tmp_path / "out2"
     code, stdout, err = run(capsys, "brain-tumor", f"--flair={phantom_dir / 'flair.nrrd'}",
-                            f"--t1c={phantom_dir / 't1c.nrrd'}", "-o", out2, "--labels", "brats")
+                            f"--t1c={phantom_dir / 't1c.nrrd'}", "-o", out2, "--labels", "brats", "--model", "phantom-v1")
     assert code == 0, err
     from deepsegrecon.segio import read_seg_nrrd
 
@@ -215,15 +215,12 @@ def test_real_brats2023_case_end_to_end(real_case):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the shipped phantom-trained weights miss this case's tumour (README); "
-                   "strict: a model that finds it makes this test pass and the mark must then go")
 def test_real_brats2023_tumour_where_the_image_shows_it(real_case):
     """There is no ground truth, so the tumour's place is checked against the image itself: the case has one
     large mass whose oedema makes FLAIR abnormally bright in one hemisphere. The whole tumour must be a plausible
     glioma volume, mostly one connected piece, on the side where FLAIR is abnormally bright, and much brighter on
-    FLAIR than the brain on average. phantom-v1 fails it (it labels the brain's outer rim and the falx: 70 % of its
-    WT in the wrong hemisphere, mean FLAIR z-score -0.1); so did a 35-minute retrain on anatomically varied
-    phantoms (branch brain2: it marks the mass but keeps a false core on the T1c-bright venous sinuses instead)."""
+    FLAIR than the brain on average. phantom-v1 failed it (it labels the brain's outer rim and the falx: 70 % of its
+    WT in the wrong hemisphere, mean FLAIR z-score -0.1); the default weights, trained on real patients, pass."""
     from scipy import ndimage as ndi
 
     flair, ml = real_case["flair"], real_case["ml"]

@@ -1,10 +1,10 @@
 """The ``brain-tumor`` task: T1, T1c, T2, FLAIR (at least FLAIR and T1c) -> necrosis / oedema / enhancing
 tumour labelmap (BraTS 2023 values 1 / 2 / 3) on the first input's grid, and the nested regions' volumes.
 
-Steps: inputs on a common grid, z-score over brain voxels, the model's isotropic grid, sliding-window
-SegResNet (sigmoid ET / TC / WT), probabilities back to the input grid (linear), threshold 0.5 with nesting
-enforced (ET within TC within WT) and kept inside the brain (non-zero voxels of any input); specks are dropped:
-the core is its largest connected component and the whole tumour the components that touch it.
+Steps: inputs on a common grid, each brain averaged onto the model's isotropic grid and normalised there
+(:func:`.preprocess.to_network_input`), sliding-window SegResNet (sigmoid ET / TC / WT), probabilities back to
+the input grid (linear), a threshold with nesting enforced (ET within TC within WT) inside the brain, and
+specks dropped (:func:`drop_specks`); the version's manifest ("postprocess") sets the threshold and rule.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ WEIGHT_FILE = "model.pt"
 MODALITIES = ("t1", "t1c", "t2", "flair")
 REQUIRED = ("t1c", "flair")
 STAGES = {"prepare": 15, "network": 65, "output": 20}
+# Post-processing of a version whose manifest names none (phantom-v1); real-data versions record theirs.
+POSTPROCESS = {"threshold": 0.5, "min_ml": 0.0, "largest_core": True}
 
 
 @dataclass
@@ -86,23 +88,28 @@ def check_inputs(images: dict) -> None:
         check_image(img, f"input {name}", ndim=3)
 
 
-def segment(images: dict, model: BrainModel, device="cpu", step: Optional[Callable] = None,
-            overlap: float = 0.25) -> SegmentationResult:
-    """Segment a brain tumour in ``images`` ({modality: Image}); see the module docstring."""
+def predict(images: dict, model: BrainModel, device="cpu", step: Optional[Callable] = None,
+            overlap: float = 0.25) -> dict:
+    """The network's (3 [ET, TC, WT], ...) probabilities on the first input's grid, with that grid ("ref"), the
+    brain mask, the model grid, the inputs used and timings."""
     from ..inference import sliding_window
 
     step = step or (lambda stage, fraction=0.0, message="": None)
     device = torch.device(device)
-    t_all = t0 = time.perf_counter()
+    t0 = time.perf_counter()
     net_cfg = model.network
     mods = list(net_cfg.get("modalities") or MODALITIES)
     order = [m for m in MODALITIES if m in images]
-    step("prepare", 0.0, "z-scoring the inputs")
-    x, grid, ref, brain, used = to_network_input({m: images[m] for m in order}, mods, float(net_cfg["spacing_mm"]))
+    step("prepare", 0.0, "normalising the inputs")
+    norm = str((model.manifest.get("input_spec") or {}).get("normalize") or "robust")
+    x, grid, ref, brain, used = to_network_input({m: images[m] for m in order}, mods, float(net_cfg["spacing_mm"]),
+                                                 "zscore" if norm.startswith("zscore") else "robust")
     timings = {"prepare_s": time.perf_counter() - t0}
     step("prepare", 1.0)
     t0 = time.perf_counter()
     roi = [int(r) for r in net_cfg["roi"]]
+    full, box = x.shape[2:], brain_box(x[0])  # the network sees the brain cropped, as in training
+    x = x[(slice(None), slice(None)) + box]
     size = x.shape[2:]
     pad = [max(0, r - s) for r, s in zip(roi, size)]
     if any(pad):
@@ -111,24 +118,69 @@ def segment(images: dict, model: BrainModel, device="cpu", step: Optional[Callab
                             progress=lambda f: step("network", f, "SegResNet (ET, TC, WT)"))[0]
     if any(pad):
         logits = logits[(slice(None),) + tuple(slice(p // 2, p // 2 + s) for p, s in zip(pad, size))]
-    probs = torch.sigmoid(logits).numpy()
+    probs = np.zeros((logits.shape[0],) + tuple(full), np.float32)
+    probs[(slice(None),) + box] = torch.sigmoid(logits).numpy()
     del logits, x
     timings["network_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     step("output", 0.0, "labels on the input grid")
     p = probabilities_to_ref(probs, grid, ref)
-    del probs
-    et, tc, wt = (p[i] > 0.5 for i in range(3))
-    et, tc, wt = keep_connected_tumour(et & brain, tc & brain, wt & brain)
+    timings["resample_s"] = time.perf_counter() - t0
+    return {"p": p, "ref": ref, "brain": brain, "grid": grid, "used": used, "timings": timings}
+
+
+def brain_box(x: torch.Tensor, margin: int = 4) -> tuple:
+    """Slices of the bounding box of the non-zero voxels of (C, k, j, i) ``x``, ``margin`` voxels wider."""
+    nz = np.argwhere(np.asarray((x != 0).any(0)))
+    if not len(nz):
+        return tuple(slice(0, n) for n in x.shape[1:])
+    lo, hi = np.maximum(nz.min(0) - margin, 0), np.minimum(nz.max(0) + margin + 1, x.shape[1:])
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def segment(images: dict, model: BrainModel, device="cpu", step: Optional[Callable] = None,
+            overlap: float = 0.25) -> SegmentationResult:
+    """Segment a brain tumour in ``images`` ({modality: Image}); see the module docstring."""
+    step = step or (lambda stage, fraction=0.0, message="": None)
+    t_all = time.perf_counter()
+    out = predict(images, model, device, step, overlap)
+    ref, grid, used, timings = out["ref"], out["grid"], out["used"], out["timings"]
+    t0 = time.perf_counter()
+    pp = model.manifest.get("postprocess")
+    post = {**POSTPROCESS, **(pp if isinstance(pp, dict) else {})}
+    et, tc, wt = regions_from_probabilities(out.pop("p"), out["brain"], ref.spacing, **post)
     lab = L.from_regions(et, tc, wt)
-    del p
     timings["output_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_all
     step("output", 1.0)
     return make_result(ref, lab, {"model": model.version, "device": str(device), "inputs_used": used,
                                   "inputs_missing": [m for m in MODALITIES if m not in used],
                                   "model_grid": {"shape_kji": list(grid.array.shape), "spacing_mm": list(grid.spacing)},
-                                  "timings_s": {k: round(v, 2) for k, v in timings.items()}})
+                                  "postprocess": post, "timings_s": {k: round(v, 2) for k, v in timings.items()}})
+
+
+def regions_from_probabilities(p: np.ndarray, brain: np.ndarray, spacing, threshold: float = 0.5,
+                               min_ml: float = 0.0, largest_core: bool = True):
+    """ET / TC / WT masks from (3, ...) probabilities: threshold inside the brain, nesting (ET in TC in WT),
+    then specks dropped. ``largest_core`` (phantom-v1's rule): :func:`keep_connected_tumour`. Otherwise every
+    component (26-connected) smaller than ``min_ml`` is dropped, core and whole tumour alike, so several
+    separate tumours (multifocal glioma) are all kept."""
+    from scipy import ndimage as ndi
+
+    et, tc, wt = ((p[i] > threshold) & brain for i in range(3))
+    if largest_core:
+        return keep_connected_tumour(et, tc, wt)
+    voxels = max(1, int(round(min_ml * 1000.0 / float(np.prod(spacing)))))
+    tc &= wt
+    full = np.ones((3, 3, 3), bool)
+    for mask in (wt, tc):
+        lab, n = ndi.label(mask, full)
+        if n:
+            small = np.bincount(lab.ravel()) < voxels
+            small[0] = False
+            mask[small[lab]] = False
+    tc &= wt
+    return et & tc, tc, wt
 
 
 def keep_connected_tumour(et, tc, wt):
