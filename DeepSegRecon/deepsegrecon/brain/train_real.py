@@ -169,7 +169,7 @@ def train(out: Path, minutes: float, init_filters: int = 16, crop=(64, 80, 64), 
     state = {"step": 0, "elapsed": 0.0, "best": -1.0, "best_step": 0, "history": [], "val": []}
     ck_path, best_path = out / "checkpoint.pt", out / "best.pt"
     if resume and ck_path.exists():
-        ck = torch.load(ck_path, weights_only=False)
+        ck = torch.load(ck_path, weights_only=True)
         net.load_state_dict(ck["net"])
         opt.load_state_dict(ck["opt"])
         state = ck["state"]
