@@ -59,29 +59,21 @@ def on_common_grid(images: dict) -> dict:
 
 
 def zscore(array: np.ndarray, mask: np.ndarray = None) -> np.ndarray:
-    """Z-score over the non-zero voxels (or ``mask``); the rest is 0."""
-    a = np.asarray(array, np.float32)
-    m = (a != 0) if mask is None else mask
-    if not m.any():
-        return np.zeros_like(a)
-    v = a[m]
-    mean, std = float(v.mean()), float(v.std())
-    out = np.zeros_like(a)
-    out[m] = (v - mean) / (std if std > 1e-8 else 1.0)
-    return out
+    """Z-score over the non-zero voxels (or ``mask``); the rest is 0 (:func:`normalize` without clipping)."""
+    return normalize(array, mask, clip=None)
 
 
 def normalize(array: np.ndarray, mask: np.ndarray = None, clip=(0.5, 99.5)) -> np.ndarray:
     """Robust z-score over the brain: intensities clipped to the ``clip`` percentiles of the brain voxels (the
-    non-zero ones, or ``mask``), then z-scored over them; the rest is 0. Affine-invariant, so raw scanner
-    values and already z-scored inputs give the same result."""
+    non-zero ones, or ``mask``; ``clip=None``: no clipping), then z-scored over them; the rest is 0.
+    Affine-invariant, so raw scanner values and already z-scored inputs give the same result."""
     a = np.asarray(array, np.float32)
     m = (a != 0) if mask is None else np.asarray(mask, bool)
     if not m.any():
         return np.zeros_like(a)
     v = a[m]
-    lo, hi = np.percentile(v, clip)
-    v = np.clip(v, lo, hi)
+    if clip is not None:
+        v = np.clip(v, *np.percentile(v, clip))
     mean, std = float(v.mean()), float(v.std())
     out = np.zeros_like(a)
     out[m] = (v - mean) / (std if std > 1e-8 else 1.0)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import labels as L
+from .evaluate import dice
 from .nets import BratsLoss, build_net, default_network, state_without_vae
 from .phantom import MODALITIES, make_phantom
 from .preprocess import zscore
@@ -64,11 +65,6 @@ def augment(x: np.ndarray, y: np.ndarray, rng, dropout: bool = True):
         for m in DROP_PATTERNS[rng.integers(1, len(DROP_PATTERNS))]:
             x[MODALITIES.index(m)] = 0.0
     return x, np.ascontiguousarray(y)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else float(2.0 * (a & b).sum() / s)
 
 
 def train_from_phantoms(out_dir, minutes: float = 20.0, seed: int = 0, init_filters: int = 8, crop=(32, 32, 32),
