@@ -5,3 +5,11 @@ which needs only the MRML libraries (the ``slicer-core`` wheel or Slicer itself)
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):  # the public runner, imported on first use (keeps ``import deepsegrecon`` light)
+    if name in ("run", "run_batch"):
+        from . import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module 'deepsegrecon' has no attribute '{name}'")

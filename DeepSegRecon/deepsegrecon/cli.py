@@ -13,6 +13,7 @@
     deepsegrecon finetune TASK --cases DIR --base VERSION --name NEW [--minutes M | --epochs E] [--device D]
                       [--image NAME=PATTERN ...] [--label-map FILE] [--val-fraction F] [--seed S]
     deepsegrecon add-case TASK --image NAME=PATH [...] --label LABEL -o CASEDIR [--roi MASK] [--label-map FILE]
+    deepsegrecon batch TASK INPUT... -o OUT [--shard K/N] [--jobs N] [--format F] [--set K=V ...]  (batch_cli.py)
 
 ``train`` / ``finetune`` run the engine's training tasks (:mod:`deepsegrecon.training.jobs`) in this process:
 per-epoch progress (loss, validation Dice, ETA) on stderr; Ctrl-C cancels and writes nothing. The new
@@ -36,7 +37,7 @@ from .errors import DeepSegReconError, InputError
 
 VISIBLE_COMMANDS = ["phantom", "teeth", "models", "train-teeth-phantoms", "train", "finetune", "add-case"]
 # Capabilities that own their subcommands: each module has ``COMMANDS`` (names) and ``add_parsers(sub)``.
-CAPABILITY_CLIS: tuple[str, ...] = (".slices.cli", ".cbct.cli", ".xray.cli", ".brain.cli")
+CAPABILITY_CLIS: tuple[str, ...] = (".slices.cli", ".cbct.cli", ".xray.cli", ".brain.cli", ".batch_cli")
 STEM_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".dcm")
 
 

@@ -1,0 +1,63 @@
+"""The public runner: one task on named inputs in this process, and the batch over many cases.
+
+    from deepsegrecon import run, run_batch
+    result = run("teeth", {"image": "cbct.nrrd"}, {"device": "cpu"}, progress=print)
+    summary = run_batch("teeth", ["/data/cbcts"], "/data/out", shard="1/4")
+
+The CLI (``deepsegrecon batch``), ``PythonSlicer`` scripts and the Slicer panel call the same functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from .image import Image
+
+
+def run(task: str, inputs: dict, params: Optional[dict] = None, *, progress: Optional[Callable[[dict], None]] = None,
+        cancel=None, model=None):
+    """Run ``task`` on ``inputs`` ({name: Image or path}) and return its result. ``progress`` gets event dicts
+    (stage, fraction, elapsed_s, eta_s, message); ``cancel`` is a :class:`~deepsegrecon.task.CancelToken`;
+    ``model`` an already checked :class:`~deepsegrecon.store.ModelEntry` (else ``params['model']`` / the default)."""
+    from .io import read_image
+    from .worker import run_inline
+
+    images = {name: v if isinstance(v, Image) else read_image(Path(v).expanduser()) for name, v in inputs.items()}
+    return run_inline(task, images, dict(params or {}), progress=progress, cancel=cancel, model=model)
+
+
+def run_batch(task: str, inputs, output, params: Optional[dict] = None, **options):
+    """Run ``task`` on every case found in ``inputs`` into ``output``; see :func:`deepsegrecon.batch.run_batch`."""
+    from .batch import run_batch as _run_batch
+
+    return _run_batch(task, inputs, output, params, **options)
+
+
+@contextlib.contextmanager
+def models_loaded_once(task_name: str):
+    """While inside, the task module's ``load_model(entry)`` builds each model version once and returns the same
+    networks to every later run in this process (the batch's "load once"). Yields the cache ({key: model})."""
+    from .worker import get_task
+
+    module = sys.modules.get(type(get_task(task_name)).__module__)
+    original = getattr(module, "load_model", None)
+    cache: dict = {}
+    if original is None or getattr(original, "_loaded_once", False):  # no model, or already cached
+        yield cache
+        return
+
+    def load_model(entry):
+        key = (str(entry.dir), entry.version, tuple(sorted(entry.files.items())))
+        if key not in cache:
+            cache[key] = original(entry)
+        return cache[key]
+
+    load_model._loaded_once = True
+    module.load_model = load_model
+    try:
+        yield cache
+    finally:
+        module.load_model = original
