@@ -39,11 +39,12 @@ PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 # Distribution names (as in requirements.in); versions come from the lock.
 ENGINE = ("monai", "scipy", "scikit-image", "pynrrd", "slicerio", "psutil")  # every worker job, beside torch
+DICOM_SEG = ("highdicom",)  # the batch's DICOM SEG output of a segmentation module
 MODULE_PACKAGES = {
-    "SegmentTeeth": ENGINE,
-    "SegmentSlices": ENGINE,
-    "ReconstructCBCT": ENGINE,
-    "SegmentBrainTumor": ENGINE,
+    "SegmentTeeth": ENGINE + DICOM_SEG,
+    "SegmentSlices": ENGINE + DICOM_SEG,
+    "ReconstructCBCT": ENGINE + ("itk-rtk",),  # RTK: projector and classical reconstructions (torch without it)
+    "SegmentBrainTumor": ENGINE + DICOM_SEG,
     "RegisterXray": ENGINE + ("diffdrr",),
 }
 # Only the module's self-test needs these (its test data or plots).
@@ -64,7 +65,7 @@ SLICER_SHIPPED = KEEP_INSTALLED + ("pydicom", "pillow", "requests", "certifi", "
                                    "urllib3", "packaging", "setuptools", "pip")
 DEVELOPMENT = ("slicer-core", "pytest", "pyside6-essentials", "shiboken6", "iniconfig", "pluggy", "pydicom-data")
 # Import names that differ from the distribution name.
-IMPORT_NAMES = {"scikit-image": "skimage", "pynrrd": "nrrd", "pydicom-data": "pydicom_data",
+IMPORT_NAMES = {"itk-rtk": "itk", "scikit-image": "skimage", "pynrrd": "nrrd", "pydicom-data": "pydicom_data",
                 "pyside6-essentials": "PySide6", "simpleitk": "SimpleITK"}
 
 _HERE = os.path.dirname(os.path.abspath(__file__))

@@ -9,6 +9,7 @@ module-logic base. The work runs in a worker process (``PythonSlicer``); the pan
 import os
 import sys
 
+import qt
 import slicer
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -20,6 +21,11 @@ from slicer.util import VTKObservationMixin
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 AUTO_MODEL = "automatic (by view count)"
+# (combo-box text, task method): the first sends none, so the task takes its default (SART on RTK)
+METHOD_CHOICES = (("default (best measured: SART)", None), ("DIF-Gaussian + data consistency", "dif-gaussian"),
+                  ("SART", "sart"), ("conjugate gradient", "cg"), ("ADMM-TV", "admm-tv"), ("FDK (Hann)", "fdk"))
+METRIC_LABELS = (("dif_gaussian", "DIF-Gaussian"), ("dif_gaussian_network_only", "network alone"),
+                 ("sart", "SART"), ("cg", "CG"), ("admm_tv", "ADMM-TV"), ("fdk", "FDK"))
 
 
 def setUpEngine():
@@ -54,9 +60,10 @@ class ReconstructCBCT(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["DeepSegRecon maintainers"]
         self.parent.helpText = """
-Reconstructs a CBCT volume from a few (6-10) cone-beam projections with DIF-Gaussian (a 2-D U-Net per view,
-12<sup>3</sup> learnt 3-D Gaussians and pixel-aligned features), next to the FDK reconstruction of the same
-projections.
+Reconstructs a CBCT volume from a few (6-10) cone-beam projections with the chosen <b>method</b>: SART (the default:
+the best measured), DIF-Gaussian (a 2-D U-Net per view, 12<sup>3</sup> learnt 3-D Gaussians and pixel-aligned
+features) followed by RTK data consistency, conjugate gradient, ADMM-TV or FDK; every method runs for comparison
+and the metrics line lists each one's PSNR/SSIM and time.
 <ol>
 <li><b>Simulate from a CT</b>: choose a CT volume and the number of views; projections are simulated with Poisson and
 electronic noise, and the CT is the reference for PSNR/SSIM.</li>
@@ -88,7 +95,7 @@ class ReconstructCBCTParameterNode:
     views: int = 10
     reference: slicer.vtkMRMLScalarVolumeNode
     projectionFolder: str = os.path.expanduser("~")
-    refineIterations: int = 4
+    refineIterations: int = 8  # RTK SART iterations after the network (methods.DC)
     device: str = "auto"
 
 
@@ -119,6 +126,10 @@ class ReconstructCBCTWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKOb
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.loadProjectionsButton.connect("clicked(bool)", self.onLoadProjectionsButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.methodComboBox = qt.QComboBox()
+        for text, _ in METHOD_CHOICES:
+            self.methodComboBox.addItem(text)
+        self.ui.refineSpinBox.parentWidget().layout().addRow("Method:", self.methodComboBox)
         self.setUpPanel()
 
     def updateButtons(self, *args):
@@ -139,7 +150,8 @@ class ReconstructCBCTWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKOb
     def onApplyButton(self):
         if self.busy or not self.ensureDependencies():
             return
-        params = {**self.modelParams(), "refine_iters": self.ui.refineSpinBox.value}
+        params = {**self.modelParams(), "refine_iters": self.ui.refineSpinBox.value,
+                  "method": METHOD_CHOICES[max(0, self.methodComboBox.currentIndex)][1]}
         with slicer.util.tryWithErrorDisplay("Reconstruct CBCT could not start.", waitCursor=True):
             self.logic.reconstruct(self.ui.inputVolumeSelector.currentNode(), self.ui.simulateRadioButton.checked,
                                    self.ui.viewsSpinBox.value, self.ui.referenceSelector.currentNode(), params)
@@ -170,10 +182,11 @@ def describeMetrics(report):
     m = (report or {}).get("metrics")
     if not m:
         return "No reference: no PSNR/SSIM."
-    return "  ".join(f"{label}: {m[key]['psnr_db']:.2f} dB, SSIM {m[key]['ssim']:.3f}"
-                     for key, label in (("dif_gaussian", "DIF-Gaussian"),
-                                        ("dif_gaussian_network_only", "network alone"), ("fdk", "FDK"))
-                     if key in m)
+    t = report.get("timings_s") or {}
+    head = f"{report['method']} ({report.get('backend')} backend)  " if report.get("method") else ""
+    return head + "  ".join(f"{label}: {m[key]['psnr_db']:.2f} dB, SSIM {m[key]['ssim']:.3f}"
+                            + (f", {t[key + '_s']:.1f} s" if key + "_s" in t else "")
+                            for key, label in METRIC_LABELS if key in m)
 
 
 # ---------------------------------------------------------------------------------------------- tests

@@ -50,6 +50,10 @@ def test_simulate_and_reconstruct_into_the_scene(setup):
     status = logic.wait(timeout=240)
     assert status["state"] == "succeeded", status
     recon, fdk, table = logic.output_nodes
+    from deepsegrecon.cbct.rtk_backend import available
+
+    expected = ("rtk", "sart") if available() else ("torch", "dif-gaussian")  # the worker's default
+    assert (logic.result.report["backend"], logic.result.report["method"]) == expected
     assert recon.GetName() == "phantom CBCT recon" and fdk.GetName() == "phantom CBCT fdk"
     for vol in (recon, fdk):
         img = volume_node_to_image(vol)
@@ -70,13 +74,14 @@ def test_projection_folder_and_bad_reference(setup, tmp_path):
     assert logic.geometry_of_node(proj_node) == geometry
     other = image_to_volume_node(scene, Image(ct.array, (1.0, 1.0, 1.0)), "other grid")
     before = _node_names(scene)
-    logic.reconstruct_from_projections(proj_node, other, {"device": "cpu"})
+    fast = {"device": "cpu", "backend": "torch", "compare": []}  # the torch path: no ITK load in the worker
+    logic.reconstruct_from_projections(proj_node, other, fast)
     status = logic.wait(timeout=240)
     assert status["state"] == "failed" and "reference has another geometry" in status["error"], status
     assert _node_names(scene) == before and logic.output_nodes == []
     with pytest.raises(InputError, match="no cone-beam geometry"):
         logic.reconstruct_from_projections(node)
-    logic.reconstruct_from_projections(proj_node, node, {"device": "cpu"})
+    logic.reconstruct_from_projections(proj_node, node, fast)
     status = logic.wait(timeout=240)
     assert status["state"] == "succeeded", status
     assert volume_node_to_image(logic.output_nodes[0]).same_grid(ct)

@@ -56,11 +56,16 @@ def test_simulate_then_reconstruct_from_the_saved_projections(capsys, tmp_path, 
                          "-o", tmp_path / "sim", "--device", "cpu")
     assert code == 0, err
     sim = tmp_path / "sim"
-    assert sorted(p.name for p in sim.iterdir()) == ["fdk.nrrd", "metrics.json", "preview.png", "projections",
-                                                     "recon.nrrd"]
+    m = json.loads((sim / "metrics.json").read_text())
+    default = m["method"].replace("-", "_")
+    others = {"dif_gaussian", "sart", "cg", "admm_tv"} - {default}
+    assert sorted(p.name for p in sim.iterdir()) == sorted(["fdk.nrrd", "metrics.json", "preview.png", "projections",
+                                                            "recon.nrrd"] + [f"{k}.nrrd" for k in others])
+    assert m["backend"] == "rtk" and set(m["metrics"]) >= {"fdk", "sart", "cg", "admm_tv", "dif_gaussian"}
+    assert all(f"{k}_s" in m["timings_s"] for k in others | {default, "fdk"})
+    assert f"backend: rtk, method: {m['method']}" in out
     recon, fdk = read_image(sim / "recon.nrrd"), read_image(sim / "fdk.nrrd")
     assert recon.same_grid(img) and fdk.same_grid(img)  # oblique direction, anisotropic spacing kept
-    m = json.loads((sim / "metrics.json").read_text())
     assert m["views"] == 8 and m["simulated"] and m["model"] == "tiny"
     for key in ("dif_gaussian", "fdk"):
         assert set(m["metrics"][key]) >= {"psnr_db", "ssim"}
@@ -70,7 +75,7 @@ def test_simulate_then_reconstruct_from_the_saved_projections(capsys, tmp_path, 
     stack, geo = read_projections(sim / "projections")
     assert stack.array.shape == (8, 40, 40) and geo.grid_image().same_grid(img)
     code, out, err = run(capsys, "cbct-recon", "--projections", sim / "projections", "--reference", path,
-                         "-o", tmp_path / "again", "--device", "cpu")
+                         "-o", tmp_path / "again", "--device", "cpu", "--compare", "none")
     assert code == 0, err
     again = read_image(tmp_path / "again" / "fdk.nrrd")
     assert again.same_grid(img) and np.abs(again.array - fdk.array).max() < 1.0  # HU
@@ -85,7 +90,8 @@ def test_fdk_improves_with_views_and_without_noise(tiny_model, ct):
     img, _ = ct
     psnr = {}
     for views, noise in ((6, True), (60, True), (60, False)):
-        r = run_inline("cbct-recon", {"ct": img}, {"views": views, "detector": 40, "noise": noise, "device": "cpu"})
+        r = run_inline("cbct-recon", {"ct": img}, {"views": views, "detector": 40, "noise": noise, "device": "cpu",
+                                                   "method": "fdk", "compare": [], "filter": "ram-lak"})
         psnr[(views, noise)] = r.report["metrics"]["fdk"]["psnr_db"]
         assert r.volumes["recon"].same_grid(img)
     assert psnr[(60, True)] > psnr[(6, True)] + 3
@@ -93,21 +99,22 @@ def test_fdk_improves_with_views_and_without_noise(tiny_model, ct):
 
 
 def test_data_consistency_steps_are_reported_and_can_be_turned_off(tiny_model, ct):
-    from deepsegrecon.cbct.recon import REFINE_ITERS
+    from deepsegrecon.cbct.methods import DC
     from deepsegrecon.errors import InputError
     from deepsegrecon.worker import run_inline
 
     img, _ = ct
-    params = {"views": 8, "detector": 40, "device": "cpu"}
+    params = {"views": 8, "detector": 40, "device": "cpu", "method": "dif-gaussian", "compare": []}
     full = run_inline("cbct-recon", {"ct": img}, params)
     plain = run_inline("cbct-recon", {"ct": img}, {**params, "refine_iters": 0})
-    assert full.report["refine_iters"] == REFINE_ITERS and plain.report["refine_iters"] == 0
+    assert full.report["refine_iters"] == DC["iters"] and plain.report["refine_iters"] == 0
+    assert full.report["methods"] == ["dif-gaussian", "fdk"] and DC["solver"] in full.report["data_consistency"]
     m = full.report["metrics"]
     assert "dif_gaussian_network_only" in m and "dif_gaussian_network_only" not in plain.report["metrics"]
     assert m["dif_gaussian_network_only"] == plain.report["metrics"]["dif_gaussian"]  # the same network output
     # an untrained network is far off: the steps pull it towards the measured projections
     assert m["dif_gaussian"]["psnr_db"] > m["dif_gaussian_network_only"]["psnr_db"] + 3
-    assert full.volumes["recon"].same_grid(img) and "refine_s" in full.report["timings_s"]
+    assert full.volumes["recon"].same_grid(img) and "dif_gaussian_s" in full.report["timings_s"]
     for bad in (-1, 2.5, True, 99):
         with pytest.raises(InputError, match="refine_iters"):
             run_inline("cbct-recon", {"ct": img}, {**params, "refine_iters": bad})
@@ -189,3 +196,24 @@ def test_geometry_json_of_a_stack_volume_and_task_validation(tiny_model, ct):
     with pytest.raises(InputError, match="lists 4 angles"):
         task.validate({"projections": Image(np.zeros((5, 8, 8), np.float32))},
                       {**task.default_params(), "geometry": d.to_dict()})
+
+
+def test_methods_and_the_torch_fallback(tiny_model, ct, monkeypatch):
+    from deepsegrecon.cbct import rtk_backend
+    from deepsegrecon.errors import InputError
+    from deepsegrecon.worker import run_inline
+
+    img, _ = ct
+    params = {"views": 8, "detector": 40, "device": "cpu", "compare": []}
+    r = run_inline("cbct-recon", {"ct": img}, {**params, "method": "sart"})
+    assert r.report["backend"] == "rtk" and r.report["methods"] == ["fdk", "sart"]
+    assert set(r.volumes) == {"recon", "fdk"} and r.report["metrics"]["sart"]["psnr_db"] > \
+        r.report["metrics"]["fdk"]["psnr_db"]
+    with pytest.raises(InputError, match="unknown method"):
+        run_inline("cbct-recon", {"ct": img}, {**params, "method": "art"})
+    monkeypatch.setattr(rtk_backend, "rtk", None)  # RTK absent: torch runs and says so
+    r = run_inline("cbct-recon", {"ct": img}, {**params, "method": "cg", "compare": ["sart"]})
+    assert r.report["backend"] == "torch" and r.report["methods"] == ["fdk", "cg"]
+    assert r.report["metrics"]["cg"]["psnr_db"] > r.report["metrics"]["fdk"]["psnr_db"]
+    with pytest.raises(InputError, match="needs itk-rtk"):
+        run_inline("cbct-recon", {"ct": img}, {**params, "method": "sart"})

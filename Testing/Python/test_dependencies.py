@@ -178,7 +178,7 @@ def test_plan_keeps_an_installed_torch_and_installs_only_what_is_missing(pins):
     plan = D.Plan("SegmentTeeth", installed=installed)
     assert not plan.torch and plan.torchTooOld is None
     assert "torch" not in plan.missing and "monai" not in plan.missing and "psutil" not in plan.missing
-    assert plan.missing == ["scikit-image", "pynrrd", "slicerio"]
+    assert plan.missing == ["scikit-image", "pynrrd", "slicerio", "highdicom"]
     c = dict(line.split("==") for line in plan.constraints)
     assert c["torch"] == "2.9.1+cu128", "pip never replaces the torch another extension installed"
     assert "scipy" not in c and "monai" not in c, "installed packages stay as they are"

@@ -1,8 +1,9 @@
 """``deepsegrecon cbct-recon (--projections DIR | --simulate-from CT --views N) -o OUT [--reference CT]``
 
-Writes OUT/recon.nrrd (DIF-Gaussian, HU), OUT/fdk.nrrd (FDK, HU), OUT/metrics.json (PSNR, SSIM against the
-reference when there is one, timings, geometry), OUT/preview.png, and with --simulate-from OUT/projections/
-(projections.nrrd + geometry.json, readable again with --projections). Nothing heavy is imported at module level.
+Writes OUT/recon.nrrd (the chosen ``--method``, HU), OUT/fdk.nrrd (FDK, HU), one OUT/<method>.nrrd per compared
+method, OUT/metrics.json (each method's PSNR, SSIM against the reference when there is one, its time, the backend,
+the geometry), OUT/preview.png, and with --simulate-from OUT/projections/ (projections.nrrd + geometry.json,
+readable again with --projections). Nothing heavy is imported at module level.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ COMMANDS = ["cbct-recon"]
 def add_parsers(sub) -> None:
     from ..cli import add_series_option
 
-    p = sub.add_parser("cbct-recon", help="sparse-view CBCT reconstruction (DIF-Gaussian) with an FDK baseline")
+    methods = ("dif-gaussian", "fdk", "sart", "cg", "admm-tv")
+    p = sub.add_parser("cbct-recon", help="sparse-view CBCT reconstruction (DIF-Gaussian, FDK, SART, conjugate "
+                       "gradient, ADMM-TV) side by side")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--projections", metavar="DIR", help="folder with geometry.json and projections.nrrd "
                      "(or one 2-D image per view)")
@@ -29,9 +32,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--photons", type=float, default=1e5, help="unattenuated photons per pixel (noise level)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--reference", metavar="CT", help="reference CT on the reconstruction grid (PSNR, SSIM)")
-    p.add_argument("--filter", choices=("ram-lak", "shepp-logan"), default="ram-lak", help="FDK ramp filter")
-    p.add_argument("--refine-iters", type=int, metavar="N", help="data-consistency steps after the network "
-                   "(default 4; 0: the network alone)")
+    p.add_argument("--method", choices=methods, help="the method written to recon.nrrd (default: the best "
+                   "measured one, see the README)")
+    p.add_argument("--compare", metavar="M,M", help="methods also run and reported (comma-separated, or 'none'; "
+                   "default: all the backend runs)")
+    p.add_argument("--backend", choices=("auto", "rtk", "torch"), default="auto", help="projector and classical "
+                   "reconstructions: RTK (itk-rtk, CPU) or torch (auto: RTK when it imports, on the CPU)")
+    p.add_argument("--filter", choices=("ram-lak", "shepp-logan", "hann"), default="hann", help="FDK ramp filter")
+    p.add_argument("--refine-iters", type=int, metavar="N", help="data-consistency iterations after the network "
+                   "(default: 8 SART iterations with RTK, 4 FDK-residual steps with torch; 0: the network alone)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--model", metavar="VERSION", help="model version (default: the store's default)")
@@ -53,7 +62,10 @@ def cmd_cbct_recon(args) -> int:
     check_writable_dir(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} is a file; -o needs a folder")
-    params = {"device": args.device, "filter": args.filter}
+    params = {"device": args.device, "filter": args.filter, "backend": args.backend, "method": args.method}
+    if args.compare is not None:
+        names = [] if args.compare.strip() == "none" else [m.strip() for m in args.compare.split(",") if m.strip()]
+        params["compare"] = names
     if args.refine_iters is not None:
         params["refine_iters"] = args.refine_iters
     images = {}
@@ -78,8 +90,9 @@ def cmd_cbct_recon(args) -> int:
     result = run_inline("cbct-recon", images, params, progress=ProgressPrinter(), model=model)
     report = result.report
     with staged_outputs(out) as stage:
-        write_image(result.volumes["recon"], stage / "recon.nrrd")
-        write_image(result.volumes["fdk"], stage / "fdk.nrrd")
+        for key, vol in result.volumes.items():
+            if key != "projections":
+                write_image(vol, stage / f"{key}.nrrd")
         if "projections" in result.volumes:
             from .geometry import ConeGeometry
 
@@ -92,17 +105,22 @@ def cmd_cbct_recon(args) -> int:
         if ref is not None:
             rows["reference"] = (ref.array, sp)
         m = report.get("metrics") or {}
-        steps = report.get("refine_iters") or 0
-        for key, label in (("fdk", "FDK"), ("recon", "DIF-Gaussian" + (f" + {steps} data-consistency steps"
-                                                                       if steps else ""))):
-            mm = m.get("fdk" if key == "fdk" else "dif_gaussian")
-            rows[label + (f"  {mm['psnr_db']:.1f} dB, SSIM {mm['ssim']:.3f}" if mm else "")] = \
-                (result.volumes[key].array, sp)
-        write_preview(rows, stage / "preview.png", title=f"{report['views']} views")
+        tm = report.get("timings_s") or {}
+        for name in report["methods"]:
+            key = name.replace("-", "_")
+            vol = result.volumes["recon" if name == report["method"] else key]
+            label = ("DIF-Gaussian" + (" + data consistency" if report.get("refine_iters") else "")
+                     if key == "dif_gaussian" else name.upper())
+            label += (" (chosen)" if args.method else " (default)") if name == report["method"] else ""
+            if m.get(key):
+                label += f"  {m[key]['psnr_db']:.1f} dB, SSIM {m[key]['ssim']:.3f}"
+            rows[label + f", {tm.get(key + '_s', 0):.1f} s"] = (vol.array, sp)
+        write_preview(rows, stage / "preview.png", title=f"{report['views']} views, {report['backend']} backend")
         written = sorted(p.name for p in stage.iterdir())
-    for key in ("dif_gaussian", "dif_gaussian_network_only", "fdk"):
-        if m.get(key):
-            print(f"{key}: PSNR {m[key]['psnr_db']:.2f} dB, SSIM {m[key]['ssim']:.4f}")
+    print(f"backend: {report['backend']}, method: {report['method']}")
+    for key in sorted(m):
+        print(f"{key}: PSNR {m[key]['psnr_db']:.2f} dB, SSIM {m[key]['ssim']:.4f}"
+              + (f", {tm[key + '_s']:.1f} s" if key + "_s" in tm else ""))
     for name in written:
         print(f"  {out / name}")
     print(f"done in {time.monotonic() - t0:.1f} s", file=sys.stderr)

@@ -86,7 +86,8 @@ def add_noise(proj: torch.Tensor, photons: float = 1e5, electronic_sd: float = 1
 # ----------------------------------------------------------------------------------------------- FDK
 def ramp_filter(n: int, tau: float, kind: str = "ram-lak", device="cpu") -> torch.Tensor:
     """Frequency response (length n//2+1, real) of the discrete ramp (Ram-Lak) kernel with sample spacing ``tau``,
-    optionally Shepp-Logan windowed; includes the ``tau`` of the convolution integral."""
+    optionally Shepp-Logan or Hann windowed (as RTK's, cut at Nyquist); includes the ``tau`` of the convolution
+    integral."""
     k = torch.fft.fftfreq(n, d=1.0 / n).to(device)  # integer offsets 0, 1, ..., -1
     h = torch.zeros(n, dtype=torch.float64, device=device)
     h[0] = 1.0 / (4 * tau ** 2)
@@ -96,8 +97,11 @@ def ramp_filter(n: int, tau: float, kind: str = "ram-lak", device="cpu") -> torc
     if kind == "shepp-logan":
         f = torch.fft.rfftfreq(n).to(device)  # cycles per sample, 0..0.5
         resp = resp * torch.sinc(f)
+    elif kind == "hann":
+        i = torch.arange(n // 2 + 1, device=device, dtype=torch.float64)
+        resp = resp * 0.5 * (1.0 + torch.cos(math.pi * i / (n // 2 + 1)))
     elif kind != "ram-lak":
-        raise ValueError(f"unknown filter '{kind}'; use ram-lak or shepp-logan")
+        raise ValueError(f"unknown filter '{kind}'; use ram-lak, shepp-logan or hann")
     return resp.float()
 
 

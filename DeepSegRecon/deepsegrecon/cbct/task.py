@@ -1,5 +1,7 @@
-"""The ``cbct-recon`` task: sparse-view cone-beam projections (or a CT to simulate them from) -> DIF-Gaussian
-reconstruction and the FDK reconstruction of the same projections, with PSNR/SSIM against a reference.
+"""The ``cbct-recon`` task: sparse-view cone-beam projections (or a CT to simulate them from) -> the chosen method's
+volume (``recon``: SART by default, or DIF-Gaussian + data consistency, FDK, conjugate gradient, ADMM-TV), FDK and
+every compared method side by side, each with its PSNR/SSIM against a reference and its time. The projector and
+classical methods run on RTK when ``itk-rtk`` imports (CPU), else on torch; ``report["backend"]`` says which.
 
 Inputs: ``projections`` (stack (views, rows, columns) of line integrals, with ``params["geometry"]``) or ``ct``
 (HU volume; ``views`` projections are simulated with Poisson + electronic noise); optional ``reference`` (HU, on the
@@ -18,8 +20,8 @@ from ..task import InputSpec, Task, TaskContext, VolumeResult, register
 
 TASK = "cbct-recon"
 WEIGHTS = "dif_gaussian.pt"
-STAGES = {"prepare": 5, "simulate": 20, "fdk": 10, "network": 35, "refine": 20, "metrics": 10}
-FILTERS = ("ram-lak", "shepp-logan")
+STAGES = {"prepare": 5, "simulate": 15, "classical": 30, "network": 25, "refine": 15, "metrics": 10}
+FILTERS = ("ram-lak", "shepp-logan", "hann")
 MAX_REFINE_ITERS = 20
 
 
@@ -99,8 +101,9 @@ class CBCTReconTask(Task):
 
     def default_params(self) -> dict:
         return {"device": "auto", "model": None, "geometry": None, "views": None, "detector": 128, "arc_deg": 360.0,
-                "noise": True, "photons": 1e5, "electronic_sd": 10.0, "seed": 0, "filter": "ram-lak",
-                "query_res": 64, "refine_iters": None, "keep_projections": False}
+                "noise": True, "photons": 1e5, "electronic_sd": 10.0, "seed": 0, "filter": "hann",
+                "query_res": 64, "refine_iters": None, "keep_projections": False, "method": None,
+                "compare": None, "backend": "auto"}
 
     def validate(self, images: dict, params: dict) -> None:
         from ..validate import check_image
@@ -111,9 +114,15 @@ class CBCTReconTask(Task):
             raise InputError(f"{self.name} does not take inputs {sorted(unknown)}")
         if ("projections" in images) == ("ct" in images):
             raise InputError("give either a projection stack (with its geometry) or a CT to simulate from")
-        if params.get("filter", "ram-lak") not in FILTERS:
+        check_methods(params)
+        from ..device import resolve_device
+        from .methods import resolve_backend
+
+        methods_to_run(params, resolve_backend(params.get("backend") or "auto",
+                                               str(resolve_device(params.get("device") or "auto"))))
+        if params.get("filter", "hann") not in FILTERS:
             raise InputError(f"unknown filter '{params.get('filter')}'; use {' or '.join(FILTERS)}")
-        iters = params.get("refine_iters")  # None: the recommended count (recon.REFINE_ITERS)
+        iters = params.get("refine_iters")  # None: the recommended count (methods.DC, recon.REFINE_ITERS)
         if iters is not None and (not isinstance(iters, int) or isinstance(iters, bool)
                                   or not 0 <= iters <= MAX_REFINE_ITERS):
             raise InputError(f"refine_iters must be a whole number from 0 to {MAX_REFINE_ITERS}, got {iters!r}")
@@ -143,67 +152,124 @@ class CBCTReconTask(Task):
 
         from ..device import resolve_device
         from ..store import ModelStore, entry_from_dir
-        from .projector import add_noise, fdk, forward_project, hu_to_mu, mu_to_hu
+        from . import methods as M
+        from .projector import add_noise, hu_to_mu, mu_to_hu
         from .projio import stack_image
         from .recon import REFINE_ITERS, grid_hu, metrics, network_grid, refine
 
         params = {**self.default_params(), **(params or {})}
         device = resolve_device(params.get("device") or ctx.device or "auto")
+        backend = M.resolve_backend(params.get("backend") or "auto", str(device))
+        method, runs = methods_to_run(params, backend)
         timings = {}
         t = time.perf_counter()
         ctx.step("prepare", 0.0, "loading the model")
         geo = geometry_of(images, params)
-        if ctx.model_dir is not None:
-            entry = entry_from_dir(ctx.model_dir)
-        else:
-            entry = model_for(ModelStore(), params.get("model"), geo.angles_deg)
-        model = load_model(entry).to(device)
+        entry = model = None
+        if "dif-gaussian" in runs:
+            entry = entry_from_dir(ctx.model_dir) if ctx.model_dir is not None else \
+                model_for(ModelStore(), params.get("model"), geo.angles_deg)
+            model = load_model(entry).to(device)
         reference = images.get("reference")
         timings["prepare_s"] = time.perf_counter() - t
         t = time.perf_counter()
         if "ct" in images:
-            ctx.step("simulate", 0.0, f"simulating {geo.n_views} projections")
-            mu = hu_to_mu(torch.from_numpy(np.asarray(images["ct"].array, np.float32)).to(device))
-            proj = forward_project(mu, geo)
-            del mu
+            ctx.step("simulate", 0.0, f"simulating {geo.n_views} projections ({backend})")
+            proj = M.simulate(hu_to_mu(np.asarray(images["ct"].array, np.float32)), geo, backend, str(device))
             if params.get("noise", True):
-                proj = add_noise(proj, float(params["photons"]), float(params["electronic_sd"]), int(params["seed"]))
+                proj = add_noise(torch.from_numpy(proj), float(params["photons"]), float(params["electronic_sd"]),
+                                 int(params["seed"])).numpy()
             reference = reference if reference is not None else images["ct"]
         else:
-            proj = torch.from_numpy(np.asarray(images["projections"].array, np.float32)).to(device)
+            proj = np.asarray(images["projections"].array, np.float32)
+        proj = np.ascontiguousarray(proj, np.float32)
         timings["simulate_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        ctx.step("fdk", 0.0, "FDK")
-        fdk_hu = mu_to_hu(fdk(proj, geo, params["filter"])).cpu().numpy().astype(np.float32)
-        timings["fdk_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        ctx.step("network", 0.0, "DIF-Gaussian")
-        net, geo_q = network_grid(model, proj, geo, params.get("query_res"),
-                                  progress=lambda f: ctx.step("network", f, "DIF-Gaussian"))
-        timings["dif_gaussian_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        iters = REFINE_ITERS if params.get("refine_iters") is None else int(params["refine_iters"])
-        rec = net
-        if iters:
-            ctx.step("refine", 0.0, "data consistency")
-            rec = refine(net, proj, geo_q, iters, progress=lambda f: ctx.step("refine", f, "data consistency"))
-        rec_hu = grid_hu(rec, geo)
-        del rec
-        timings["refine_s"] = time.perf_counter() - t
-        volumes = {"recon": geo.grid_image(rec_hu), "fdk": geo.grid_image(fdk_hu)}
+        ref = None if reference is None else np.asarray(reference.array, np.float32)
+        volumes, scores = {}, {}
+        iters = None
+        for n, name in enumerate(m for m in M.METHODS[1:] + M.METHODS[:1] if m in runs):
+            key = M.KEYS[name]
+            t = time.perf_counter()
+            if name == "dif-gaussian":
+                ctx.step("network", 0.0, "DIF-Gaussian")
+                net, geo_q = network_grid(model, torch.from_numpy(proj).to(device), geo, params.get("query_res"),
+                                          progress=lambda f: ctx.step("network", f, "DIF-Gaussian"))
+                timings["dif_gaussian_network_s"] = time.perf_counter() - t
+                net_hu = grid_hu(net, geo)
+                iters = (M.DC["iters"] if backend == "rtk" else REFINE_ITERS) if params.get("refine_iters") is None \
+                    else int(params["refine_iters"])
+                if ref is not None and iters:  # the network alone, before the data consistency
+                    scores["dif_gaussian_network_only"] = metrics(net_hu, ref)
+                ctx.step("refine", 0.0, "data consistency")
+                if iters and backend == "rtk":
+                    hu = mu_to_hu(M.data_consistency(hu_to_mu(net_hu), proj, geo, iters))
+                elif iters:
+                    hu = grid_hu(refine(net, torch.from_numpy(proj).to(device), geo_q, iters), geo)
+                else:
+                    hu = net_hu
+                del net, net_hu
+            else:
+                ctx.step("classical", n / max(1, len(runs)), f"{M.TITLES[name]} ({backend})")
+                hu = mu_to_hu(M.classical(name, proj, geo, backend, params["filter"], device=str(device)))
+            hu = np.asarray(hu, np.float32)
+            timings[f"{key}_s"] = time.perf_counter() - t
+            if ref is not None:
+                scores[key] = metrics(hu, ref)
+            volumes[key] = geo.grid_image(hu)
+        key = M.KEYS[method]
+        volumes = {"recon": volumes[key], **{k: v for k, v in volumes.items() if k != key or k == "fdk"}}
         if params.get("keep_projections"):
-            volumes["projections"] = stack_image(proj.cpu().numpy(), geo)
-        report = {"model": entry.version, "device": str(device), "views": geo.n_views,
-                  "geometry": geo.to_dict(), "simulated": "ct" in images,
-                  "filter": params["filter"], "refine_iters": iters, "metrics": None}
-        if reference is not None:
-            ctx.step("metrics", 0.0, "PSNR and SSIM")
-            ref = np.asarray(reference.array, np.float32)
-            report["metrics"] = {"dif_gaussian": metrics(rec_hu, ref), "fdk": metrics(fdk_hu, ref)}
-            if iters:  # the network alone, before the data-consistency steps
-                report["metrics"]["dif_gaussian_network_only"] = metrics(grid_hu(net, geo), ref)
-        del net
+            volumes["projections"] = stack_image(proj, geo)
+        report = {"method": method, "backend": backend, "model": entry.version if entry else None,
+                  "device": str(device), "views": geo.n_views, "geometry": geo.to_dict(), "simulated": "ct" in images,
+                  "filter": params["filter"], "refine_iters": iters, "methods": list(runs),
+                  "data_consistency": dc_text(backend, iters) if iters is not None else None,
+                  "metrics": scores or None}
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         ctx.step("metrics", 1.0)
         return VolumeResult(volumes, report)
 
+
+def methods_to_run(params: dict, backend: str) -> tuple:
+    """(the method whose volume is ``recon``, every method to run: it, FDK, and ``compare`` (default: all that
+    ``backend`` runs))."""
+    from . import methods as M
+
+    method = params.get("method") or default_method(backend)
+    if method not in M.available(backend):
+        why = "itk-rtk does not import here" if not M.rtk_backend.available() else "the torch backend was chosen"
+        raise InputError(f"{M.TITLES[method]} needs itk-rtk ({why}); use {', '.join(M.available(backend))}")
+    compare = params.get("compare")
+    compare = M.available(backend) if compare is None else [m for m in compare if m in M.available(backend)]
+    return method, tuple(m for m in M.METHODS if m in {method, "fdk", *compare})
+
+
+def default_method(backend: str) -> str:
+    from . import methods as M
+
+    return M.DEFAULT if M.DEFAULT in M.available(backend) else M.DEFAULT_TORCH
+
+
+def dc_text(backend: str, iters: int) -> str:
+    from . import methods as M
+
+    if not iters:
+        return "none"
+    if backend == "rtk":
+        return f"RTK {M.DC['solver']} x {iters} from the network's volume (grid of at most {M.ITER_RES} per axis)"
+    return f"torch FDK-residual steps x {iters} on the network's grid"
+
+
+def check_methods(params: dict) -> None:
+    from . import methods as M
+
+    for key, allowed in (("method", M.METHODS), ("backend", M.BACKENDS)):
+        v = params.get(key)
+        if v is not None and v not in allowed:
+            raise InputError(f"unknown {key} '{v}'; use one of {', '.join(allowed)}")
+    compare = params.get("compare")
+    if compare is not None:
+        if isinstance(compare, str) or not all(m in M.METHODS for m in compare):
+            raise InputError(f"compare must be a list of methods from {', '.join(M.METHODS)}, got {compare!r}")
+    if params.get("backend") == "rtk" and not M.rtk_backend.available():
+        raise InputError("backend 'rtk' was asked for, but itk-rtk does not import here")
