@@ -115,9 +115,11 @@ class TaskWidgetMixin:
     startButtonText = ""  # the start button, named in the "packages needed" hint
     parameterWidgets = {}  # {parameter name: self.ui widget name}
     autoModelText = None  # a first model-list entry that sends no version (the worker chooses)
+    batchTask = None  # the task of the "Batch" section (none: no section)
     logic = None
     trainingLogic = None
     finetuneSection = None
+    batchSection = None
     importSection = None
     jobs = None
     binding = None
@@ -127,7 +129,9 @@ class TaskWidgetMixin:
     # ------------------------------------------------------------------------------------------ set-up
     def setUpPanel(self):
         """After the module's ``self.ui`` and ``self.logic`` exist: job controller, parameter node, model list,
-        "Improve the model" (with ``self.trainingLogic``), "Model weights", scene observers."""
+        "Improve the model" (with ``self.trainingLogic``), "Batch" (with ``batchTask``), "Model weights", scene
+        observers."""
+        from DeepSegReconCommon.BatchSection import BatchSection
         from DeepSegReconCommon.FinetuneSection import FinetuneSection
         from DeepSegReconCommon.ModelImportSection import ModelImportSection
 
@@ -147,6 +151,14 @@ class TaskWidgetMixin:
                                                    device=self.currentDevice, onModelChange=self.fillModelComboBox,
                                                    moduleName=self.moduleName)
             self.finetuneSection.setup(self.ui.finetuneSectionPlaceholder.layout())
+        if self.batchTask:
+            from deepsegrecon.batch_job import BatchLogic
+
+            batchLogic = BatchLogic(self.batchTask, python=self.logic.python, job_root=self.logic.job_root,
+                                    plugins=self.logic.plugins)
+            self.batchSection = BatchSection(batchLogic, self.jobs, title=self.taskTitle, params=self.modelParams,
+                                             ensureReady=self.ensureDependencies)
+            self.batchSection.setup(self.layout)
         self.importSection = ModelImportSection(self.logic, onImported=self.onModelImported)
         self.importSection.setup(self.layout)
         self.initializeParameterNode()

@@ -120,6 +120,7 @@ class SegmentTeethWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObser
 
     taskTitle = "Segment Teeth"
     startButtonText = "Segment Teeth"
+    batchTask = "teeth"  # the "Batch" section: every CBCT of a folder
     parameterWidgets = {"inputVolume": "inputVolumeSelector", "outputSegmentation": "outputSegmentationSelector",
                         "device": "deviceComboBox", "smoothing": "smoothingSlider",
                         "exportFormat": "exportFormatComboBox", "exportDirectory": "exportDirectoryButton"}

@@ -96,3 +96,42 @@ def start_batch(task: str, inputs, output, params: Optional[dict] = None, *, sha
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 cwd=str(job), **processes.popen_options())
     return BatchJob(job, proc, Path(output))
+
+
+class BatchLogic:
+    """A panel's batch for one task, as a job of the panel's job controller (``DeepSegReconCommon.Jobs``):
+    ``start`` (the Run button) calls :func:`start_batch`; ``poll`` says running, succeeded (the batch finished,
+    failed cases included), failed or cancelled, with ``fraction`` (cases ended / total) and a ``message``."""
+
+    def __init__(self, task: str, python: str = sys.executable, job_root=None, plugins=()):
+        self.task, self.python, self.job_root, self.plugins = task, python, job_root, tuple(plugins)
+        self.job: Optional[BatchJob] = None
+
+    def start(self, input_folder, output_folder, params: Optional[dict] = None) -> BatchJob:
+        if self.job is not None and self.job.process.poll() is None:
+            raise InputError("a batch is already running; cancel it first")
+        if not input_folder:
+            raise InputError("choose an input folder")
+        if not output_folder:
+            raise InputError("choose an output folder")
+        if self.job is not None:
+            self.job.cleanup()  # the last batch's job folder (its log was read by its last poll)
+        self.job = start_batch(self.task, [input_folder], output_folder, params, python=self.python,
+                               job_root=self.job_root, plugins=self.plugins)
+        return self.job
+
+    def poll(self) -> dict:
+        if self.job is None:
+            return {"state": "idle"}
+        status = self.job.poll()
+        total = int(status.get("total") or 0)
+        ended = sum(int(status.get(k) or 0) for k in ("done", "skipped", "failed"))
+        state = "succeeded" if status["state"] == "finished" else status["state"]
+        message = (f"{ended}/{total} cases: {status.get('done', 0)} done, {status.get('skipped', 0)} skipped, "
+                   f"{status.get('failed', 0)} failed" if total else "finding the cases")
+        if state == "running" and status.get("case"):
+            message += f"; {status['case']}"
+        return {**status, "state": state, "fraction": ended / total if total else 0.0, "message": message}
+
+    def cancel(self) -> dict:
+        return self.job.cancel() if self.job is not None else {"state": "idle"}

@@ -16,6 +16,7 @@ from deepsegrecon.errors import InputError  # noqa: E402
 from deepsegrecon.image import Image  # noqa: E402
 from deepsegrecon.scene.cbct import ReconstructCBCTLogic  # noqa: E402
 from deepsegrecon.scene.volumes import image_to_volume_node, volume_node_to_image  # noqa: E402
+from deepsegrecon.task import VolumeResult  # noqa: E402
 
 TINY = {"features": [4, 8, 8, 16], "out_ch": 8, "det_res": 32, "gs_res": 6, "decoder": [16, 8, 1]}
 
@@ -58,11 +59,58 @@ def test_simulate_and_reconstruct_into_the_scene(setup):
     for vol in (recon, fdk):
         img = volume_node_to_image(vol)
         assert img.same_grid(ct)  # oblique direction and anisotropic spacing through MRML
-    assert table.IsA("vtkMRMLTableNode") and table.GetNumberOfRows() == 2
+    report = logic.result.report
     t = table.GetTable()
-    assert [t.GetValue(r, 0).ToString() for r in range(2)] == ["DIF-Gaussian", "FDK"]
-    assert t.GetValue(1, 1).ToDouble() == pytest.approx(logic.result.report["metrics"]["fdk"]["psnr_db"])
+    rows = {t.GetValue(r, 0).ToString(): [t.GetValue(r, c).ToDouble() for c in (1, 2, 3)]
+            for r in range(table.GetNumberOfRows())}
+    assert table.GetNumberOfRows() == len(report["metrics"]) == len(report["methods"]) + 1  # + the network alone
+    assert t.GetValue(0, 0).ToString() == ("SART" if expected[1] == "sart" else "DIF-Gaussian + data consistency")
+    fdk = report["metrics"]["fdk"]
+    assert rows["FDK"] == pytest.approx([fdk["psnr_db"], fdk["ssim"], report["timings_s"]["fdk_s"]])
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 3
+
+
+def _table_rows(table):
+    t = table.GetTable()
+    assert [t.GetColumnName(c) for c in range(4)] == ["method", "PSNR (dB)", "SSIM", "seconds"]
+    return [(t.GetValue(r, 0).ToString(), *[t.GetValue(r, c).ToDouble() for c in (1, 2, 3)])
+            for r in range(t.GetNumberOfRows())]
+
+
+def test_metrics_table_lists_every_method_default_first(setup):
+    """Every method in the result's metrics gets a row (name, PSNR, SSIM, seconds), the report's method first;
+    without a reference there is no table."""
+    scene, node, ct, logic = setup
+    scores = {"fdk": (18.2, 0.41), "sart": (25.5, 0.71), "cg": (22.4, 0.62), "admm_tv": (23.8, 0.66),
+              "dif_gaussian": (26.2, 0.74), "dif_gaussian_network_only": (21.7, 0.60)}
+    timings = {"fdk_s": 0.4, "sart_s": 3.1, "cg_s": 5.2, "admm_tv_s": 9.8, "dif_gaussian_s": 7.5,
+               "dif_gaussian_network_s": 2.5}
+    report = {"method": "sart", "views": 10, "refine_iters": 8, "timings_s": timings,
+              "metrics": {k: {"psnr_db": p, "ssim": s, "window_hu": [-1000, 1000]} for k, (p, s) in scores.items()}}
+    volumes = {"recon": ct, "fdk": ct, "cg": ct}
+    nodes = logic._import_result(VolumeResult(volumes, report))
+    table = nodes[-1]
+    name = logic.output_name()
+    assert [n.GetName() for n in nodes] == [f"{name} recon", f"{name} fdk", f"{name} metrics (10 views)"]
+    assert table is logic.metrics_table and table.GetScene() is scene
+    assert _table_rows(table) == [
+        ("SART", 25.5, 0.71, 3.1),
+        ("DIF-Gaussian + data consistency", 26.2, 0.74, 7.5),
+        ("DIF-Gaussian (network alone)", 21.7, 0.60, 2.5),
+        ("FDK", 18.2, 0.41, 0.4),
+        ("conjugate gradient", 22.4, 0.62, 5.2),
+        ("ADMM-TV", 23.8, 0.66, 9.8)]
+    # the torch backend's run: DIF-Gaussian chosen, no data consistency, a method without its time
+    report = {**report, "method": "dif-gaussian", "refine_iters": 0, "timings_s": {"fdk_s": 0.4},
+              "metrics": {k: report["metrics"][k] for k in ("fdk", "dif_gaussian")}}
+    table = logic._import_result(VolumeResult({"recon": ct, "fdk": ct}, report))[-1]
+    rows = _table_rows(table)
+    assert [r[:3] for r in rows] == [("DIF-Gaussian", 26.2, 0.74), ("FDK", 18.2, 0.41)]
+    assert np.isnan(rows[0][3]) and rows[1][3] == 0.4
+    assert table.GetName() == f"{name} metrics (10 views)_1"
+    count = scene.GetNumberOfNodesByClass("vtkMRMLTableNode")
+    assert len(logic._import_result(VolumeResult({"recon": ct}, {**report, "metrics": None}))) == 1
+    assert logic.metrics_table is None and scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == count
 
 
 def test_projection_folder_and_bad_reference(setup, tmp_path):

@@ -151,6 +151,48 @@ def test_scene_close_cancels_every_job(panel):
     assert list(p.jobs_dir.iterdir()) == []
 
 
+
+def test_a_batch_is_a_job_of_the_panel(tmp_path):
+    """The Batch section's job: ``BatchLogic.start`` (its Run button) runs ``deepsegrecon batch`` in a background
+    process that the panel's controller polls to the end (cases counted, batch.csv written); Cancel stops a slow one,
+    keeping the finished cases."""
+    from deepsegrecon import batch
+    from deepsegrecon.batch_job import BatchLogic
+    from test_batch import make_cases
+
+    plugin = str(Path(__file__).with_name("batch_testtask.py"))
+    make_cases(tmp_path / "in", 3, broken=1)
+    errors = []
+    jobs = JobController(Timer(), lambda text, title: errors.append(text))
+    logic = BatchLogic("batch-test-threshold", job_root=tmp_path / "jobs", plugins=[plugin])
+    assert logic.poll() == {"state": "idle"}
+    with pytest.raises(InputError, match="output folder"):
+        logic.start(str(tmp_path / "in"), "")
+    out = tmp_path / "out"
+    v = view()
+    logic.start(str(tmp_path / "in"), str(out), {"threshold": 0.4})
+    jobs.started("batch", logic, v, "Segment Teeth batch", "Starting the batch...",
+                 describe=lambda status: status["message"], onSucceeded=lambda status: f"Finished: {status['message']}")
+    seen = drive(jobs, {"batch": v}, timeout=120)
+    assert jobs.states["batch"] == "succeeded" and not jobs.timer.active and errors == [], seen
+    assert v.progressBar.value == 100
+    assert v.statusLabel.text == "Finished: 3/3 cases: 2 done, 0 skipped, 1 failed"
+    assert {r["case"]: r["status"] for r in batch.read_csv(out)} == {
+        "study00_scan": "done", "study01_scan": "failed", "study02_scan": "done"}
+
+    slow = BatchLogic("batch-test-slow", job_root=tmp_path / "jobs", plugins=[plugin])
+    slow.start(str(tmp_path / "in"), str(tmp_path / "out slow"), {"seconds": 2.0})
+    jobs.started("batch", slow, v, "Segment Teeth batch", "Starting...", describe=lambda status: status["message"])
+    drive(jobs, {"batch": v}, until=lambda: "study00_scan" in v.statusLabel.text, timeout=60)
+    assert jobs.states["batch"] == "running" and 0 <= v.progressBar.value < 100, v.statusLabel.text
+    assert v.statusLabel.text.startswith("0/3 cases: 0 done") and v.statusLabel.text.endswith("; study00_scan")
+    slow.cancel()  # the Cancel button
+    jobs.tick()
+    assert jobs.states["batch"] == "cancelled" and v.statusLabel.text == "Cancelled; the scene was left unchanged."
+    assert slow.job.process.poll() == 4 and errors == []
+    with pytest.raises(InputError, match="input folder"):
+        slow.start("", str(out))
+
 def test_a_poll_that_raises_or_a_job_cancelled_elsewhere_ends_the_job():
     errors = []
     jobs = JobController(Timer(), lambda text, title: errors.append(text))

@@ -705,6 +705,26 @@ def test_every_parameter_is_bound_to_a_widget_of_its_type(module):
             f"{module}: {name} is a {fields[name]}, its widget {widget} holds a {kind}")
 
 
+
+@pytest.mark.parametrize("module", module_names())
+def test_parameter_defaults_match_the_ui(module):
+    """A number or check box field of the parameter node defaults to the value its widget shows in the .ui (a
+    missing ``value`` / ``checked`` property is Qt's 0 / false)."""
+    classes = _classes(ast.parse((MODULES_DIR / module / f"{module}.py").read_text(encoding="utf-8")))
+    defaults = {n.target.id: n.value for n in classes[f"{module}ParameterNode"].body if isinstance(n, ast.AnnAssign)}
+    assign = next(n for n in classes[f"{module}Widget"].body if isinstance(n, ast.Assign)
+                  and ast.unparse(n.targets[0]) == "parameterWidgets")
+    widgets = {w.get("name"): w for w in ET.parse(UI_DIR / f"{module}.ui").getroot().iter("widget")}
+    for name, widget in ast.literal_eval(assign.value).items():
+        w = widgets[widget]
+        kind = _BINDABLE.get(w.get("class"))
+        if kind not in ("int", "float", "bool") or defaults[name] is None:
+            continue
+        prop = {p.get("name"): p[0].text for p in w.findall("property")}.get("checked" if kind == "bool" else "value")
+        shown = (prop == "true") if kind == "bool" else float(prop or 0)
+        assert ast.literal_eval(defaults[name]) == shown, f"{module}: {name} defaults to " \
+            f"{ast.unparse(defaults[name])}, its widget {widget} shows {prop}"
+
 def test_model_import_section_ui_has_the_expected_controls():
     info = parse_ui(UI_DIR / "ModelImportSection.ui")
     w = info["widgets"]
@@ -723,6 +743,35 @@ def test_model_import_section_ui_has_the_expected_controls():
 
     assert callable(TaskLogic.import_model) and callable(TaskLogic.needs_overwrite_confirmation)
 
+
+
+def test_batch_section_runs_the_modules_task_through_the_batch_job():
+    """The "Batch" section: input and output folders, Run / Cancel calling ``BatchLogic.start`` / ``cancel``
+    (``batch_job.start_batch``), progress shown by the panel's job controller; Segment Teeth has it for "teeth"."""
+    info = parse_ui(UI_DIR / "BatchSection.ui")
+    expected = {"batchCollapsibleButton": "ctkCollapsibleButton", "batchInputPathLineEdit": "ctkPathLineEdit",
+                "batchOutputPathLineEdit": "ctkPathLineEdit", "batchRunButton": "QPushButton",
+                "batchCancelButton": "QPushButton", "batchProgressBar": "QProgressBar", "batchEtaLabel": "QLabel",
+                "batchStatusLabel": "QLabel"}
+    for name, cls in expected.items():
+        assert info["widgets"].get(name) == cls, (name, info["widgets"].get(name))
+    slots = _check_buttons_call_one_logic_method(COMMON_DIR / "BatchSection.py", "BatchSection",
+                                                 UI_DIR / "BatchSection.ui")
+    assert slots == {"batchRunButton": "onRunButton", "batchCancelButton": "onCancelButton"}
+    section = _classes(ast.parse((COMMON_DIR / "BatchSection.py").read_text(encoding="utf-8")))["BatchSection"]
+    run = ast.unparse(_method(section, "onRunButton"))
+    assert "self.logic.start(" in run and "self.jobs.started(JOB, self.logic, self.view" in run
+    assert "self.logic.cancel()" in ast.unparse(_method(section, "onCancelButton"))
+    set_up = ast.unparse(_method(_skeleton(), "setUpPanel"))
+    assert "BatchLogic(self.batchTask" in set_up and "self.batchSection.setup(self.layout)" in set_up
+    teeth = _classes(ast.parse((MODULES_DIR / "SegmentTeeth" / "SegmentTeeth.py").read_text(encoding="utf-8")))
+    assigns = {ast.unparse(n.targets[0]): ast.literal_eval(n.value) for n in teeth["SegmentTeethWidget"].body
+               if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "batchTask"}
+    assert assigns == {"batchTask": "teeth"}
+    from deepsegrecon.batch_cli import TASKS
+    from deepsegrecon.batch_job import BatchLogic
+
+    assert "teeth" in TASKS and all(callable(getattr(BatchLogic, n)) for n in ("start", "poll", "cancel"))
 
 def test_start_buttons_ask_before_overwriting_a_segmentation():
     for module in ("SegmentTeeth", "SegmentBrainTumor", "SegmentSlices"):

@@ -1,5 +1,6 @@
-"""Scene logic of Reconstruct CBCT: run ``cbct-recon`` in a worker, bring back the DIF-Gaussian and FDK volumes
-(on the grid of the CT / the geometry) and a metrics table (PSNR, SSIM) when there is a reference."""
+"""Scene logic of Reconstruct CBCT: run ``cbct-recon`` in a worker, bring back the chosen method's volume and the FDK
+volume (on the grid of the CT / the geometry) and, when there is a reference, a metrics table: one row per method in
+the result's metrics (PSNR, SSIM, seconds), the chosen (default) method first."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from ._mrml import slicer_module
 from .logic import TaskLogic
 from .volumes import image_to_volume_node
 
-METRIC_COLUMNS = ("method", "PSNR (dB)", "SSIM")
+METRIC_COLUMNS = ("method", "PSNR (dB)", "SSIM", "seconds")
+NETWORK_ONLY = "dif_gaussian_network_only"  # the network before the data consistency
 
 
 class ReconstructCBCTLogic(TaskLogic):
@@ -91,14 +93,34 @@ class ReconstructCBCTLogic(TaskLogic):
         slicer = slicer_module()
         table = slicer.vtkMRMLTableNode()
         table.SetName(self.scene.GenerateUniqueName(f"{self.output_name()} metrics ({report.get('views')} views)"))
-        cols = [vtk.vtkStringArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray()]
+        cols = [vtk.vtkStringArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray()]
         for col, name in zip(cols, METRIC_COLUMNS):
             col.SetName(name)
-        for key, label in (("dif_gaussian", "DIF-Gaussian"), ("fdk", "FDK")):
+        timings = report.get("timings_s") or {}
+        for key, label in metric_rows(m, report):
+            seconds = timings.get("dif_gaussian_network_s" if key == NETWORK_ONLY else f"{key}_s")
             cols[0].InsertNextValue(label)
             cols[1].InsertNextValue(float(m[key]["psnr_db"]))
             cols[2].InsertNextValue(float(m[key]["ssim"]))
+            cols[3].InsertNextValue(float("nan") if seconds is None else float(seconds))
         for col in cols:
             table.AddColumn(col)
         self.scene.AddNode(table)
         return table
+
+
+def metric_rows(m: dict, report: dict) -> list:
+    """(metrics key, row label) for every method in ``m``: the report's method (the chosen or default one) first,
+    then the others in ``methods.METHODS`` order, the network alone after DIF-Gaussian, unknown keys last."""
+    from ..cbct.methods import KEYS, METHODS, TITLES
+
+    first = KEYS.get(report.get("method"))
+    order = [KEYS[name] for name in METHODS]
+    order.insert(order.index("dif_gaussian") + 1, NETWORK_ONLY)
+    scored = [k for k in m if isinstance(m[k], dict) and "psnr_db" in m[k]]
+    keys = sorted(scored, key=lambda k: (k != first, order.index(k) if k in order else len(order), k))
+    titles = {KEYS[name]: TITLES[name] for name in METHODS}
+    if report.get("refine_iters"):
+        titles["dif_gaussian"] = "DIF-Gaussian + data consistency"
+    titles[NETWORK_ONLY] = "DIF-Gaussian (network alone)"
+    return [(key, titles.get(key, key)) for key in keys]
