@@ -8,7 +8,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 DEMO_OUT ?= demo-output
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-data bench check-platforms lock weights weights-brain clean
+.PHONY: venv demo test test-data bench check-platforms lock weights weights-teeth-head weights-brain clean
 
 venv: $(VENV)/.installed
 
@@ -76,6 +76,16 @@ weights: venv
 	$(WEIGHTS_ENV) $(VENV)/bin/deepsegrecon models average teeth phantom-v1 phantom-v1-ft100 phantom-v1-ft60 \
 		--name phantom-v2
 	cp -r $(WEIGHTS_OUT)/home/models/teeth/phantom-v2 $(WEIGHTS_OUT)/
+
+# phantom-v3 (the default): phantom-v2 fine-tuned on head phantoms, jaw phantoms and real scans without teeth
+# (teeth/train_head.py). The shipped run had two parts: 35 min on an earlier head generator (skull as dim as jaw
+# cortex), then 60 min on the current one (--warm-start); this target runs the current one from phantom-v2.
+HEAD_OUT ?= build/teeth-head
+weights-teeth-head: venv
+	nice $(PY) -m deepsegrecon.teeth.train_head prepare --cache $(HEAD_OUT)/cache --heads 120 --first 200 --jaws 24 \
+		--init-from Resources/Models/teeth/phantom-v2
+	nice $(PY) -m deepsegrecon.teeth.train_head train --cache $(HEAD_OUT)/cache --out $(HEAD_OUT)/out \
+		--init-from Resources/Models/teeth/phantom-v2 --minutes 95 --lr 3e-4 --version phantom-v3
 
 # Reproduce the default brain-tumor weights (real-v1: real BraTS patients of ../shared/data, fixed split) in
 # $(BRAIN_OUT)/store/brain-tumor/real-v1; resumable (add --resume). A wall-clock budget, so the step count depends on

@@ -15,7 +15,7 @@ from deepsegrecon.teeth import labels as L
 from deepsegrecon.teeth import plausible as P
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ROOT / "Resources" / "Models" / "teeth" / "phantom-v2"
+SHIPPED = ROOT / "Resources" / "Models" / "teeth" / "phantom-v3"
 
 
 # ------------------------------------------------------------------------------------------ synthetic layouts
@@ -163,6 +163,33 @@ def test_dental_window_keeps_the_dentition_and_cuts_the_rest():
     assert P.dental_window(small, (1.0, 1.0, 1.0))[0] is small  # fits in one window: as it is
 
 
+def test_dental_window_follows_thick_teeth_not_a_larger_thin_shell():
+    """A real head CT: the network marks more voxels on the skull's thin tables than on the teeth; the window goes
+    to the teeth (crowns 5-11 mm thick), not to the shell (3 mm)."""
+    mask = np.zeros((180, 220, 200), bool)
+    for x in range(40, 110, 7):  # ten touching teeth, 7 mm across
+        mask[0:20, 20:27, x:x + 7] = True
+    zz, yy, xx = np.mgrid[:180, :220, :200]
+    r = np.sqrt(((zz - 120) / 70.0) ** 2 + ((yy - 120) / 90.0) ** 2 + ((xx - 100) / 75.0) ** 2)
+    mask |= (r > 0.97) & (r <= 1.0) & (zz > 60)  # the vault, about 2.5 mm thick
+    assert np.count_nonzero(mask[60:]) > 3 * np.count_nonzero(mask[:20])
+    out, (lo, hi) = P.dental_window(mask, (1.0, 1.0, 1.0))
+    assert out[0:20, 20:27, 40:110].all() and lo[0] == 0 and not out[100:].any()
+
+
+def test_near_crowns_keeps_teeth_and_roots_and_drops_walls_above():
+    """Stage 2's box holds the crowns, the roots joined to them and teeth at the crowns' height, not a nasal wall
+    40 mm above."""
+    mask = np.zeros((90, 80, 90), bool)
+    for x in range(10, 80, 8):
+        mask[0:9, 20:28, x:x + 7] = True  # crowns
+        mask[9:20, 23:25, x + 3:x + 5] = True  # thin roots above
+    mask[3:8, 60:62, 40:42] = True  # a thin piece at the crowns' height
+    mask[45:75, 40:42, 20:60] = True  # a wall above
+    out = P.near_crowns(mask, (1.0, 1.0, 1.0))
+    assert out[:20].sum() == mask[:20].sum() and not out[45:].any()
+
+
 # ------------------------------------------------------------------------------------------ memory
 def _stub(shape, spacing, direction=np.eye(3), dtype=np.float32):
     """An image of that size that takes no memory."""
@@ -269,7 +296,7 @@ def test_brain_mri_gives_no_teeth_found_through_the_worker(shared_data, tmp_path
         pytest.skip(f"{path} is not present")
     mri = read_image(path)
     lower_half = _crop(mri, k=(0, mri.array.shape[0] // 2))
-    job = worker.create_job("teeth", {"image": lower_half}, {"device": "cpu", "model": "phantom-v2"}, job_root=tmp_path)
+    job = worker.create_job("teeth", {"image": lower_half}, {"device": "cpu", "model": "phantom-v3"}, job_root=tmp_path)
     assert worker.main(job, install_signals=False) == EXIT_INPUT
     final = [json.loads(line) for line in (job / "progress.jsonl").read_text().splitlines()][-1]
     assert final["state"] == "failed" and final["exit_code"] == EXIT_INPUT and final["error_type"] == "InputError"

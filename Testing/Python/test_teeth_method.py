@@ -19,7 +19,8 @@ from deepsegrecon.teeth.task import TeethTask, load_model, segment
 from deepsegrecon.teeth.train import HELDOUT_SEEDS, score
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ROOT / "Resources" / "Models" / "teeth" / "phantom-v2"
+SHIPPED = ROOT / "Resources" / "Models" / "teeth" / "phantom-v3"  # the default
+SOUP = ROOT / "Resources" / "Models" / "teeth" / "phantom-v2"  # its starting point, shipped beside it
 BASE = ROOT / "Resources" / "Models" / "teeth" / "phantom-v1"
 SEED = 10001  # held out: never used for training
 # The product bar is mean tooth Dice >= 0.90 and FDI accuracy >= 0.95 on held-out phantoms; `make bench`
@@ -51,7 +52,8 @@ def run(model):
 
 def test_manifest_describes_the_weights():
     m = json.loads((SHIPPED / "manifest.json").read_text())
-    assert m["task"] == "teeth" and m["version"] == "phantom-v2" and m["default"] is True
+    assert m["task"] == "teeth" and m["version"] == "phantom-v3" and m["default"] is True
+    assert m["base_version"] == "phantom-v2" and "real scans without teeth" in m["trained_on"]
     assert set(m["files"]) == {"stage1.pt", "stage2.pt"}
     for name, digest in m["files"].items():
         assert sha256_file(SHIPPED / name) == digest
@@ -67,7 +69,7 @@ def test_manifest_describes_the_weights():
 
 def test_shipped_average_names_its_ingredients():
     """phantom-v2 is the equal-share average of phantom-v1 (shipped beside it) and two fine-tunes of it."""
-    m = json.loads((SHIPPED / "manifest.json").read_text())
+    m = json.loads((SOUP / "manifest.json").read_text())
     base = json.loads((BASE / "manifest.json").read_text())
     parts = {p["version"]: p for p in m["averaged_from"]}
     assert set(parts) == {"phantom-v1", "phantom-v1-ft100", "phantom-v1-ft60"}
@@ -75,7 +77,7 @@ def test_shipped_average_names_its_ingredients():
     assert abs(sum(p["weight"] for p in parts.values()) - 1) < 1e-5
     assert m["base_version"] == "phantom-v1" and m["network"] == base["network"]
     assert m["training"]["command"].startswith("deepsegrecon models average teeth phantom-v1 ")
-    assert m["files"] != base["files"]
+    assert m["files"] != base["files"] and not m.get("default")
 
 
 def test_heldout_phantom_accuracy_does_not_regress(run):
@@ -135,7 +137,7 @@ def test_cancel_stops_within_seconds(model):
 
 
 def _copy(tmp_path) -> Path:
-    dst = tmp_path / "teeth" / "phantom-v2"
+    dst = tmp_path / "teeth" / "phantom-v3"
     shutil.copytree(SHIPPED, dst)
     return dst
 

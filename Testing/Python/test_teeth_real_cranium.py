@@ -2,9 +2,9 @@
 ``make test`` installs it when it can), read with its true orientation, and the reference labelling of its upper
 teeth made by ``Testing/Data/make_cranium_teeth_reference.py``.
 
-The reference tests are quick. The pipeline test runs the shipped teeth pipeline on the whole scan (minutes on the
-CPU, ``slow``) and states the issue's bar; the shipped phantom weights do not meet it yet (``xfail``, strict: it
-reports when they do).
+The reference tests are quick. The pipeline test runs the shipped teeth pipeline (phantom-v3, trained with head
+phantoms and real scans without teeth; never on this scan) on the whole scan (about a minute on the CPU, ``slow``)
+and holds it to the issue's bar.
 """
 
 import importlib.util
@@ -90,9 +90,6 @@ def test_scores_judge_fdi_up_to_a_mirror(cranium, reference):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 19: the shipped teeth weights (trained on jaw phantoms only) do not find the real upper "
-                          "teeth of Cranium.inv3")
 def test_shipped_pipeline_finds_the_upper_teeth(cranium, reference):
     """The issue's bar: >= 10 upper teeth found in the mouth (Dice >= 0.5 against the reference), no lower teeth,
     no tooth voxel higher than 20 mm above the lowest slice or in the back half of the head."""
@@ -107,6 +104,9 @@ def test_shipped_pipeline_finds_the_upper_teeth(cranium, reference):
     else:
         why = ""
     s = R.compare(pred, R.on_grid(reference, cranium), cranium)
-    summary = {k: s[k] for k in ("teeth_found", "predicted_teeth", "dice_per_tooth", "fdi_agreement_up_to_mirror",
-                                 "max_tooth_height_above_lowest_slice_mm", "tooth_voxels_in_back_half")}
+    summary = {k: s[k] for k in ("teeth_found", "mean_dice", "predicted_teeth", "dice_per_tooth",
+                                 "fdi_agreement_up_to_mirror", "max_tooth_height_above_lowest_slice_mm",
+                                 "tooth_voxels_in_back_half")}
     assert s["meets_bar"], f"{'; '.join(s['bar_failures'])} {why} {summary}"
+    # floors under what phantom-v3 measured (11 found, mean Dice 0.81, FDI up to a mirror 0.73)
+    assert s["mean_dice"] >= 0.7 and s["fdi_agreement_up_to_mirror"] >= 0.6, summary

