@@ -99,7 +99,8 @@ def test_a_run_goes_from_start_through_progress_to_done(panel):
     assert any(text.startswith("segmenting: step ") for _, _, _, text in running), running
     assert any(eta.endswith(" s left") for _, _, eta, _ in running), running
     percents = [pct for _, pct, _, _ in running]
-    assert percents == sorted(percents) and 0 < max(percents) < 100
+    # rising while running (a slow poll may first see the last step at 100 % before the job's state turns final)
+    assert percents == sorted(percents) and min(percents) < 100 and max(percents) > 0
     assert p.jobs.states == {"run": "succeeded", "finetune": "succeeded"} and not p.jobs.running()
     assert not p.jobs.timer.active and sorted(ended) == ["ft", "run"] and p.errors == []
     assert (p.view.progressBar.value, p.view.etaLabel.text, p.view.statusLabel.text) == (100, "", "Done: 1 node")
