@@ -1,8 +1,8 @@
 """Fine-tune the teeth networks on head phantoms, jaw phantoms and real scans without teeth (issue 19).
 
-    python -m deepsegrecon.teeth.train_head prepare --cache DIR --heads 160 --jaws 24   # samples (resumable)
+    python -m deepsegrecon.teeth.train_head prepare --cache DIR --heads 120 --first 200 --jaws 24  # (resumable)
     python -m deepsegrecon.teeth.train_head train --cache DIR --out DIR --init-from Resources/Models/teeth/phantom-v2 \
-        --minutes 45 --version phantom-v3
+        --minutes 95 --lr 3e-4 --version phantom-v3        # make weights-teeth-head; --warm-start CKPT: from a checkpoint
 
 Each iteration: one stage-1 step on a patch of a head phantom, a jaw phantom or a real negative, and one
 stage-2 step on the teeth box of a head phantom (CT-like resolution, tilts, one arch only) or a jaw phantom.
