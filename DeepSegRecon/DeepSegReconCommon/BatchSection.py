@@ -12,7 +12,7 @@ import types
 import ctk
 import slicer
 
-from DeepSegReconCommon.TaskWidget import findResource
+from DeepSegReconCommon.TaskWidget import loadSectionUI
 
 JOB = "batch"  # the section's job in the panel's job controller
 UI_NAME = "BatchSection.ui"
@@ -34,12 +34,7 @@ class BatchSection:
         self.view = None
 
     def setup(self, parentLayout):
-        path = findResource(f"UI/{UI_NAME}")
-        if path is None:
-            raise RuntimeError(f"{UI_NAME} was not found; reinstall the DeepSegRecon extension")
-        self.widget = slicer.util.loadUI(path)
-        parentLayout.addWidget(self.widget)
-        self.ui = slicer.util.childWidgetVariables(self.widget)
+        self.widget, self.ui = loadSectionUI(UI_NAME, parentLayout)
         for edit in (self.ui.batchInputPathLineEdit, self.ui.batchOutputPathLineEdit):
             edit.filters = ctk.ctkPathLineEdit.Dirs
         self.view = types.SimpleNamespace(progressBar=self.ui.batchProgressBar, etaLabel=self.ui.batchEtaLabel,

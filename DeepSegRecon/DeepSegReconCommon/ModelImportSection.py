@@ -9,7 +9,7 @@ gets the section from ``TaskWidgetMixin.setUpPanel()``.
 import ctk
 import slicer
 
-from DeepSegReconCommon.TaskWidget import findResource
+from DeepSegReconCommon.TaskWidget import loadSectionUI
 
 UI_NAME = "ModelImportSection.ui"
 
@@ -22,12 +22,7 @@ class ModelImportSection:
         self.ui = None
 
     def setup(self, parentLayout):
-        path = findResource(f"UI/{UI_NAME}")
-        if path is None:
-            raise RuntimeError(f"{UI_NAME} was not found; reinstall the DeepSegRecon extension")
-        self.widget = slicer.util.loadUI(path)
-        parentLayout.addWidget(self.widget)
-        self.ui = slicer.util.childWidgetVariables(self.widget)
+        self.widget, self.ui = loadSectionUI(UI_NAME, parentLayout)
         self.widget.setMRMLScene(self.logic.scene)
         self.ui.importSourceComboBox.connect("currentIndexChanged(int)", self.showSource)
         self.ui.importButton.connect("clicked(bool)", self.onImportButton)

@@ -48,6 +48,17 @@ def findResource(relativePath):
     return None
 
 
+def loadSectionUI(name, parentLayout):
+    """A panel section's .ui (``Resources/UI/<name>``) loaded and added to ``parentLayout``: (widget, its child
+    widgets by object name)."""
+    path = findResource(f"UI/{name}")
+    if path is None:
+        raise RuntimeError(f"{name} was not found; reinstall the DeepSegRecon extension")
+    widget = slicer.util.loadUI(path)
+    parentLayout.addWidget(widget)
+    return widget, slicer.util.childWidgetVariables(widget)
+
+
 def setModuleIcon(parent, relativePath):
     """Source-tree use (module path added without building): the icon lives in the top-level Resources."""
     if parent.icon.isNull():

@@ -130,12 +130,17 @@ def make_sample(seed: int, family: str, network: dict, cache_dir=None) -> dict:
     cbct, lab, _ = generate_teeth_phantom(seed, spacing=_phantom_spacing(family, rng), family=family)
     sample = prepare_sample(cbct, lab, network, rng)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-        os.close(fd)
-        np.savez(tmp, **sample)
-        os.replace(tmp, path)
+        save_sample(path, sample)
     return sample
+
+
+def save_sample(path: Path, sample: dict) -> None:
+    """Write a prepared sample to ``path`` (.npz) atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    np.savez(tmp, **sample)
+    os.replace(tmp, path)
 
 
 def _crop(a: np.ndarray, centre, size):

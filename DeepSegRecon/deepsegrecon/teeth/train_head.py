@@ -18,27 +18,17 @@ import datetime as _dt
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import labels as L
-from .train import (HELDOUT_SEEDS, _json_default, make_sample, prepare_sample, sample_patches, state_dict_fp16,
+from .train import (HELDOUT_SEEDS, make_sample, prepare_sample, sample_patches, save_sample, state_dict_fp16,
                     training_seeds, write_version)
 
 HEAD_SEEDS = range(20000, 30000)  # head phantom seeds for training; held-out heads use 30000+
 SHARED = Path(__file__).resolve().parents[4] / "shared" / "data"
-
-
-def _save(path: Path, sample: dict):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    np.savez(tmp, **sample)
-    os.replace(tmp, path)
 
 
 def negative_images():
@@ -83,7 +73,7 @@ def prepare(cache: Path, heads: int, jaws: int, network: dict, log=print, first:
             s = prepare_sample(Image(a, img.spacing, img.origin, img.direction, {}),
                                Image(np.zeros(a.shape, np.uint8), img.spacing, img.origin, img.direction, {}),
                                network, rng)
-            _save(neg / f"{name}.npz", s)
+            save_sample(neg / f"{name}.npz", s)
             log(f"[prepare] negative {name} {a.shape}")
     for seed in training_seeds(0, 96)[:jaws]:
         make_sample(seed, "A", network, cache / "jaw")
@@ -94,7 +84,7 @@ def prepare(cache: Path, heads: int, jaws: int, network: dict, log=print, first:
         t0 = time.time()
         img, lab, info = generate_head_phantom(seed)
         s = prepare_sample(img, lab, network, np.random.default_rng([seed, 9]))
-        _save(path, s)
+        save_sample(path, s)
         log(f"[prepare] head {seed} {info['field']} {info['modality']} teeth {len(info['present'])} "
             f"{img.array.shape} {time.time() - t0:.1f}s")
 
