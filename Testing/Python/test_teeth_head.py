@@ -30,6 +30,36 @@ def test_head_phantom_fields(field):
     assert np.count_nonzero(bone & (lab.array == 0)) > 0.3 * np.count_nonzero(bone)
 
 
+def test_truncated_cbct_labels_only_what_it_images():
+    """A CBCT whose field of view is a truncated cylinder is dark outside it, and nothing is labelled there: teeth
+    the scanner did not see are not asked of the networks (some were, before)."""
+    img, lab, info = generate_head_phantom(1, spacing=1.0, field="jaws", modality="CBCT")
+    assert "truncated_mm" in info["render"]
+    _, Y, X = img.array.shape
+    yy, xx = np.mgrid[0:Y, 0:X]
+    outside = np.hypot(yy - Y / 2, xx - X / 2) > info["render"]["truncated_mm"] + 1.0
+    assert outside.any() and np.ptp(img.array[:, outside]) == 0  # the constant fill (the grey scale may shift it)
+    assert not lab.array[:, outside].any()
+    assert np.isin(lab.array, L.FDI).sum() > 2000  # the teeth inside are still labelled
+
+
+def _cached_sample():
+    x1 = np.full((8, 8, 8), 1.8, np.float16)  # dentin-bright, scale 1000
+    x1[:, :, :4] = -1.0  # air
+    y1 = np.zeros((4, 8, 8, 8), np.uint8)
+    y1[3] = 255
+    return {"x1": x1, "y1": y1}
+
+
+def test_teeth_labels_on_air_move_to_background():
+    from deepsegrecon.teeth.train_head import _no_teeth_in_air
+
+    s = _cached_sample()
+    _no_teeth_in_air(s)
+    assert not s["y1"][3][:, :, :4].any() and (s["y1"][0][:, :, :4] == 255).all()
+    assert (s["y1"][3][:, :, 4:] == 255).all() and not s["y1"][0][:, :, 4:].any()
+
+
 def test_head_phantom_is_deterministic_and_tilted():
     a = generate_head_phantom(11, spacing=1.0, field="jaws")
     b = generate_head_phantom(11, spacing=1.0, field="jaws")

@@ -229,6 +229,9 @@ def generate_head_phantom(seed: int, spacing: float = None, field: str = None, m
         lab = lab[c0[2]:c1[2], c0[1]:c1[1], c0[0]:c1[0]]
         glo = glo + c0 * sp
     vol, render = _render(tissue, glo, sp, modality, rng)
+    outside = render.pop("outside", None)
+    if outside is not None:
+        lab[:, outside] = 0
     zsp = sp
     if modality == "CT" and rng.random() < 0.6:  # thick slices
         zsp = rng.uniform(1.25, 3.0)
@@ -302,6 +305,7 @@ def _render(tissue, origin, sp, modality, rng):
             R = rng.uniform(0.75, 0.98) * min(X, Y) * sp / 2
             vol[:, r > R] = -1000.0
             info["truncated_mm"] = float(R)
+            info["outside"] = r > R  # (y, x): not imaged, so not labelled either
         if rng.random() < 0.5:  # a grey scale that is only roughly HU (the networks assume HU-like values)
             scale, shift = rng.uniform(0.8, 1.1), rng.uniform(-150, 150)
             vol = (vol + 1000.0) * np.float32(scale) - np.float32(1000.0 - shift)

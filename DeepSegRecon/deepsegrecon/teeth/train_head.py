@@ -56,8 +56,9 @@ def negative_images():
                 yield f"{case}-{mod}", read_image(p)
 
 
-def prepare(cache: Path, heads: int, jaws: int, network: dict, log=print, first: int = 0):
-    """Write the samples into ``cache`` (skips those already there)."""
+def prepare(cache: Path, heads: int, jaws: int, network: dict, log=print, first: int = 0, fields=None):
+    """Write the samples into ``cache`` (skips those already there); ``fields``: the head phantoms' fields of view
+    (cycled), else drawn at random."""
     from .head import generate_head_phantom
 
     cache = Path(cache)
@@ -77,16 +78,32 @@ def prepare(cache: Path, heads: int, jaws: int, network: dict, log=print, first:
             log(f"[prepare] negative {name} {a.shape}")
     for seed in training_seeds(0, 96)[:jaws]:
         make_sample(seed, "A", network, cache / "jaw")
-    for seed in HEAD_SEEDS[first:first + heads]:
+    for n, seed in enumerate(HEAD_SEEDS[first:first + heads]):
         path = cache / "head" / f"{seed}.npz"
         if path.is_file():
             continue
         t0 = time.time()
-        img, lab, info = generate_head_phantom(seed)
+        img, lab, info = generate_head_phantom(seed, field=fields[n % len(fields)] if fields else None)
         s = prepare_sample(img, lab, network, np.random.default_rng([seed, 9]))
         save_sample(path, s)
         log(f"[prepare] head {seed} {info['field']} {info['modality']} teeth {len(info['present'])} "
             f"{img.array.shape} {time.time() - t0:.1f}s")
+
+
+AIR_HU = -500.0  # a voxel darker than this is no tooth
+
+
+def _no_teeth_in_air(s: dict, scale: float = 1000.0):
+    """Teeth labels on air-dark voxels moved to background (samples cached before the head phantoms stopped
+    labelling teeth outside a truncated CBCT field of view); ``scale``: the networks' intensity scale."""
+    air = s["x1"].astype(np.float32) * scale < AIR_HU
+    teeth = s["y1"][3].copy()
+    teeth[~air] = 0
+    s["y1"][0] += teeth
+    s["y1"][3] -= teeth
+    if "x2" in s:
+        air2 = s["x2"].astype(np.float32) * scale < AIR_HU
+        s["fg2"][air2] = 0
 
 
 def _pick(files, rng, cache_in: dict, keep: int = 48):
@@ -95,6 +112,7 @@ def _pick(files, rng, cache_in: dict, keep: int = 48):
     if s is None:
         with np.load(path) as z:
             s = {k: z[k] for k in z.files}
+        _no_teeth_in_air(s)
         if len(cache_in) >= keep:
             cache_in.pop(next(iter(cache_in)))
         cache_in[path] = s
@@ -102,7 +120,7 @@ def _pick(files, rng, cache_in: dict, keep: int = 48):
 
 
 def train(cache: Path, out: Path, init_from: Path, minutes: float, version: str, lr: float = 4e-4,
-          threads: int = 2, seed: int = 0, log=print, warm_start: Path = None):
+          threads: int = 2, seed: int = 0, log=print, warm_start: Path = None, stage1_only: bool = False):
     from monai.losses import DiceCELoss
 
     from ..store import entry_from_dir
@@ -148,9 +166,9 @@ def train(cache: Path, out: Path, init_from: Path, minutes: float, version: str,
         src = heads if (u < 0.5 or not negs) else (jaws if u < 0.7 else negs)
         s1 = _pick(src, rng, held)
         p1 = sample_patches(s1, network, rng, 2, 0)
-        pool2 = heads if rng.random() < 0.6 else jaws
+        pool2 = heads if rng.random() < 0.5 else jaws
         s2 = None
-        for _ in range(10):
+        for _ in range(0 if stage1_only else 10):
             s2 = _pick(pool2, rng, held)
             if "x2" in s2:
                 break
@@ -190,7 +208,7 @@ def train(cache: Path, out: Path, init_from: Path, minutes: float, version: str,
         version=version, base_version=base.version, default=True,
         name=f"Segment Teeth {version} (synthetic jaw and head phantoms, real scans without teeth)",
         created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-        trained_on=("fine-tuned from phantom-v2 on synthetic head phantoms (seeds from 20000), jaw phantoms "
+        trained_on=(f"fine-tuned from {base.version}{' (stage 1 only)' if stage1_only else ''} on synthetic head phantoms (seeds from 20000), jaw phantoms "
                     f"(training seeds), and real scans without teeth as background ({', '.join(p.stem for p in negs)}); "
                     f"held-out jaw seeds {HELDOUT_SEEDS.start}..{HELDOUT_SEEDS.stop - 1} never used. No real dental "
                     "CBCT; Cranium.inv3 (the only real scan with teeth) is for testing only."),
@@ -200,8 +218,9 @@ def train(cache: Path, out: Path, init_from: Path, minutes: float, version: str,
                   "final_loss2": float(np.mean([h[1] for h in hist[-100:]])) if hist else None,
                   "command": (f"python -m deepsegrecon.teeth.train_head prepare --cache CACHE --heads {len(heads)} "
                               f"--jaws {len(jaws)}; python -m deepsegrecon.teeth.train_head train --cache CACHE "
-                              f"--out DIR --init-from Resources/Models/teeth/phantom-v2 --minutes {minutes} "
-                              f"--lr {lr} --threads {threads} --version {version}")})
+                              f"--out DIR --init-from Resources/Models/teeth/{base.version} --minutes {minutes} "
+                              f"--lr {lr} --threads {threads} --version {version}"
+                              f"{' --stage1-only' if stage1_only else ''}")})
     entry = write_version(out, version, {"stage1.pt": state_dict_fp16(net1), "stage2.pt": state_dict_fp16(net2)},
                           manifest)
     log(f"[train] wrote {entry.dir}")
@@ -217,6 +236,7 @@ def main(argv=None) -> int:
     p.add_argument("--jaws", type=int, default=24)
     p.add_argument("--init-from", default=None)
     p.add_argument("--first", type=int, default=0, help="index of the first head seed")
+    p.add_argument("--fields", default=None, help="comma-separated fields of view of the head phantoms (cycled)")
     t = sub.add_parser("train")
     t.add_argument("--cache", required=True)
     t.add_argument("--out", required=True)
@@ -226,6 +246,7 @@ def main(argv=None) -> int:
     t.add_argument("--lr", type=float, default=4e-4)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--warm-start", default=None, help="checkpoint whose weights to start from (fresh schedule)")
+    t.add_argument("--stage1-only", action="store_true", help="train stage 1 only (stage 2 kept as it is)")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
         from .nets import default_network
@@ -233,10 +254,12 @@ def main(argv=None) -> int:
         network = default_network()
         if a.init_from:
             network = json.loads((Path(a.init_from) / "manifest.json").read_text())["network"]
-        prepare(Path(a.cache), a.heads, a.jaws, network, log=lambda m: print(m, flush=True), first=a.first)
+        prepare(Path(a.cache), a.heads, a.jaws, network, log=lambda m: print(m, flush=True), first=a.first,
+                fields=a.fields.split(",") if a.fields else None)
     else:
         train(Path(a.cache), Path(a.out), Path(a.init_from), a.minutes, a.version, a.lr, a.threads,
-              log=lambda m: print(m, flush=True), warm_start=Path(a.warm_start) if a.warm_start else None)
+              log=lambda m: print(m, flush=True), warm_start=Path(a.warm_start) if a.warm_start else None,
+              stage1_only=a.stage1_only)
     return 0
 
 
