@@ -95,5 +95,15 @@ BRAIN_ARGS ?= --threads 1
 weights-brain: venv
 	nice $(PY) -m deepsegrecon.brain.train_real --out $(BRAIN_OUT) --minutes 110 --val-every 300 $(BRAIN_ARGS)
 
+# The SART refiner (cbct-recon v4: v2's DIF-Gaussian weights + refiner.pt, method sart-unet): 180 training pairs
+# cached in $(REFINER_OUT)/cache (about 10 min), 40 CPU minutes of training on one thread, then the version is
+# evaluated and written to $(REFINER_OUT)/store/cbct-recon/v4. Copy it into Resources/Models/cbct-recon/ to ship it.
+REFINER_OUT ?= build/cbct-refiner
+.PHONY: weights-cbct-refiner
+weights-cbct-refiner: venv
+	OMP_NUM_THREADS=1 ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 nice -n 10 $(PY) -m deepsegrecon.cbct.train_refiner \
+		--pairs 180 --minutes 40 --seed 0 --cache $(REFINER_OUT)/cache --out $(REFINER_OUT)/out --version v4 \
+		--store $(REFINER_OUT)/store
+
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) bench-results .pytest_cache

@@ -21,11 +21,13 @@ from slicer.util import VTKObservationMixin
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 AUTO_MODEL = "automatic (by view count)"
-# (combo-box text, task method): the first sends none, so the task takes its default (SART on RTK)
-METHOD_CHOICES = (("default (best measured: SART)", None), ("DIF-Gaussian + data consistency", "dif-gaussian"),
-                  ("SART", "sart"), ("conjugate gradient", "cg"), ("ADMM-TV", "admm-tv"), ("FDK (Hann)", "fdk"))
-METRIC_LABELS = (("dif_gaussian", "DIF-Gaussian"), ("dif_gaussian_network_only", "network alone"),
-                 ("sart", "SART"), ("cg", "CG"), ("admm_tv", "ADMM-TV"), ("fdk", "FDK"))
+# (combo-box text, task method): the first sends none, so the task takes its default (SART + U-Net refiner on RTK)
+METHOD_CHOICES = (("default (best measured: SART + U-Net refiner)", None), ("SART + U-Net refiner", "sart-unet"),
+                  ("DIF-Gaussian + data consistency", "dif-gaussian"), ("SART", "sart"), ("conjugate gradient", "cg"),
+                  ("ADMM-TV", "admm-tv"), ("FDK (Hann)", "fdk"))
+METRIC_LABELS = (("sart_unet", "SART + U-Net"), ("dif_gaussian", "DIF-Gaussian"),
+                 ("dif_gaussian_network_only", "network alone"), ("sart", "SART"), ("cg", "CG"),
+                 ("admm_tv", "ADMM-TV"), ("fdk", "FDK"))
 
 
 def setUpEngine():
@@ -60,9 +62,10 @@ class ReconstructCBCT(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["DeepSegRecon maintainers"]
         self.parent.helpText = """
-Reconstructs a CBCT volume from a few (6-10) cone-beam projections with the chosen <b>method</b>: SART (the default:
-the best measured), DIF-Gaussian (a 2-D U-Net per view, 12<sup>3</sup> learnt 3-D Gaussians and pixel-aligned
-features) followed by RTK data consistency, conjugate gradient, ADMM-TV or FDK; every method runs for comparison
+Reconstructs a CBCT volume from a few (6-10) cone-beam projections with the chosen <b>method</b>: SART + U-Net
+refiner (the default: the best measured; SART, a 2.5-D U-Net trained to remove its streaks, then 4 SART iterations),
+SART, DIF-Gaussian (a 2-D U-Net per view, 12<sup>3</sup> learnt 3-D Gaussians and pixel-aligned features) followed by
+RTK data consistency, conjugate gradient, ADMM-TV or FDK; every method runs for comparison
 and the metrics line lists each one's PSNR/SSIM and time.
 <ol>
 <li><b>Simulate from a CT</b>: choose a CT volume and the number of views; projections are simulated with Poisson and

@@ -53,7 +53,12 @@ def test_simulate_and_reconstruct_into_the_scene(setup):
     recon, fdk, table = logic.output_nodes
     from deepsegrecon.cbct.rtk_backend import available
 
-    expected = ("rtk", "sart") if available() else ("torch", "dif-gaussian")  # the worker's default
+    # the worker's default (sart-unet) falls back to SART: this store holds no refiner
+    expected = ("rtk", "sart") if available() else ("torch", "dif-gaussian")
+    assert logic.result.report["skipped"] == (["sart-unet (no refiner installed)"] if available() else
+                                              ["sart (needs itk-rtk; backend torch)",
+                                               "admm-tv (needs itk-rtk; backend torch)",
+                                               "sart-unet (needs itk-rtk; backend torch)"])
     assert (logic.result.report["backend"], logic.result.report["method"]) == expected
     assert recon.GetName() == "phantom CBCT recon" and fdk.GetName() == "phantom CBCT fdk"
     for vol in (recon, fdk):

@@ -50,7 +50,18 @@ def run(capsys, *argv):
     return code, out, err
 
 
-def test_simulate_then_reconstruct_from_the_saved_projections(capsys, tmp_path, tiny_model, ct):
+@pytest.fixture
+def with_refiner(tmp_path, tiny_model):
+    """The shipped SART refiner (cbct-recon v4) in the test's built-in store."""
+    import shutil
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "cbct-recon" / "v4"
+    shutil.copytree(src, tmp_path / "builtin" / "cbct-recon" / "v4")
+    return tiny_model
+
+
+def test_simulate_then_reconstruct_from_the_saved_projections(capsys, tmp_path, with_refiner, ct):
     img, path = ct
     code, out, err = run(capsys, "cbct-recon", "--simulate-from", path, "--views", 8, "--detector", 40,
                          "-o", tmp_path / "sim", "--device", "cpu")
@@ -58,10 +69,11 @@ def test_simulate_then_reconstruct_from_the_saved_projections(capsys, tmp_path, 
     sim = tmp_path / "sim"
     m = json.loads((sim / "metrics.json").read_text())
     default = m["method"].replace("-", "_")
-    others = {"dif_gaussian", "sart", "cg", "admm_tv"} - {default}
+    others = {"dif_gaussian", "sart", "cg", "admm_tv", "sart_unet"} - {default}
     assert sorted(p.name for p in sim.iterdir()) == sorted(["fdk.nrrd", "metrics.json", "preview.png", "projections",
                                                             "recon.nrrd"] + [f"{k}.nrrd" for k in others])
-    assert m["backend"] == "rtk" and set(m["metrics"]) >= {"fdk", "sart", "cg", "admm_tv", "dif_gaussian"}
+    assert m["backend"] == "rtk" and set(m["metrics"]) >= {"fdk", "sart", "cg", "admm_tv", "dif_gaussian", "sart_unet"}
+    assert m["method"] == "sart-unet" and m["refiner_model"] == "v4"  # the default: SART + refiner
     assert all(f"{k}_s" in m["timings_s"] for k in others | {default, "fdk"})
     assert f"backend: rtk, method: {m['method']}" in out
     recon, fdk = read_image(sim / "recon.nrrd"), read_image(sim / "fdk.nrrd")
@@ -214,6 +226,7 @@ def test_methods_and_the_torch_fallback(tiny_model, ct, monkeypatch):
     monkeypatch.setattr(rtk_backend, "rtk", None)  # RTK absent: torch runs and says so
     r = run_inline("cbct-recon", {"ct": img}, {**params, "method": "cg", "compare": ["sart"]})
     assert r.report["backend"] == "torch" and r.report["methods"] == ["fdk", "cg"]
+    assert r.report["skipped"] == ["sart (needs itk-rtk; backend torch)"]
     assert r.report["metrics"]["cg"]["psnr_db"] > r.report["metrics"]["fdk"]["psnr_db"]
     with pytest.raises(InputError, match="needs itk-rtk"):
         run_inline("cbct-recon", {"ct": img}, {**params, "method": "sart"})

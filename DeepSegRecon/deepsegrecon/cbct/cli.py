@@ -18,9 +18,9 @@ COMMANDS = ["cbct-recon"]
 def add_parsers(sub) -> None:
     from ..cli import add_series_option
 
-    methods = ("dif-gaussian", "fdk", "sart", "cg", "admm-tv")
-    p = sub.add_parser("cbct-recon", help="sparse-view CBCT reconstruction (DIF-Gaussian, FDK, SART, conjugate "
-                       "gradient, ADMM-TV) side by side")
+    methods = ("dif-gaussian", "fdk", "sart", "cg", "admm-tv", "sart-unet")
+    p = sub.add_parser("cbct-recon", help="sparse-view CBCT reconstruction (SART + U-Net refiner, DIF-Gaussian, "
+                       "FDK, SART, conjugate gradient, ADMM-TV) side by side")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--projections", metavar="DIR", help="folder with geometry.json and projections.nrrd "
                      "(or one 2-D image per view)")
@@ -110,7 +110,7 @@ def cmd_cbct_recon(args) -> int:
             key = name.replace("-", "_")
             vol = result.volumes["recon" if name == report["method"] else key]
             label = ("DIF-Gaussian" + (" + data consistency" if report.get("refine_iters") else "")
-                     if key == "dif_gaussian" else name.upper())
+                     if key == "dif_gaussian" else "SART + U-Net" if key == "sart_unet" else name.upper())
             label += (" (chosen)" if args.method else " (default)") if name == report["method"] else ""
             if m.get(key):
                 label += f"  {m[key]['psnr_db']:.1f} dB, SSIM {m[key]['ssim']:.3f}"
@@ -118,6 +118,8 @@ def cmd_cbct_recon(args) -> int:
         write_preview(rows, stage / "preview.png", title=f"{report['views']} views, {report['backend']} backend")
         written = sorted(p.name for p in stage.iterdir())
     print(f"backend: {report['backend']}, method: {report['method']}")
+    for why in report.get("skipped") or []:
+        print(f"skipped: {why}")
     for key in sorted(m):
         print(f"{key}: PSNR {m[key]['psnr_db']:.2f} dB, SSIM {m[key]['ssim']:.4f}"
               + (f", {tm[key + '_s']:.1f} s" if key + "_s" in tm else ""))

@@ -1,5 +1,6 @@
 """The ``cbct-recon`` task: sparse-view cone-beam projections (or a CT to simulate them from) -> the chosen method's
-volume (``recon``: SART by default, or DIF-Gaussian + data consistency, FDK, conjugate gradient, ADMM-TV), FDK and
+volume (``recon``: the default method, :data:`.methods.DEFAULT`, or SART + U-Net refiner, SART, DIF-Gaussian + data
+consistency, FDK, conjugate gradient, ADMM-TV), FDK and
 every compared method side by side, each with its PSNR/SSIM against a reference and its time. The projector and
 classical methods run on RTK when ``itk-rtk`` imports (CPU), else on torch; ``report["backend"]`` says which.
 
@@ -170,6 +171,22 @@ class CBCTReconTask(Task):
             entry = entry_from_dir(ctx.model_dir) if ctx.model_dir is not None else \
                 model_for(ModelStore(), params.get("model"), geo.angles_deg)
             model = load_model(entry).to(device)
+        ref_entry = refiner_model = None
+        skipped = [f"{m} (needs itk-rtk; backend {backend})" for m in M.NEEDS_RTK
+                   if backend != "rtk" and m in (M.METHODS if params.get("compare") is None else params["compare"])]
+        if "sart-unet" in runs:
+            ref_entry = refiner_entry(ctx, params)
+            if ref_entry is None and params.get("method") == "sart-unet":
+                raise ModelError("no installed cbct-recon version holds the SART refiner (refiner.pt)")
+            if ref_entry is None:  # the default without its weights: SART alone, said so
+                ctx.step("prepare", 1.0, "no SART refiner installed: sart-unet skipped")
+                skipped.append("sart-unet (no refiner installed)")
+                method = "sart" if method == "sart-unet" else method
+                runs = tuple(m for m in M.METHODS if m in runs and m != "sart-unet" or m == method)
+            else:
+                from .refiner import load as load_refiner
+
+                refiner_model = load_refiner(ref_entry)
         reference = images.get("reference")
         timings["prepare_s"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -187,6 +204,7 @@ class CBCTReconTask(Task):
         ref = None if reference is None else np.asarray(reference.array, np.float32)
         volumes, scores = {}, {}
         iters = None
+        kept = {}  # SART on the iterative grid, reused by sart-unet
         for n, name in enumerate(m for m in M.METHODS[1:] + M.METHODS[:1] if m in runs):
             key = M.KEYS[name]
             t = time.perf_counter()
@@ -208,9 +226,14 @@ class CBCTReconTask(Task):
                 else:
                     hu = net_hu
                 del net, net_hu
+            elif name == "sart-unet":
+                ctx.step("refine", 0.0, M.TITLES[name])
+                hu = mu_to_hu(M.sart_unet(proj, geo, refiner_model, backend, kept.get("sart"), M.UNET_DC["iters"]))
+                if "sart" in kept:  # SART itself was run once, for both
+                    t -= timings["sart_s"]
             else:
                 ctx.step("classical", n / max(1, len(runs)), f"{M.TITLES[name]} ({backend})")
-                hu = mu_to_hu(M.classical(name, proj, geo, backend, params["filter"], device=str(device)))
+                hu = mu_to_hu(M.classical(name, proj, geo, backend, params["filter"], device=str(device), keep=kept))
             hu = np.asarray(hu, np.float32)
             timings[f"{key}_s"] = time.perf_counter() - t
             if ref is not None:
@@ -221,6 +244,7 @@ class CBCTReconTask(Task):
         if params.get("keep_projections"):
             volumes["projections"] = stack_image(proj, geo)
         report = {"method": method, "backend": backend, "model": entry.version if entry else None,
+                  "refiner_model": ref_entry.version if ref_entry else None, "skipped": skipped or None,
                   "device": str(device), "views": geo.n_views, "geometry": geo.to_dict(), "simulated": "ct" in images,
                   "filter": params["filter"], "refine_iters": iters, "methods": list(runs),
                   "data_consistency": dc_text(backend, iters) if iters is not None else None,
@@ -228,6 +252,18 @@ class CBCTReconTask(Task):
         report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         ctx.step("metrics", 1.0)
         return VolumeResult(volumes, report)
+
+
+def refiner_entry(ctx, params: dict):
+    """The version holding the SART refiner: the job's model when it holds one, else the store's newest."""
+    from ..store import ModelStore, entry_from_dir
+    from .refiner import WEIGHTS, entry_for
+
+    if ctx.model_dir is not None:
+        e = entry_from_dir(ctx.model_dir)
+        if WEIGHTS in e.files:
+            return e
+    return entry_for(ModelStore(), params.get("model"))
 
 
 def methods_to_run(params: dict, backend: str) -> tuple:
