@@ -120,7 +120,7 @@ def _pick(files, rng, cache_in: dict, keep: int = 48):
 
 
 def train(cache: Path, out: Path, init_from: Path, minutes: float, version: str, lr: float = 4e-4,
-          threads: int = 2, seed: int = 0, log=print, warm_start: Path = None, stage1_only: bool = False):
+          threads: int = 2, seed: int = 0, log=print, warm_start: Path = None):
     from monai.losses import DiceCELoss
 
     from ..store import entry_from_dir
@@ -166,9 +166,9 @@ def train(cache: Path, out: Path, init_from: Path, minutes: float, version: str,
         src = heads if (u < 0.5 or not negs) else (jaws if u < 0.7 else negs)
         s1 = _pick(src, rng, held)
         p1 = sample_patches(s1, network, rng, 2, 0)
-        pool2 = heads if rng.random() < 0.5 else jaws
+        pool2 = heads if rng.random() < 0.6 else jaws
         s2 = None
-        for _ in range(0 if stage1_only else 10):
+        for _ in range(10):
             s2 = _pick(pool2, rng, held)
             if "x2" in s2:
                 break
@@ -208,7 +208,7 @@ def train(cache: Path, out: Path, init_from: Path, minutes: float, version: str,
         version=version, base_version=base.version, default=True,
         name=f"Segment Teeth {version} (synthetic jaw and head phantoms, real scans without teeth)",
         created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-        trained_on=(f"fine-tuned from {base.version}{' (stage 1 only)' if stage1_only else ''} on synthetic head phantoms (seeds from 20000), jaw phantoms "
+        trained_on=(f"fine-tuned from {base.version} on synthetic head phantoms (seeds from 20000), jaw phantoms "
                     f"(training seeds), and real scans without teeth as background ({', '.join(p.stem for p in negs)}); "
                     f"held-out jaw seeds {HELDOUT_SEEDS.start}..{HELDOUT_SEEDS.stop - 1} never used. No real dental "
                     "CBCT; Cranium.inv3 (the only real scan with teeth) is for testing only."),
@@ -219,8 +219,7 @@ def train(cache: Path, out: Path, init_from: Path, minutes: float, version: str,
                   "command": (f"python -m deepsegrecon.teeth.train_head prepare --cache CACHE --heads {len(heads)} "
                               f"--jaws {len(jaws)}; python -m deepsegrecon.teeth.train_head train --cache CACHE "
                               f"--out DIR --init-from Resources/Models/teeth/{base.version} --minutes {minutes} "
-                              f"--lr {lr} --threads {threads} --version {version}"
-                              f"{' --stage1-only' if stage1_only else ''}")})
+                              f"--lr {lr} --threads {threads} --version {version}")})
     entry = write_version(out, version, {"stage1.pt": state_dict_fp16(net1), "stage2.pt": state_dict_fp16(net2)},
                           manifest)
     log(f"[train] wrote {entry.dir}")
@@ -246,7 +245,6 @@ def main(argv=None) -> int:
     t.add_argument("--lr", type=float, default=4e-4)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--warm-start", default=None, help="checkpoint whose weights to start from (fresh schedule)")
-    t.add_argument("--stage1-only", action="store_true", help="train stage 1 only (stage 2 kept as it is)")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
         from .nets import default_network
@@ -258,8 +256,7 @@ def main(argv=None) -> int:
                 fields=a.fields.split(",") if a.fields else None)
     else:
         train(Path(a.cache), Path(a.out), Path(a.init_from), a.minutes, a.version, a.lr, a.threads,
-              log=lambda m: print(m, flush=True), warm_start=Path(a.warm_start) if a.warm_start else None,
-              stage1_only=a.stage1_only)
+              log=lambda m: print(m, flush=True), warm_start=Path(a.warm_start) if a.warm_start else None)
     return 0
 
 
