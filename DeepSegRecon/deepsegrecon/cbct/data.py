@@ -96,6 +96,20 @@ def heldout_case_128() -> Image:
     return Image(arr, full.spacing, tuple(full.physical_points(np.array([[i0, j0, k0]]))[0]), full.direction)
 
 
+def random_box(v: torch.Tensor, sp, n, rng) -> torch.Tensor:
+    """A box of ``n`` voxels of ``sp`` mm per axis (i, j, k; ``n`` one count or three) at a random place in ``v``
+    ((k, j, i) on the :data:`GRID_MM` grid, air = 0), trilinear, zero outside."""
+    K, J, I = v.shape
+    ext = np.array([I, J, K], float) * GRID_MM
+    n = np.broadcast_to(np.asarray(n), 3)
+    box = np.asarray(sp) * n
+    lo = np.array([rng.uniform(min(0.0, e - b), max(0.0, e - b)) for e, b in zip(ext, box)])
+    axes = [torch.tensor((lo[a] + (np.arange(n[a]) + 0.5) * sp[a]) / ext[a] * 2 - 1, dtype=torch.float32)
+            for a in range(3)]
+    g = torch.stack(torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij"), -1).flip(-1)
+    return F.grid_sample(v[None, None], g[None], align_corners=False, padding_mode="zeros")[0, 0]
+
+
 class CropSampler:
     """Random 64^3 crops (HU) with random in-plane spacing (2-5 mm), flips and HU jitter."""
 
@@ -112,12 +126,7 @@ class CropSampler:
         ext = np.array([I, J, K], float) * GRID_MM  # mm
         s = rng.uniform(2.0, 5.0)
         sp = np.array([s, s, min(s, ext[2] / n)])
-        box = sp * n
-        lo = np.array([rng.uniform(min(0.0, e - b), max(0.0, e - b)) for e, b in zip(ext, box)])
-        axes = [torch.tensor((lo[a] + (np.arange(n) + 0.5) * sp[a]) / ext[a] * 2 - 1, dtype=torch.float32)
-                for a in range(3)]
-        g = torch.stack(torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij"), -1).flip(-1)
-        crop = F.grid_sample(v[None, None], g[None], align_corners=False, padding_mode="zeros")[0, 0]
+        crop = random_box(v, sp, n, rng)
         for dim in (1, 2):
             if rng.random() < 0.5:
                 crop = crop.flip(dim)

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .refiner import DEFAULT_CFG, Refiner, stack_slices
 
@@ -42,7 +41,7 @@ def sources():
 
 def sample_box(vol: np.ndarray, rng):
     """A random box of ``vol`` (2 mm grid) resampled to 2-4 mm: (HU (k, j, i), spacing (i, j, k))."""
-    from .data import GRID_MM
+    from .data import GRID_MM, random_box
 
     v = torch.from_numpy(vol + 1000.0)  # air = 0 outside
     K, J, I = v.shape
@@ -52,12 +51,7 @@ def sample_box(vol: np.ndarray, rng):
     sp = np.array([s, s, sz])
     n_ip = int(min(128, ext[0] / s + 4)) if rng.random() < 0.5 else int(rng.integers(48, 129))
     n = np.array([n_ip, n_ip, int(min(rng.integers(24, 97), max(8, ext[2] / sz)))])
-    box = sp * n
-    lo = np.array([rng.uniform(min(0.0, e - b), max(0.0, e - b)) for e, b in zip(ext, box)])
-    axes = [torch.tensor((lo[a] + (np.arange(n[a]) + 0.5) * sp[a]) / ext[a] * 2 - 1, dtype=torch.float32)
-            for a in range(3)]
-    g = torch.stack(torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij"), -1).flip(-1)
-    box = F.grid_sample(v[None, None], g[None], align_corners=False, padding_mode="zeros")[0, 0]
+    box = random_box(v, sp, n, rng)
     for dim in (1, 2):
         if rng.random() < 0.5:
             box = box.flip(dim)
