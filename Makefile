@@ -77,15 +77,20 @@ weights: venv
 		--name phantom-v2
 	cp -r $(WEIGHTS_OUT)/home/models/teeth/phantom-v2 $(WEIGHTS_OUT)/
 
-# phantom-v3 (the default): phantom-v2 fine-tuned on head phantoms, jaw phantoms and real scans without teeth
+# phantom-v3: phantom-v2 fine-tuned on head phantoms, jaw phantoms and real scans without teeth
 # (teeth/train_head.py). The shipped run had two parts: 35 min on an earlier head generator (skull as dim as jaw
 # cortex), then 60 min on the current one (--warm-start); this target runs the current one from phantom-v2.
+# phantom-v4 (the default): phantom-v3 fine-tuned 50 min on one thread with 24 more heads (neck and lower-arch fields)
+# and 56 jaw phantoms, the head phantoms labelled only inside the imaged field.
 HEAD_OUT ?= build/teeth-head
 weights-teeth-head: venv
-	nice $(PY) -m deepsegrecon.teeth.train_head prepare --cache $(HEAD_OUT)/cache --heads 120 --first 200 --jaws 24 \
-		--init-from Resources/Models/teeth/phantom-v2
+	nice $(PY) -m deepsegrecon.teeth.train_head prepare --cache $(HEAD_OUT)/cache --heads 120 --first 200 --jaws 24
 	nice $(PY) -m deepsegrecon.teeth.train_head train --cache $(HEAD_OUT)/cache --out $(HEAD_OUT)/out \
 		--init-from Resources/Models/teeth/phantom-v2 --minutes 95 --lr 3e-4 --version phantom-v3
+	nice $(PY) -m deepsegrecon.teeth.train_head prepare --cache $(HEAD_OUT)/cache --heads 24 --first 500 --jaws 56 \
+		--fields below,lower,below,large
+	nice $(PY) -m deepsegrecon.teeth.train_head train --cache $(HEAD_OUT)/cache --out $(HEAD_OUT)/out \
+		--init-from $(HEAD_OUT)/out/phantom-v3 --minutes 50 --lr 1e-4 --threads 1 --version phantom-v4
 
 # Reproduce the default brain-tumor weights (real-v1: real BraTS patients of ../shared/data, fixed split) in
 # $(BRAIN_OUT)/store/brain-tumor/real-v1; resumable (add --resume). A wall-clock budget, so the step count depends on

@@ -15,13 +15,13 @@ from deepsegrecon.teeth import labels as L
 from deepsegrecon.teeth import plausible as P
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ROOT / "Resources" / "Models" / "teeth" / "phantom-v3"
+SHIPPED = ROOT / "Resources" / "Models" / "teeth" / "phantom-v4"
 
 
 # ------------------------------------------------------------------------------------------ synthetic layouts
-def _tooth(centre, volume=600.0, extent=(22.0, 9.0, 7.5), brightness=2200.0, axis=(0.0, 0.0, 1.0)):
+def _tooth(centre, volume=600.0, extent=(22.0, 9.0, 7.5), brightness=2200.0, axis=(0.0, 0.0, 1.0), metal=0.0):
     return {"centroid": np.asarray(centre, float), "volume_mm3": float(volume), "extent_mm": np.asarray(extent, float),
-            "brightness": float(brightness), "axis": np.asarray(axis, float) / np.linalg.norm(axis)}
+            "brightness": float(brightness), "axis": np.asarray(axis, float) / np.linalg.norm(axis), "metal": metal}
 
 
 def _arch(per_side=7, z=0.0, half_width=25.0, depth=35.0, jaw="upper"):
@@ -99,6 +99,7 @@ def test_a_giant_piece_is_dropped_and_the_arch_kept():
     (dict(extent=(30.0, 26.0, 14.0)), "too wide"),  # wider than two molars side by side
     (dict(extent=(22.0, 14.0, 4.0)), "too flat"),  # a plate: a sinus wall
     (dict(brightness=900.0), "too faint"),  # bone, not dentin and enamel
+    (dict(brightness=3070.0, metal=0.7), "metal"),  # the real chest CT's shoulder object
 ])
 def test_pieces_without_a_tooth_s_size_shape_or_brightness_are_dropped(piece, why):
     pieces = _pieces(_arch())
@@ -148,6 +149,12 @@ def test_measure_pieces_gives_extents_volume_and_brightness():
     assert np.allclose(p["extent_mm"], (17.5, 8.0, 6.0), atol=0.05)  # the 5:45 cut keeps 35 slices
     assert p["volume_mm3"] == pytest.approx(35 * 16 * 12 * 0.125)
     assert p["brightness"] == pytest.approx(1800.0) and P.shape_problem(p) is None
+    crown = (lab > 0) & (np.arange(40)[:, None, None] < 17)  # a metal crown over 12 of the 35 slices: a tooth
+    p = P.measure_pieces(lab, lambda idx: np.asarray(idx, float) * 0.5, 0.125, np.where(crown, 3.5, img), 1000.0)[21]
+    assert p["metal"] == pytest.approx(12 / 35) and P.shape_problem(p) is None
+    block = (lab > 0) & (np.arange(40)[:, None, None] < 30)  # 25 of 35 slices: metal, not a tooth
+    p = P.measure_pieces(lab, lambda idx: np.asarray(idx, float) * 0.5, 0.125, np.where(block, 3.5, img), 1000.0)[21]
+    assert P.shape_problem(p).startswith("metal, not a tooth (71%")
 
 
 def test_dental_window_keeps_the_dentition_and_cuts_the_rest():
@@ -296,7 +303,7 @@ def test_brain_mri_gives_no_teeth_found_through_the_worker(shared_data, tmp_path
         pytest.skip(f"{path} is not present")
     mri = read_image(path)
     lower_half = _crop(mri, k=(0, mri.array.shape[0] // 2))
-    job = worker.create_job("teeth", {"image": lower_half}, {"device": "cpu", "model": "phantom-v3"}, job_root=tmp_path)
+    job = worker.create_job("teeth", {"image": lower_half}, {"device": "cpu", "model": "phantom-v4"}, job_root=tmp_path)
     assert worker.main(job, install_signals=False) == EXIT_INPUT
     final = [json.loads(line) for line in (job / "progress.jsonl").read_text().splitlines()][-1]
     assert final["state"] == "failed" and final["exit_code"] == EXIT_INPUT and final["error_type"] == "InputError"

@@ -19,8 +19,8 @@ from deepsegrecon.teeth.task import TeethTask, load_model, segment
 from deepsegrecon.teeth.train import HELDOUT_SEEDS, score
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ROOT / "Resources" / "Models" / "teeth" / "phantom-v3"  # the default
-SOUP = ROOT / "Resources" / "Models" / "teeth" / "phantom-v2"  # its starting point, shipped beside it
+SHIPPED = ROOT / "Resources" / "Models" / "teeth" / "phantom-v4"  # the default
+SOUP = ROOT / "Resources" / "Models" / "teeth" / "phantom-v2"  # the start of its line (v2 -> v3 -> v4), shipped
 BASE = ROOT / "Resources" / "Models" / "teeth" / "phantom-v1"
 SEED = 10001  # held out: never used for training
 # The product bar is mean tooth Dice >= 0.90 and FDI accuracy >= 0.95 on held-out phantoms; `make bench`
@@ -52,8 +52,8 @@ def run(model):
 
 def test_manifest_describes_the_weights():
     m = json.loads((SHIPPED / "manifest.json").read_text())
-    assert m["task"] == "teeth" and m["version"] == "phantom-v3" and m["default"] is True
-    assert m["base_version"] == "phantom-v2" and "real scans without teeth" in m["trained_on"]
+    assert m["task"] == "teeth" and m["version"] == "phantom-v4" and m["default"] is True
+    assert m["base_version"] == "phantom-v3" and "real scans without teeth" in m["trained_on"]
     assert set(m["files"]) == {"stage1.pt", "stage2.pt"}
     for name, digest in m["files"].items():
         assert sha256_file(SHIPPED / name) == digest
@@ -137,7 +137,7 @@ def test_cancel_stops_within_seconds(model):
 
 
 def _copy(tmp_path) -> Path:
-    dst = tmp_path / "teeth" / "phantom-v3"
+    dst = tmp_path / "teeth" / "phantom-v4"
     shutil.copytree(SHIPPED, dst)
     return dst
 

@@ -41,6 +41,10 @@ MIN_ROUNDNESS = 0.4
 # uncalibrated grey scale of family B) the 90th percentile of every tooth is >= 1600; bone at CT resolution stays
 # below about 1000 (the abdominal CT's "teeth" on the spine: <= 1000).
 MIN_BRIGHTNESS = 1200.0  # 90th percentile of a piece's values (the networks' HU-like scale)
+# Metal is not a tooth: a piece mostly at metal's values is a filling on its own, an implant or an object (the real
+# chest CT's shoulder piece: 56-82 % of voxels >= 3000); phantom teeth with metal crowns stay below 47 %.
+METAL_VALUE = 3000.0
+MAX_METAL_SHARE = 0.5
 
 MAX_TEETH = 32
 MIN_TEETH = 4  # fewer tooth-like pieces do not show an arch: the result is withheld
@@ -150,9 +154,9 @@ OPPOSING_MM = 10.0  # an upper and a lower tooth oppose when their centroids are
 def measure_pieces(fdi_map: np.ndarray, index_to_lps, voxel_mm3: float, image: np.ndarray = None,
                    scale: float = 1.0) -> dict:
     """{label: {"centroid" (LPS mm), "volume_mm3", "extent_mm" (3 principal extents, longest first), "axis" (unit
-    vector of the longest extent), "brightness"}} of each piece of ``fdi_map``. ``index_to_lps`` maps (N, 3) grid
-    indices to LPS mm; ``brightness``: the 90th percentile of ``image`` (same grid, times ``scale``) in the piece,
-    when ``image`` is given."""
+    vector of the longest extent), "brightness", "metal"}} of each piece of ``fdi_map``. ``index_to_lps`` maps (N, 3)
+    grid indices to LPS mm; ``brightness``: the 90th percentile of ``image`` (same grid, times ``scale``) in the piece
+    and ``metal`` the share of its voxels at metal's values, when ``image`` is given."""
     from scipy import ndimage as ndi
 
     pieces = {}
@@ -170,7 +174,9 @@ def measure_pieces(fdi_map: np.ndarray, index_to_lps, voxel_mm3: float, image: n
         ext = ext + voxel_mm3 ** (1.0 / 3.0)
         pieces[label] = {"centroid": c, "volume_mm3": float(len(idx) * voxel_mm3), "extent_mm": ext, "axis": axis}
         if image is not None:
-            pieces[label]["brightness"] = float(np.percentile(image[sl][fdi_map[sl] == label], 90)) * scale
+            values = image[sl][fdi_map[sl] == label] * scale
+            pieces[label]["brightness"] = float(np.percentile(values, 90))
+            pieces[label]["metal"] = float(np.mean(values >= METAL_VALUE))
     return pieces
 
 
@@ -189,6 +195,8 @@ def shape_problem(p: dict):
         return f"too flat for a tooth ({thick:.1f} x {width:.1f} mm across: a plate, such as a bone wall)"
     if p.get("brightness", np.inf) < MIN_BRIGHTNESS:
         return f"too faint for a tooth (90th percentile {p['brightness']:.0f}; dentin and enamel are above 1500)"
+    if p.get("metal", 0.0) > MAX_METAL_SHARE:
+        return f"metal, not a tooth ({p['metal']:.0%} of it at {METAL_VALUE:.0f} or more: a filling, implant or object)"
     return None
 
 

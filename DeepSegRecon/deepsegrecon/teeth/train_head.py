@@ -1,8 +1,10 @@
 """Fine-tune the teeth networks on head phantoms, jaw phantoms and real scans without teeth (issue 19).
 
     python -m deepsegrecon.teeth.train_head prepare --cache DIR --heads 120 --first 200 --jaws 24  # (resumable)
-    python -m deepsegrecon.teeth.train_head train --cache DIR --out DIR --init-from Resources/Models/teeth/phantom-v2 \
-        --minutes 95 --lr 3e-4 --version phantom-v3        # make weights-teeth-head; --warm-start CKPT: from a checkpoint
+    python -m deepsegrecon.teeth.train_head prepare --cache DIR --heads 24 --first 500 --jaws 56 \
+        --fields below,lower,below,large
+    python -m deepsegrecon.teeth.train_head train --cache DIR --out DIR --init-from Resources/Models/teeth/phantom-v3 \
+        --minutes 50 --lr 1e-4 --threads 1 --version phantom-v4  # make weights-teeth-head; --warm-start CKPT
 
 Each iteration: one stage-1 step on a patch of a head phantom, a jaw phantom or a real negative, and one
 stage-2 step on the teeth box of a head phantom (CT-like resolution, tilts, one arch only) or a jaw phantom.
@@ -120,7 +122,7 @@ def _pick(files, rng, cache_in: dict, keep: int = 48):
 
 
 def train(cache: Path, out: Path, init_from: Path, minutes: float, version: str, lr: float = 4e-4,
-          threads: int = 2, seed: int = 0, log=print, warm_start: Path = None):
+          threads: int = 2, seed: int = 0, log=print, warm_start: Path = None, jaw_share: float = 0.4):
     from monai.losses import DiceCELoss
 
     from ..store import entry_from_dir
@@ -166,7 +168,7 @@ def train(cache: Path, out: Path, init_from: Path, minutes: float, version: str,
         src = heads if (u < 0.5 or not negs) else (jaws if u < 0.7 else negs)
         s1 = _pick(src, rng, held)
         p1 = sample_patches(s1, network, rng, 2, 0)
-        pool2 = heads if rng.random() < 0.6 else jaws
+        pool2 = heads if rng.random() < 1.0 - jaw_share else jaws
         s2 = None
         for _ in range(10):
             s2 = _pick(pool2, rng, held)
@@ -202,11 +204,14 @@ def train(cache: Path, out: Path, init_from: Path, minutes: float, version: str,
     net1.eval()
     net2.eval()
     manifest = dict(base.manifest)
-    for k in ("files", "metrics", "averaged_from", "default"):
+    for k in ("files", "metrics", "metrics_head_phantoms", "averaged_from", "default"):
         manifest.pop(k, None)
     manifest.update(
         version=version, base_version=base.version, default=True,
         name=f"Segment Teeth {version} (synthetic jaw and head phantoms, real scans without teeth)",
+        description=(f"{base.manifest['description'].split(' Weights:')[0]} Weights: {base.version} fine-tuned on head "
+                     "phantoms, jaw phantoms and real scans without teeth. Trained on synthetic phantoms only: not "
+                     "validated on patient data."),
         created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         trained_on=(f"fine-tuned from {base.version} on synthetic head phantoms (seeds from 20000), jaw phantoms "
                     f"(training seeds), and real scans without teeth as background ({', '.join(p.stem for p in negs)}); "
@@ -214,12 +219,13 @@ def train(cache: Path, out: Path, init_from: Path, minutes: float, version: str,
                     "CBCT; Cranium.inv3 (the only real scan with teeth) is for testing only."),
         training={"iterations": it, "minutes": round((time.monotonic() - t_start) / 60, 1), "lr": lr,
                   "threads": threads, "heads": len(heads), "jaws": len(jaws), "negatives": len(negs),
+                  "jaw_share": jaw_share,
                   "final_loss1": float(np.mean([h[0] for h in hist[-100:]])) if hist else None,
                   "final_loss2": float(np.mean([h[1] for h in hist[-100:]])) if hist else None,
                   "command": (f"python -m deepsegrecon.teeth.train_head prepare --cache CACHE --heads {len(heads)} "
                               f"--jaws {len(jaws)}; python -m deepsegrecon.teeth.train_head train --cache CACHE "
                               f"--out DIR --init-from Resources/Models/teeth/{base.version} --minutes {minutes} "
-                              f"--lr {lr} --threads {threads} --version {version}")})
+                              f"--lr {lr} --threads {threads} --jaw-share {jaw_share} --version {version}")})
     entry = write_version(out, version, {"stage1.pt": state_dict_fp16(net1), "stage2.pt": state_dict_fp16(net2)},
                           manifest)
     log(f"[train] wrote {entry.dir}")
@@ -241,10 +247,11 @@ def main(argv=None) -> int:
     t.add_argument("--out", required=True)
     t.add_argument("--init-from", required=True)
     t.add_argument("--minutes", type=float, default=45.0)
-    t.add_argument("--version", default="phantom-v3")
+    t.add_argument("--version", default="phantom-v4")
     t.add_argument("--lr", type=float, default=4e-4)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--warm-start", default=None, help="checkpoint whose weights to start from (fresh schedule)")
+    t.add_argument("--jaw-share", type=float, default=0.4, help="share of stage-2 steps on jaw phantoms")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
         from .nets import default_network
@@ -256,7 +263,8 @@ def main(argv=None) -> int:
                 fields=a.fields.split(",") if a.fields else None)
     else:
         train(Path(a.cache), Path(a.out), Path(a.init_from), a.minutes, a.version, a.lr, a.threads,
-              log=lambda m: print(m, flush=True), warm_start=Path(a.warm_start) if a.warm_start else None)
+              log=lambda m: print(m, flush=True), warm_start=Path(a.warm_start) if a.warm_start else None,
+              jaw_share=a.jaw_share)
     return 0
 
 
