@@ -62,3 +62,16 @@ def _count_windows(image_size, roi, overlap) -> int:
         step = max(int(r * (1 - overlap)), 1)
         n *= 1 if size <= r else -(-(size - r) // step) + 1
     return n
+
+
+def label_argmax(p: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``p.argmax(dim)`` as uint8 labels (the first channel wins a tie), by elementwise comparisons: torch's
+    argmax over a short channel axis of a large volume is about 20 times slower."""
+    channels = p.unbind(dim)
+    best = channels[0]
+    lab = torch.zeros(best.shape, dtype=torch.uint8)
+    for c, q in enumerate(channels[1:], 1):
+        m = q > best
+        best = torch.where(m, q, best)
+        lab[m] = c
+    return lab

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..inference import label_argmax
+
 WINDOW = (-125.0, 275.0)
 
 
@@ -130,7 +132,7 @@ def predict(net, x: torch.Tensor, grid: SliceGrid, network: dict, device, batch:
             xb = with_context(x[idx], 0, ch) if ctx <= 0 else _context_batch(x, idx, ctx)
             p = torch.softmax(net(xb.to(device)).float(), 1).cpu()
             for i in range(0, len(idx), 4):  # back to the input slices a few at a time (bounded memory)
-                out[z + i:z + i + 4] = grid.from_net(p[i:i + 4]).argmax(1).to(torch.uint8).numpy()
+                out[z + i:z + i + 4] = label_argmax(grid.from_net(p[i:i + 4]), 1).numpy()
             if step:
                 step(min(z + batch, d) / d)
     return out

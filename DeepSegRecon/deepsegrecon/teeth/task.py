@@ -34,6 +34,7 @@ import torch
 from ..device import CHOICES, amp_enabled, resolve_device
 from ..errors import InputError, ModelError, ResourceError
 from ..image import Image
+from ..inference import label_argmax
 from ..task import InputSpec, SegmentationResult, Task, TaskContext, register
 from . import labels as L
 from .nets import (build_nets, canonical_frame, coarse_centres, coord_channels, grid_size, load_weights,
@@ -182,7 +183,7 @@ def assemble(shape, probs1, fg2, fdi2, lo, hi, n2, step=None) -> np.ndarray:
             step("output", z0 / shape[0], "labelmap on the input grid")
         if probs1 is not None:
             p = upsample_slab(probs1[: L.STAGE1_TEETH], (0, 0, 0), shape, (z0, 0, 0), (z1, shape[1], shape[2]))
-            out[z0:z1] = torch.argmax(p, 0).to(torch.uint8).numpy()
+            out[z0:z1] = label_argmax(p, 0).numpy()
             del p
         if fdi2 is not None and z1 > lo[0] and z0 < hi[0]:
             a0, a1 = max(z0, lo[0]), min(z1, hi[0])
