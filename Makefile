@@ -8,7 +8,7 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 DEMO_OUT ?= demo-output
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-data bench check-platforms lock weights weights-teeth-head weights-brain clean
+.PHONY: venv demo test lint test-data bench check-platforms lock weights weights-teeth-head weights-brain clean
 
 venv: $(VENV)/.installed
 
@@ -25,8 +25,14 @@ demo: venv
 	$(VENV)/bin/deepsegrecon teeth Resources/Data/demo_cbct.nrrd -o $(DEMO_OUT) --mrb
 	@ls -1 $(DEMO_OUT)
 
-test: venv test-data
+test: venv test-data lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff, and the layers as import-linter contracts (pyproject.toml): the engine imports neither the scene adapter,
+# MRML, Qt nor a Slicer module, no capability imports another, no import cycle (lazy imports count)
+lint: venv
+	$(VENV)/bin/ruff check DeepSegRecon Testing
+	$(VENV)/bin/lint-imports
 
 # Debian's invesalius-examples ships Cranium.inv3, the real head CT of the teeth-on-real-anatomy tests and the
 # teeth_real_cranium benchmark. Installed when it is missing and apt-get can run as root; never fails the build

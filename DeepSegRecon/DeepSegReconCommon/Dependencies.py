@@ -63,7 +63,8 @@ NODEPS_IMPORTS = {
 KEEP_INSTALLED = ("numpy", "simpleitk", "vtk")
 SLICER_SHIPPED = KEEP_INSTALLED + ("pydicom", "pillow", "requests", "certifi", "charset-normalizer", "idna",
                                    "urllib3", "packaging", "setuptools", "pip")
-DEVELOPMENT = ("slicer-core", "pytest", "pyside6-essentials", "shiboken6", "iniconfig", "pluggy", "pydicom-data")
+DEVELOPMENT = ("slicer-core", "pytest", "pyside6-essentials", "shiboken6", "iniconfig", "pluggy", "pydicom-data",
+               "ruff", "import-linter", "grimp", "click")
 # Import names that differ from the distribution name.
 IMPORT_NAMES = {"itk-rtk": "itk", "scikit-image": "skimage", "pynrrd": "nrrd", "pydicom-data": "pydicom_data",
                 "pyside6-essentials": "PySide6", "simpleitk": "SimpleITK"}

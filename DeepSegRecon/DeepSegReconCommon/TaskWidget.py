@@ -20,6 +20,7 @@ polls the run and the section's fine-tuning job, shows progress, ETA and errors,
 closes or the panel goes away.
 """
 
+import contextlib
 import logging
 import os
 import shutil
@@ -79,10 +80,8 @@ def pythonSlicerExecutable(fallback=None):
     None found: ``fallback`` if given, else RuntimeError."""
     name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
     candidates = [shutil.which("PythonSlicer")]
-    try:
+    with contextlib.suppress(AttributeError):
         candidates.append(os.path.join(slicer.app.slicerHome, "bin", name))
-    except AttributeError:
-        pass
     candidates.append(os.path.join(os.path.dirname(sys.executable), name))
     for path in candidates:
         if path and os.path.isfile(path):

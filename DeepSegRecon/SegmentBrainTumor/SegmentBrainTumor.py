@@ -37,8 +37,13 @@ try:
     from deepsegrecon.scene.brain import SegmentBrainTumorLogic as SceneSegmentBrainTumorLogic
     from DeepSegReconCommon.Parameters import parameterNodeWrapper
     from DeepSegReconCommon.SelfTest import skipIfMissing, skipReason
-    from DeepSegReconCommon.TaskWidget import TaskWidgetMixin, newTrainingLogic, sceneLogicArguments, setModuleIcon, \
-        useBuiltinModels
+    from DeepSegReconCommon.TaskWidget import (
+        TaskWidgetMixin,
+        newTrainingLogic,
+        sceneLogicArguments,
+        setModuleIcon,
+        useBuiltinModels,
+    )
 except ImportError as _error:
     raise ImportError(f"Segment Brain Tumour cannot import its engine (the 'deepsegrecon' and 'DeepSegReconCommon' "
                       f"packages beside {MODULE_DIR}): {_error}. Reinstall the DeepSegRecon extension.") from _error

@@ -153,7 +153,7 @@ class SegmentSlicesWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObse
                                       self.ui.inputVolumeSelector.currentNode(), self.labelSet())
             showMetrics(self.ui.metricsTable, scores)
             mean = scores.get("mean_dice")
-            self.ui.statusLabel.text = ("Mean Dice %.3f over %s." % (mean, ", ".join(scores["organs_scored"]))
+            self.ui.statusLabel.text = ("Mean Dice {:.3f} over {}.".format(mean, ", ".join(scores["organs_scored"]))
                                         if mean is not None else "No organ of the label set is in the reference.")
 
     def onRunSucceeded(self, status):
@@ -189,8 +189,8 @@ def showMetrics(table, scores):
     table.setHorizontalHeaderLabels(["organ", "status", "Dice", "HD95 (mm)"])
     table.setRowCount(len(per))
     for row, (organ, m) in enumerate(per.items()):
-        dice = "" if m["dice"] is None else "%.3f" % m["dice"]
-        hd = "" if m["hd95_mm"] is None else ("inf" if m["hd95_mm"] == float("inf") else "%.1f" % m["hd95_mm"])
+        dice = "" if m["dice"] is None else "{:.3f}".format(m["dice"])
+        hd = "" if m["hd95_mm"] is None else ("inf" if m["hd95_mm"] == float("inf") else "{:.1f}".format(m["hd95_mm"]))
         for col, text in enumerate((organ, m["status"], dice, hd)):
             table.setItem(row, col, qt.QTableWidgetItem(text))
 

@@ -169,7 +169,7 @@ class SegmentTeethWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObser
         with slicer.util.tryWithErrorDisplay("Could not build the 3D surfaces.", waitCursor=True):
             self.logic.create_surfaces(self.ui.outputSegmentationSelector.currentNode(),
                                        self.ui.smoothingSlider.value)
-            self.ui.statusLabel.text = "3D surfaces shown (smoothing %.2f)." % self.ui.smoothingSlider.value
+            self.ui.statusLabel.text = f"3D surfaces shown (smoothing {self.ui.smoothingSlider.value:.2f})."
 
     def onExportButton(self):
         folder = self.ui.exportDirectoryButton.directory

@@ -22,12 +22,13 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 from . import errors
-from .batch_cases import Case, find_brain, find_images, parse_shard, read_case_csv, shard as take_shard
+from .batch_cases import Case, find_brain, find_images, parse_shard, read_case_csv
+from .batch_cases import shard as take_shard
 from .errors import Cancelled, DeepSegReconError, InputError
 
 RECORDS = ".batch"
@@ -291,13 +292,13 @@ def input_hash(case: Case, name: str) -> str:
     return h.hexdigest()
 
 
-def case_key(task: str, hashes: dict, model: Optional[str], params: dict, fmt: str) -> str:
+def case_key(task: str, hashes: dict, model: str | None, params: dict, fmt: str) -> str:
     text = json.dumps({"task": task, "inputs": hashes, "model": model, "params": params, "format": fmt},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def finished_key(out: Path, case_id: str) -> Optional[str]:
+def finished_key(out: Path, case_id: str) -> str | None:
     try:
         return json.loads((out / case_id / CASE_FILE).read_text()).get("key")
     except (OSError, ValueError):
@@ -357,7 +358,7 @@ class CaseRunner:
             self.models[key] = check_model(getattr(task, "model_task", None) or task.name, version, _store())
         return self.models[key]
 
-    def run(self, case: Case, cancel=None, progress: Optional[Callable[[dict], None]] = None) -> dict:
+    def run(self, case: Case, cancel=None, progress: Callable[[dict], None] | None = None) -> dict:
         """Run (or skip) one case; returns its record. Errors of the case are caught and recorded."""
         from .files import json_text
         from .worker import run_inline
@@ -466,7 +467,7 @@ class BatchProgress:
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.last_t = 0.0
 
-    def eta(self) -> Optional[float]:
+    def eta(self) -> float | None:
         left = self.total - sum(self.counts.values())
         return sum(self.times) / len(self.times) * left if self.times else None
 
@@ -510,7 +511,7 @@ class BatchProgress:
         self.event(force=True, case=record["case"], status=record["status"])
 
 
-def find_cases(task: str, inputs, pattern: Optional[str] = None) -> list:
+def find_cases(task: str, inputs, pattern: str | None = None) -> list:
     """Every case of ``inputs`` for ``task``, sorted by id (the same list on every machine)."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -520,9 +521,9 @@ def find_cases(task: str, inputs, pattern: Optional[str] = None) -> list:
     return cases
 
 
-def run_batch(task: str, inputs, output, params: Optional[dict] = None, *, shard=None, jobs: int = 1,
-              fmt: str = "auto", pattern: Optional[str] = None, preview: bool = False,
-              progress: Optional[Callable[[dict], None]] = None, cancel=None, stream=None,
+def run_batch(task: str, inputs, output, params: dict | None = None, *, shard=None, jobs: int = 1,
+              fmt: str = "auto", pattern: str | None = None, preview: bool = False,
+              progress: Callable[[dict], None] | None = None, cancel=None, stream=None,
               plugins=(), status_file=None) -> BatchSummary:
     """Run ``task`` on every case in ``inputs`` (files, folders, DICOM trees, CSV lists) into ``output``.
 

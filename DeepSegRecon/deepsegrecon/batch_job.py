@@ -8,6 +8,7 @@ then stops the process tree after a grace period.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 from . import errors, processes
 from .errors import InputError
@@ -42,11 +42,9 @@ class BatchJob:
                 status["state"], status["error"] = "failed", _last_error(self.job_dir / "batch.log")
         return status
 
-    def wait(self, timeout: Optional[float] = None) -> dict:
-        try:
+    def wait(self, timeout: float | None = None) -> dict:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
         return self.poll()
 
     def cancel(self, grace: float = 10.0) -> dict:
@@ -73,7 +71,7 @@ def _last_error(log: Path) -> str:
     return lines[-1][len("error: "):] if lines else "the batch process ended without a result"
 
 
-def start_batch(task: str, inputs, output, params: Optional[dict] = None, *, shard: Optional[str] = None,
+def start_batch(task: str, inputs, output, params: dict | None = None, *, shard: str | None = None,
                 fmt: str = "auto", python: str = sys.executable, job_root=None, plugins=()) -> BatchJob:
     """Start ``deepsegrecon batch`` in a background process; returns the :class:`BatchJob`."""
     if not inputs:
@@ -105,9 +103,9 @@ class BatchLogic:
 
     def __init__(self, task: str, python: str = sys.executable, job_root=None, plugins=()):
         self.task, self.python, self.job_root, self.plugins = task, python, job_root, tuple(plugins)
-        self.job: Optional[BatchJob] = None
+        self.job: BatchJob | None = None
 
-    def start(self, input_folder, output_folder, params: Optional[dict] = None) -> BatchJob:
+    def start(self, input_folder, output_folder, params: dict | None = None) -> BatchJob:
         if self.job is not None and self.job.process.poll() is None:
             raise InputError("a batch is already running; cancel it first")
         if not input_folder:

@@ -28,6 +28,7 @@ goes to stderr, results and summaries to stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -175,10 +176,8 @@ def cmd_models_list(args) -> int:
         return 0
     defaults = {}
     for task in sorted({e.task for e in entries}):
-        try:
+        with contextlib.suppress(DeepSegReconError):
             defaults[task] = store.get(task).version
-        except DeepSegReconError:
-            pass
     rows = [("TASK", "VERSION", "DEFAULT", "SOURCE", "CREATED", "DESCRIPTION")]
     for e in entries:
         rows.append((e.task, e.version, "*" if defaults.get(e.task) == e.version else "",
@@ -596,10 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     for stream in (sys.stdout, sys.stderr):  # never die on a non-ASCII path under a C locale
-        try:
+        with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
-        except (AttributeError, ValueError):
-            pass
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -48,7 +48,7 @@ class Image:
         """Size in (i, j, k) order, as ITK and VTK report it."""
         return tuple(reversed(self.array.shape))
 
-    def with_array(self, array: np.ndarray, **meta) -> "Image":
+    def with_array(self, array: np.ndarray, **meta) -> Image:
         """A new image on the same grid."""
         array = np.asarray(array)
         if array.shape != self.array.shape:
@@ -68,7 +68,7 @@ class Image:
         return LPS_TO_RAS @ self.ijk_to_lps()
 
     @classmethod
-    def from_ijk_to_ras(cls, array: np.ndarray, ijk_to_ras: np.ndarray, **meta) -> "Image":
+    def from_ijk_to_ras(cls, array: np.ndarray, ijk_to_ras: np.ndarray, **meta) -> Image:
         m = LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=float)
         spacing = np.linalg.norm(m[:3, :3], axis=0)
         return cls(array, tuple(spacing), tuple(m[:3, 3]), m[:3, :3] / spacing, dict(meta))
@@ -78,7 +78,7 @@ class Image:
         ijk = np.asarray(ijk, dtype=float)
         return ijk @ (self.direction @ np.diag(self.spacing)).T + np.asarray(self.origin)
 
-    def same_grid(self, other: "Image", tol: float = 1e-4) -> bool:
+    def same_grid(self, other: Image, tol: float = 1e-4) -> bool:
         return (
             self.array.shape == other.array.shape
             and np.allclose(self.spacing, other.spacing, atol=tol)
@@ -99,7 +99,7 @@ class Image:
         return img
 
     @classmethod
-    def from_sitk(cls, img, **meta) -> "Image":
+    def from_sitk(cls, img, **meta) -> Image:
         import SimpleITK as sitk
 
         n = img.GetDimension()

@@ -7,7 +7,7 @@ batches of windows, and is where a task checks for cancellation.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -22,7 +22,7 @@ def sliding_window(
     overlap: float = 0.25,
     sw_batch_size: int = 2,
     mode: str = "gaussian",
-    progress: Optional[Callable[[float], None]] = None,
+    progress: Callable[[float], None] | None = None,
 ) -> torch.Tensor:
     """Run ``net`` over ``volume`` (N, C, D, H, W) window by window; returns logits on the CPU (float32)."""
     from monai.inferers import sliding_window_inference

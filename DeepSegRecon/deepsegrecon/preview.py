@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -46,12 +45,12 @@ VIEW_DIRECTION_LPS = np.array([-0.45, -1.0, 0.40])
 CONVENTION_NOTE = ("Radiological convention (as in Slicer): patient's right on image left (axial, coronal); "
                    "axial seen from the feet, anterior up; sagittal seen from the patient's left, anterior left.")
 
-_vtk_failed_reason: Optional[str] = None  # set once VTK offscreen rendering failed in this process
+_vtk_failed_reason: str | None = None  # set once VTK offscreen rendering failed in this process
 
 
 # ----------------------------------------------------------------------------------------- public entry
-def write_preview(image: Image, result: SegmentationResult, path, surfaces: Optional[dict] = None,
-                  title: str = "", surface_space: str = "RAS", renderer: Optional[str] = None) -> Path:
+def write_preview(image: Image, result: SegmentationResult, path, surfaces: dict | None = None,
+                  title: str = "", surface_space: str = "RAS", renderer: str | None = None) -> Path:
     """Write one PNG: axial, coronal and sagittal slices with the label overlay, and a 3-D view.
 
     ``surfaces`` maps segment names to ``vtkPolyData`` in world RAS mm (Slicer's and ``deepsegrecon.scene``'s
@@ -62,8 +61,8 @@ def write_preview(image: Image, result: SegmentationResult, path, surfaces: Opti
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     from .segio import as_3d
@@ -323,7 +322,7 @@ def _labelmap_mesh(lab: Image, value: int, box=None, max_voxels: int = 1_000_000
     return lab.physical_points(kji[:, ::-1]), faces.astype(np.int64)
 
 
-def _meshes(lab: Image, segments: list, surfaces: Optional[dict], space: str) -> list:
+def _meshes(lab: Image, segments: list, surfaces: dict | None, space: str) -> list:
     """[(name, color, verts LPS, faces)] for every segment with a non-empty surface."""
     out = []
     surfaces = surfaces or {}
@@ -352,7 +351,7 @@ def _meshes(lab: Image, segments: list, surfaces: Optional[dict], space: str) ->
 
 
 # -------------------------------------------------------------------------------------------- 3-D view
-def _draw_3d(fig, cell, meshes: list, renderer: Optional[str]) -> str:
+def _draw_3d(fig, cell, meshes: list, renderer: str | None) -> str:
     """Draw the 3-D panel; returns a short description of how it was rendered."""
     global _vtk_failed_reason
 
@@ -444,7 +443,7 @@ def _draw_mpl_3d(fig, cell, meshes: list) -> None:
     light /= np.linalg.norm(light)
     lo = np.full(3, np.inf)
     hi = np.full(3, -np.inf)
-    for name, color, verts, faces in meshes:
+    for _name, color, verts, faces in meshes:
         budget = max(200, int(MAX_TRIANGLES_MPL * len(faces) / max(total, 1)))
         v, f = _decimate(verts, faces, budget)
         disp = v * lps_to_ras

@@ -12,21 +12,22 @@ launcher would leave the worker running: the whole tree is stopped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 CREATE_NO_WINDOW = 0x08000000  # subprocess.CREATE_NO_WINDOW, which only Windows' subprocess defines
 
 
-def is_windows(platform: Optional[str] = None) -> bool:
+def is_windows(platform: str | None = None) -> bool:
     return (platform or sys.platform).startswith("win")
 
 
-def popen_options(platform: Optional[str] = None) -> dict:
+def popen_options(platform: str | None = None) -> dict:
     """``subprocess.Popen`` keyword arguments for a background worker on ``platform`` (default ``sys.platform``).
 
     Windows: ``CREATE_NO_WINDOW``, so no console window opens (and closing one cannot kill the job); the worker and
@@ -54,19 +55,15 @@ def _descendants(proc) -> list:
 
 def _each(procs, method: str) -> None:
     for p in procs:
-        try:
+        with contextlib.suppress(Exception):  # gone already, or not ours to stop
             getattr(p, method)()
-        except Exception:  # noqa: BLE001 - gone already, or not ours to stop
-            pass
 
 
 def _wait(proc, children, timeout: float) -> list:
     """Wait up to ``timeout`` s in all for ``proc`` and ``children`` to end; the children still alive."""
     end = time.monotonic() + timeout
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout)  # through Popen, so its exit code is kept (psutil's wait would reap it)
-    except subprocess.TimeoutExpired:
-        pass
     if not children:
         return []
     import psutil
@@ -74,7 +71,7 @@ def _wait(proc, children, timeout: float) -> list:
     return psutil.wait_procs(children, timeout=max(0.0, end - time.monotonic()))[1]
 
 
-def terminate_tree(proc, timeout: float = 0.4, platform: Optional[str] = None) -> None:
+def terminate_tree(proc, timeout: float = 0.4, platform: str | None = None) -> None:
     """Stop ``proc`` (a ``subprocess.Popen``) and every process it started.
 
     All are asked to terminate (SIGTERM on POSIX, ``TerminateProcess`` on Windows); what still runs after
@@ -90,10 +87,8 @@ def terminate_tree(proc, timeout: float = 0.4, platform: Optional[str] = None) -
     if not is_windows(platform):
         import signal
 
-        try:
+        with contextlib.suppress(OSError):  # the group is gone already (or it was never a group of its own)
             os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:  # the group is gone already (or it was never a group of its own)
-            pass
 
 
 def pid_alive(pid: int) -> bool:

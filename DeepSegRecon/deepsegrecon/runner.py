@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from .image import Image
 
 
-def run(task: str, inputs: dict, params: Optional[dict] = None, *, progress: Optional[Callable[[dict], None]] = None,
+def run(task: str, inputs: dict, params: dict | None = None, *, progress: Callable[[dict], None] | None = None,
         cancel=None, model=None):
     """Run ``task`` on ``inputs`` ({name: Image or path}) and return its result. ``progress`` gets event dicts
     (stage, fraction, elapsed_s, eta_s, message); ``cancel`` is a :class:`~deepsegrecon.task.CancelToken`;
@@ -29,7 +29,7 @@ def run(task: str, inputs: dict, params: Optional[dict] = None, *, progress: Opt
     return run_inline(task, images, dict(params or {}), progress=progress, cancel=cancel, model=model)
 
 
-def run_batch(task: str, inputs, output, params: Optional[dict] = None, **options):
+def run_batch(task: str, inputs, output, params: dict | None = None, **options):
     """Run ``task`` on every case found in ``inputs`` into ``output``; see :func:`deepsegrecon.batch.run_batch`."""
     from .batch import run_batch as _run_batch
 

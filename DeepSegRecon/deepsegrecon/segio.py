@@ -254,7 +254,7 @@ def _read_slicer_segmentation(path: Path) -> SegmentationResult:
     infos = seg.get("segments", [])
     used: set = set()
     plan = []
-    for n, s in enumerate(infos):
+    for s in infos:
         label = int(s.get("labelValue", 1))
         layer = int(s.get("layer", 0))
         if layer >= layers.shape[0]:

@@ -25,6 +25,7 @@ are ignored when listing.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import hashlib
@@ -38,7 +39,6 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from .errors import InputError, ModelError, ResourceError
 
@@ -165,7 +165,7 @@ class ModelStore:
             roots.append((self.builtin_root, True))
         return roots
 
-    def list(self, task: Optional[str] = None) -> list:
+    def list(self, task: str | None = None) -> list:
         """Every installed version (of ``task``), sorted by task then version; user versions shadow built-ins."""
         if task is not None:
             task = _check_name(task, "task")
@@ -190,7 +190,7 @@ class ModelStore:
                     found[key] = ModelEntry(tdir.name, vdir.name, vdir, manifest, builtin)
         return sorted(found.values(), key=lambda e: (e.task, _version_key(e.version)))
 
-    def get(self, task: str, version: Optional[str] = None) -> ModelEntry:
+    def get(self, task: str, version: str | None = None) -> ModelEntry:
         """One version of ``task``; ``version=None`` gives the version marked default, else the newest one
         not imported (imports never change this choice unless imported as the default)."""
         entries = self.list(task)
@@ -227,7 +227,7 @@ class ModelStore:
             verify_file(entry, name, expected)
 
     # ------------------------------------------------------------------ writing
-    def write_version(self, task: str, version: str, files: dict, manifest: Optional[dict] = None,
+    def write_version(self, task: str, version: str, files: dict, manifest: dict | None = None,
                       overwrite: bool = False, move: bool = False) -> ModelEntry:
         """Install ``files`` ({name: source path}) as ``<root>/<task>/<version>``, atomically.
 
@@ -247,7 +247,7 @@ class ModelStore:
         missing = sorted(set(expected) - set(files))
         if missing:
             raise ModelError(f"the manifest lists {', '.join(missing)} but no such file was given")
-        for name, src in files.items():
+        for src in files.values():
             if not src.is_file():
                 raise InputError(f"weight file {src} does not exist")
         target = self.root / task / version
@@ -310,8 +310,8 @@ class ModelStore:
             if builtin and (root / task / version / MANIFEST).is_file():
                 raise ModelError(f"model {task} {version} is built in; choose another version name")
 
-    def import_file(self, path, task: Optional[str] = None, version: Optional[str] = None,
-                    sha256: Optional[str] = None, overwrite: bool = False, default: bool = False,
+    def import_file(self, path, task: str | None = None, version: str | None = None,
+                    sha256: str | None = None, overwrite: bool = False, default: bool = False,
                     **fields) -> ModelEntry:
         """Import a version folder (with ``manifest.json``) or a single weights file.
 
@@ -343,7 +343,7 @@ class ModelStore:
             if not task or not version:
                 raise InputError(f"{folder / MANIFEST} does not name the task and version: pass --task and --version")
             files = {}
-            for name, want in manifest.get("files", {}).items():
+            for name, _want in manifest.get("files", {}).items():
                 src = folder / name
                 if not src.is_file():
                     raise ModelError(f"{folder} is incomplete: {name}, listed in its manifest, is missing")
@@ -360,9 +360,9 @@ class ModelStore:
         manifest.setdefault("description", f"imported from {path}")
         return self.write_version(task, version, {path.name: path}, _imported(manifest, default), overwrite=overwrite)
 
-    def import_url(self, url: str, sha256: str, task: Optional[str] = None, version: Optional[str] = None,
-                   filename: Optional[str] = None, timeout: float = 60.0, max_bytes: Optional[int] = None,
-                   overwrite: bool = False, default: bool = False, deadline: Optional[float] = None,
+    def import_url(self, url: str, sha256: str, task: str | None = None, version: str | None = None,
+                   filename: str | None = None, timeout: float = 60.0, max_bytes: int | None = None,
+                   overwrite: bool = False, default: bool = False, deadline: float | None = None,
                    **fields) -> ModelEntry:
         """Download a weights file (or a .zip/.tar.gz of a version folder), check its sha256, then install it.
 
@@ -632,13 +632,11 @@ def _short(error, limit: int = 160) -> str:
 
 
 def _rmdir_if_empty(folder: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         folder.rmdir()
-    except OSError:
-        pass
 
 
-def verify_file(entry: ModelEntry, filename: str, expected: Optional[str] = None) -> Path:
+def verify_file(entry: ModelEntry, filename: str, expected: str | None = None) -> Path:
     path = entry.path(filename)
     expected = (expected or entry.files.get(filename) or "").lower()
     if not path.is_file():
@@ -651,14 +649,14 @@ def verify_file(entry: ModelEntry, filename: str, expected: Optional[str] = None
     return path
 
 
-def check_task(entry: ModelEntry, task: Optional[str]) -> None:
+def check_task(entry: ModelEntry, task: str | None) -> None:
     """Refuse weights whose manifest names another task."""
     mtask = entry.manifest.get("task")
     if task is not None and mtask != task:
         raise ModelError(f"model {entry.version} in {entry.dir} holds weights for task '{mtask}', not '{task}'")
 
 
-def load_state_dict(entry: ModelEntry, filename: str, task: Optional[str] = None):
+def load_state_dict(entry: ModelEntry, filename: str, task: str | None = None):
     """Verify the file's sha256 and task, then load it with ``torch.load(weights_only=True)`` on the CPU."""
     check_task(entry, task)
     path = verify_file(entry, filename)

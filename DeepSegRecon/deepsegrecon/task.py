@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from .image import Image
 class CancelToken:
     """Set by the caller, checked by the task. Optionally backed by a flag file (for the worker)."""
 
-    def __init__(self, flag_file: Optional[Path] = None):
+    def __init__(self, flag_file: Path | None = None):
         self._set = False
         self.flag_file = Path(flag_file) if flag_file else None
 
@@ -49,14 +49,14 @@ ProgressFn = Callable[[str, float], None]
 class Progress:
     """Progress with an ETA over weighted stages: ``progress(stage, fraction_within_stage)``."""
 
-    def __init__(self, stages: dict, sink: Optional[Callable[[dict], None]] = None):
+    def __init__(self, stages: dict, sink: Callable[[dict], None] | None = None):
         total = float(sum(stages.values()))
         self.weights = {k: v / total for k, v in stages.items()}
         self.sink = sink
         self.start = time.monotonic()
         self.last = {"stage": None, "fraction": 0.0}
 
-    def __call__(self, stage: str, fraction: float = 0.0, message: str = "", extra: Optional[dict] = None) -> dict:
+    def __call__(self, stage: str, fraction: float = 0.0, message: str = "", extra: dict | None = None) -> dict:
         done = 0.0
         for name, w in self.weights.items():
             if name == stage:
@@ -80,16 +80,16 @@ class TaskContext:
     device: str = "cpu"
     progress: Callable = field(default=lambda stage, fraction=0.0, message="", extra=None: None)
     cancel: CancelToken = field(default_factory=CancelToken)
-    model_dir: Optional[Path] = None  # resolved model version folder, if the task uses weights
+    model_dir: Path | None = None  # resolved model version folder, if the task uses weights
 
-    def step(self, stage: str, fraction: float = 0.0, message: str = "", extra: Optional[dict] = None) -> None:
+    def step(self, stage: str, fraction: float = 0.0, message: str = "", extra: dict | None = None) -> None:
         """Check for cancellation, then report progress. ``extra``: optional task-specific fields for the
         progress event (e.g. ``{"epoch": 3, "loss": 0.21, "val_dice": 0.84}``); a ``progress`` callable that
         takes only ``(stage, fraction, message)`` still works (the extra fields are then left out)."""
         self.cancel.raise_if_cancelled()
         self.report(stage, fraction, message, extra)
 
-    def report(self, stage: str, fraction: float = 0.0, message: str = "", extra: Optional[dict] = None) -> None:
+    def report(self, stage: str, fraction: float = 0.0, message: str = "", extra: dict | None = None) -> None:
         """Report progress (without the cancel check), passing ``extra`` where the sink accepts it."""
         if extra and _accepts_extra(self.progress):
             self.progress(stage, fraction, message, extra=extra)
@@ -133,7 +133,7 @@ class SegmentationResult:
         (folder / "result.json").write_text(json.dumps(meta, indent=1, default=_json_default))
 
     @classmethod
-    def load(cls, folder: Path) -> "SegmentationResult":
+    def load(cls, folder: Path) -> SegmentationResult:
         from .io import read_image
 
         folder = Path(folder)
@@ -159,7 +159,7 @@ class VolumeResult:
         (folder / "result.json").write_text(json.dumps(meta, indent=1, default=_json_default))
 
     @classmethod
-    def load(cls, folder: Path) -> "VolumeResult":
+    def load(cls, folder: Path) -> VolumeResult:
         from .io import read_image
 
         folder = Path(folder)
@@ -185,7 +185,7 @@ class TransformResult:
         (folder / "result.json").write_text(json.dumps(meta, indent=1, default=_json_default))
 
     @classmethod
-    def load(cls, folder: Path) -> "TransformResult":
+    def load(cls, folder: Path) -> TransformResult:
         from .io import read_image
 
         folder = Path(folder)
@@ -211,7 +211,7 @@ class ModelResult:
         (Path(folder) / "result.json").write_text(json.dumps(meta, indent=1, default=_json_default))
 
     @classmethod
-    def load(cls, folder: Path) -> "ModelResult":
+    def load(cls, folder: Path) -> ModelResult:
         meta = json.loads((Path(folder) / "result.json").read_text())
         return cls(meta["task"], meta["version"], meta.get("manifest", {}), meta.get("history", []),
                    meta.get("report", {}))
@@ -270,7 +270,7 @@ class Task:
                 continue
             check_image(images[spec.name], spec.name, ndim=spec.ndim)
 
-    def model_version(self, images: dict, params: dict, store) -> Optional[str]:
+    def model_version(self, images: dict, params: dict, store) -> str | None:
         """The model version for this job when ``params`` names none (None: the store's default)."""
         return None
 

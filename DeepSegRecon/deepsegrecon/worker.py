@@ -28,6 +28,7 @@ fraction is weighted over the stages; otherwise ``fraction`` is the overall frac
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -39,9 +40,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 from . import errors, processes
 from .errors import Cancelled, DeepSegReconError, InputError, ModelError, ResourceError
@@ -76,7 +77,7 @@ class ProgressReporter:
     The overall fraction never goes backwards; an unknown stage keeps the fraction reached so far.
     """
 
-    def __init__(self, stages: Optional[dict] = None, sink: Optional[Callable[[dict], None]] = None):
+    def __init__(self, stages: dict | None = None, sink: Callable[[dict], None] | None = None):
         total = float(sum(stages.values())) if stages else 0.0
         self.weights = {k: v / total for k, v in stages.items()} if total > 0 else None
         self.sink = sink
@@ -84,7 +85,7 @@ class ProgressReporter:
         self.done = 0.0
         self.last: dict = {"stage": None, "fraction": 0.0, "elapsed_s": 0.0, "eta_s": None, "message": ""}
 
-    def __call__(self, stage: str, fraction: float = 0.0, message: str = "", extra: Optional[dict] = None) -> dict:
+    def __call__(self, stage: str, fraction: float = 0.0, message: str = "", extra: dict | None = None) -> dict:
         f = min(max(float(fraction or 0.0), 0.0), 1.0)
         if self.weights is None:
             done = f
@@ -142,7 +143,7 @@ def _resolve_device(name) -> str:
     return str(resolve_device(name))
 
 
-def check_model(task: str, version: Optional[str] = None, store=None, load: bool = True):
+def check_model(task: str, version: str | None = None, store=None, load: bool = True):
     """Find, checksum and (``load=True``) test-load the weights of ``task``: every problem is a ModelError
     raised before any heavy work. Returns the :class:`~deepsegrecon.store.ModelEntry`."""
     from .store import ModelStore, check_task, load_state_dict
@@ -169,8 +170,8 @@ def model_for_job(task_name: str, images: dict, params: dict, store=None):
     return check_model(getattr(task, "model_task", None) or task.name, version, store)
 
 
-def run_inline(task_name: str, images: dict, params: dict, progress: Optional[Callable[[dict], None]] = None,
-               cancel: Optional[CancelToken] = None, model=None):
+def run_inline(task_name: str, images: dict, params: dict, progress: Callable[[dict], None] | None = None,
+               cancel: CancelToken | None = None, model=None):
     """Run ``task_name`` in this process: validate, resolve device and weights, run; returns the result.
 
     ``progress`` receives event dicts (stage, fraction, elapsed_s, eta_s, message). ``model`` is an
@@ -231,13 +232,13 @@ def create_job(task: str, images: dict, params: dict, job_root=None, plugins=())
 class JobStatus:
     state: str  # running | succeeded | failed | cancelled
     fraction: float = 0.0
-    stage: Optional[str] = None
-    eta_s: Optional[float] = None
+    stage: str | None = None
+    eta_s: float | None = None
     elapsed_s: float = 0.0
     message: str = ""
-    error: Optional[str] = None
-    exit_code: Optional[int] = None
-    error_type: Optional[str] = None
+    error: str | None = None
+    exit_code: int | None = None
+    error_type: str | None = None
     extra: dict = field(default_factory=dict)  # task-specific fields of the last progress event (epoch, loss ...)
 
     @property
@@ -248,7 +249,7 @@ class JobStatus:
 class JobHandle:
     """A running (or finished) worker process and its job folder."""
 
-    def __init__(self, job_dir: Path, process: subprocess.Popen, platform: Optional[str] = None):
+    def __init__(self, job_dir: Path, process: subprocess.Popen, platform: str | None = None):
         self.job_dir = Path(job_dir)
         self.process = process
         self.platform = platform or sys.platform
@@ -256,8 +257,8 @@ class JobHandle:
         self._offset = 0
         self._buffer = b""
         self._last: dict = {}
-        self._final: Optional[dict] = None
-        self._status: Optional[JobStatus] = None
+        self._final: dict | None = None
+        self._status: JobStatus | None = None
         self._started = time.monotonic()
 
     @property
@@ -325,7 +326,7 @@ class JobHandle:
         self._status = status
         return status
 
-    def wait(self, timeout: Optional[float] = None, on_progress: Optional[Callable[[JobStatus], None]] = None,
+    def wait(self, timeout: float | None = None, on_progress: Callable[[JobStatus], None] | None = None,
              poll_interval: float = 0.2) -> JobStatus:
         """Poll until the job ends (or ``timeout`` passes: the status is then still running)."""
         end = None if timeout is None else time.monotonic() + timeout
@@ -338,10 +339,8 @@ class JobHandle:
             seen = key
             if status.done or (end is not None and time.monotonic() >= end):
                 return status
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(poll_interval if end is None else max(0.0, min(poll_interval, end - time.monotonic())))
-            except subprocess.TimeoutExpired:
-                pass
 
     def cancel(self, grace: float = 1.0) -> JobStatus:
         """Ask the task to stop (flag file); after ``grace`` s terminate the worker and every process it started,
@@ -349,14 +348,10 @@ class JobHandle:
         "cancelled" (or "succeeded" if the job had finished just before)."""
         self.cancel_requested = True
         if self.process.poll() is None:
-            try:
+            with contextlib.suppress(OSError):
                 (self.job_dir / CANCEL).touch()
-            except OSError:
-                pass
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
         processes.terminate_tree(self.process, timeout=0.4, platform=self.platform)  # children it left, too
         return self.poll()
 
@@ -392,8 +387,8 @@ def _tail(path: Path, n: int = 2000) -> str:
         return "(no log)"
 
 
-def start_job(job_dir, python: str = sys.executable, env: Optional[dict] = None,
-              platform: Optional[str] = None) -> JobHandle:
+def start_job(job_dir, python: str = sys.executable, env: dict | None = None,
+              platform: str | None = None) -> JobHandle:
     """Start ``python -m deepsegrecon.worker JOB_DIR``; output goes to worker.log.
 
     Started with :func:`~deepsegrecon.processes.popen_options` for ``platform`` (default ``sys.platform``): no
@@ -454,7 +449,7 @@ def main(job_dir, install_signals: bool = True) -> int:
         previous = signal.signal(signal.SIGTERM, on_sigterm)
         _watch_parent(token)
 
-    progress_file = open(job / PROGRESS, "a", encoding="utf-8")
+    progress_file = open(job / PROGRESS, "a", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
 
     writing = {"cut": False}
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from run_benchmarks import ROOT, bench, run_measured
 
 TARGET_GAIN_DB = 4.0
@@ -21,7 +22,6 @@ ABDOMEN = "ct_volumes_2mm/ircadb1_1_abdomen.nii.gz"  # 3D-IRCADb-01 patient 1: h
 def abdomen_3mm():
     from deepsegrecon.cbct.data import resample_iso
     from deepsegrecon.io import read_image
-
     from run_benchmarks import SHARED
 
     return resample_iso(read_image(SHARED / ABDOMEN), 3.0)

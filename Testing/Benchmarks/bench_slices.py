@@ -47,7 +47,8 @@ def bench_slices_heldout(out: Path) -> dict:
         r = run_measured([sys.executable, "-m", "deepsegrecon", "slices", str(case / "image.nrrd"), "-o",
                           str(d / "out"), "--reference", str(case / "label.seg.nrrd"), "--device", "cpu"],
                          env=_env(2))
-        rows = list(csv.DictReader(open(d / "out" / "image_metrics.csv")))
+        with open(d / "out" / "image_metrics.csv") as f:
+            rows = list(csv.DictReader(f))
     per = {row["organ"]: {"status": row["status"], "dice": _num(row["dice"]), "hd95_mm": _num(row["hd95_mm"]),
                           "volume_ref_ml": float(row["volume_ref_ml"]), "volume_pred_ml": float(row["volume_pred_ml"])}
            for row in rows}

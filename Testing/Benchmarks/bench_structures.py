@@ -86,13 +86,13 @@ def _split_bench(out: Path, name: str, select, axis: int, toward: int, names: tu
     import torch
     from scipy import ndimage as ndi
 
+    import deepsegrecon.training.jobs  # noqa: F401  (registers "train")
     from deepsegrecon.inference import sliding_window
     from deepsegrecon.slices.metrics import dice
     from deepsegrecon.store import ModelStore, load_state_dict
     from deepsegrecon.training.cases import write_case
     from deepsegrecon.training.recipe import get_recipe
     from deepsegrecon.worker import run_inline
-    import deepsegrecon.training.jobs  # noqa: F401  (registers "train")
 
     env = f"BENCH_{name.upper()}_"
     minutes = float(os.environ.get(env + "MINUTES", defaults["minutes"]))

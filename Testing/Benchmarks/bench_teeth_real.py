@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from run_benchmarks import ROOT, bench
 
 

@@ -53,13 +53,13 @@ def _measure_child(cmd, **kw) -> dict:
 @bench
 def bench_geometry_round_trip(out: Path) -> dict:
     """Engine -> MRML -> .seg.nrrd -> slicerio with an oblique direction and anisotropic spacing."""
+    import slicer
     import slicerio
+
     from deepsegrecon.image import Image
     from deepsegrecon.scene.segmentations import result_to_segmentation_node
     from deepsegrecon.scene.volumes import image_to_volume_node
     from deepsegrecon.task import SegmentationResult, SegmentInfo
-
-    import slicer
 
     rot = np.linalg.qr(np.random.default_rng(3).normal(size=(3, 3)))[0]
     rot *= np.sign(np.linalg.det(rot))

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepsegrecon import cli, store as store_mod
+from deepsegrecon import cli
+from deepsegrecon import store as store_mod
 from deepsegrecon.image import Image
 from deepsegrecon.io import write_image
 from deepsegrecon.store import ModelStore

@@ -10,15 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from batch_testtask import RUNS, ThresholdTask
+from conftest import oblique_direction
 from deepsegrecon import batch, cli
 from deepsegrecon.batch_cases import find_brain, find_images, parse_shard, shard
 from deepsegrecon.errors import InputError
 from deepsegrecon.image import Image
 from deepsegrecon.io import write_image
 from deepsegrecon.task import SegmentationResult
-
-from batch_testtask import RUNS, ThresholdTask
-from conftest import oblique_direction
 
 TASK = ThresholdTask.name
 

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from conftest import oblique_direction

@@ -9,7 +9,6 @@ import torch
 
 from deepsegrecon import cli
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

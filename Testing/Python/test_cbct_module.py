@@ -38,7 +38,6 @@ def module(monkeypatch, tmp_path):
 def test_module_logic_is_the_scene_logic(module, tmp_path):
     from deepsegrecon.errors import InputError
     from deepsegrecon.scene.cbct import ReconstructCBCTLogic as SceneLogic
-
     from DeepSegReconCommon.TaskWidget import findResource  # the module put DeepSegReconCommon on the path
 
     assert findResource("UI/ReconstructCBCT.ui") == str(ROOT / "Resources" / "UI" / "ReconstructCBCT.ui")

@@ -10,7 +10,6 @@ from deepsegrecon.cbct.projector import add_noise, fdk, forward_project, hu_to_m
 from deepsegrecon.cbct.recon import hu_to_value, metrics, query_geometry, refine, to_grid, value_to_hu
 from deepsegrecon.image import Image
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

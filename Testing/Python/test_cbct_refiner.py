@@ -33,7 +33,6 @@ def test_shipped_refiner_is_verified_and_small():
 @needs_rtk
 def test_refiner_improves_sart_on_unseen_real_ct_and_keeps_the_grid(shared_data):
     from conftest import oblique_direction
-
     from deepsegrecon.cbct.data import resample_iso
     from deepsegrecon.image import Image
     from deepsegrecon.io import read_image

@@ -6,7 +6,6 @@ import torch
 
 from deepsegrecon.store import ModelStore
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -25,10 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 MODULES_DIR = ROOT / "DeepSegRecon"
 sys.path.insert(0, str(MODULES_DIR))
 
+import platform_check  # noqa: E402
 from DeepSegReconCommon import Dependencies as D  # noqa: E402
 from DeepSegReconCommon import SelfTest  # noqa: E402
-
-import platform_check  # noqa: E402
 
 MODULE_NAMES = sorted(p.name for p in MODULES_DIR.iterdir() if (p / f"{p.name}.py").is_file())
 
@@ -112,7 +111,7 @@ def test_no_module_imports_another_and_every_start_button_installs_first():
                 assert name.split(".")[0] not in set(MODULE_NAMES) - {module}, f"{module} imports {name}"
         text = py.read_text(encoding="utf-8")
         assert "self.ensureDependencies()" in text, f"{module} starts a job without installing its packages"
-        assert f'self.parent.dependencies = ["Segmentations"]' in text or "self.parent.dependencies = []" in text
+        assert 'self.parent.dependencies = ["Segmentations"]' in text or "self.parent.dependencies = []" in text
     section = (MODULES_DIR / "DeepSegReconCommon" / "FinetuneSection.py").read_text(encoding="utf-8")
     assert "Dependencies.ensureInstalled(self.moduleName" in section
     # the skeleton gives the section the panel's module name (whose packages "Fine-tune" installs)

@@ -172,7 +172,7 @@ def test_description_is_short_and_names_every_module(cmake):
     sentences = [s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text.strip()) if s]
     assert 1 <= len(sentences) <= 2, f"the index asks for 1-2 sentences, got {len(sentences)}"
     assert 100 <= len(text) <= 800, len(text)
-    for name, info in _modules().items():
+    for _name, info in _modules().items():
         assert info["title"] in text, f"the description does not mention {info['title']}"
 
 

@@ -302,7 +302,7 @@ def test_parameter_node_round_trip_through_a_saved_scene(load_module, tmp_path, 
     node = parameters.parameterNode
     assert node.GetSingletonTag() == name and logic.getParameterNode().parameterNode is node
     defaults = {n: getattr(parameters, n) for n in types_}
-    assert defaults.get("outputSegmentation", None) is None  # a new output node by default
+    assert defaults.get("outputSegmentation") is None  # a new output node by default
     assert all(v is None for n, v in defaults.items() if isinstance(types_[n], type)
                and issubclass(types_[n], slicer.vtkMRMLNode))
 

@@ -76,7 +76,8 @@ def test_dicom_series_in_segmentation_and_metrics_out(capsys, tiny_store, dicom_
     names = read_label_set().names
     assert all(s.name in names for s in seg.segments)
     assert "absent:" in stdout
-    rows = list(csv.DictReader(open(out / "dicom_metrics.csv")))
+    with open(out / "dicom_metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     assert [r["organ"] for r in rows] == names
     vox_ml = float(np.prod(ct.spacing)) / 1000
     by = {r["organ"]: r for r in rows}

@@ -198,7 +198,7 @@ def test_near_crowns_keeps_teeth_and_roots_and_drops_walls_above():
 
 
 # ------------------------------------------------------------------------------------------ memory
-def _stub(shape, spacing, direction=np.eye(3), dtype=np.float32):
+def _stub(shape, spacing, direction=None, dtype=np.float32):
     """An image of that size that takes no memory."""
     from deepsegrecon.image import Image
 

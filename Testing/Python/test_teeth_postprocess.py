@@ -7,8 +7,17 @@ from deepsegrecon.image import Image
 from deepsegrecon.teeth import labels as L
 from deepsegrecon.teeth.nets import canonical_frame, grid_size
 from deepsegrecon.teeth.phantom import generate_teeth_phantom
-from deepsegrecon.teeth.postprocess import (MAX_DEPTH, _adjacency, _rejoin_unnumbered, assign_positions, image_gaps,
-                                            postprocess, profile_split, resplit_at_gaps, split_instances)
+from deepsegrecon.teeth.postprocess import (
+    MAX_DEPTH,
+    _adjacency,
+    _rejoin_unnumbered,
+    assign_positions,
+    image_gaps,
+    postprocess,
+    profile_split,
+    resplit_at_gaps,
+    split_instances,
+)
 from deepsegrecon.teeth.task import assemble, grid_mapper, make_result, stage2_box
 from deepsegrecon.teeth.train import _onehot_area, score
 

@@ -112,8 +112,9 @@ def test_beer_lambert_and_collimator_crop():
 
 
 def test_real_radiograph_tags():
-    import data_store
     from pathlib import Path
+
+    import data_store
 
     img, info = xrayio.read_xray(Path(data_store.__path__[0]) / "data" / "RG1_UNCR.dcm")
     assert img.array.shape == (1, 1955, 1841)

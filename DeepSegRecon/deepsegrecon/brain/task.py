@@ -10,8 +10,8 @@ specks dropped (:func:`drop_specks`); the version's manifest ("postprocess") set
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -88,7 +88,7 @@ def check_inputs(images: dict) -> None:
         check_image(img, f"input {name}", ndim=3)
 
 
-def predict(images: dict, model: BrainModel, device="cpu", step: Optional[Callable] = None,
+def predict(images: dict, model: BrainModel, device="cpu", step: Callable | None = None,
             overlap: float = 0.25) -> dict:
     """The network's (3 [ET, TC, WT], ...) probabilities on the first input's grid, with that grid ("ref"), the
     brain mask, the model grid, the inputs used and timings."""
@@ -138,7 +138,7 @@ def brain_box(x: torch.Tensor, margin: int = 4) -> tuple:
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
-def segment(images: dict, model: BrainModel, device="cpu", step: Optional[Callable] = None,
+def segment(images: dict, model: BrainModel, device="cpu", step: Callable | None = None,
             overlap: float = 0.25) -> SegmentationResult:
     """Segment a brain tumour in ``images`` ({modality: Image}); see the module docstring."""
     step = step or (lambda stage, fraction=0.0, message="": None)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import labels as L
-from .nets import BratsLoss, build_net, default_network, kl_divergence, state_without_vae
+from .nets import build_net, default_network, kl_divergence, state_without_vae
 
 SPLIT_FILE = Path(__file__).with_name("brats_real_split.json")
 MODALITIES = ("t1", "t1c", "t2", "flair")
@@ -234,7 +234,6 @@ def train(out: Path, minutes: float, init_filters: int = 16, crop=(64, 80, 64), 
 def write_version(out: Path, result: dict, store_root: Path, version: str, command: str, where: str) -> Path:
     """The best weights as store version ``version`` under ``store_root`` (segmentation path, float16)."""
     from ..store import ModelStore
-
     from .evaluate import evaluate_model, tune_postprocess
     from .task import BrainModel
 

@@ -16,7 +16,6 @@ trained with the paper's soft Dice on the regions instead (:mod:`.train`).
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
 
 import numpy as np
 import torch
@@ -132,7 +131,7 @@ class BrainRecipe(Recipe):
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=False)
         return state_without_vae(net)
 
-    def version_manifest(self, results: dict, base_manifest: Optional[dict], provenance: dict) -> dict:
+    def version_manifest(self, results: dict, base_manifest: dict | None, provenance: dict) -> dict:
         base = dict(base_manifest or {})
         return {"task": "brain-tumor",
                 "labels": {str(v): n for n, v in self.label_map.items()},
@@ -144,7 +143,7 @@ class BrainRecipe(Recipe):
                                    if base_manifest else " Trained on annotated cases."))}
 
 
-def recipe(network: Optional[dict] = None, modalities: Optional[dict] = None, label_map=None, **_) -> BrainRecipe:
+def recipe(network: dict | None = None, modalities: dict | None = None, label_map=None, **_) -> BrainRecipe:
     """The brain-tumor recipe. ``network``: a manifest's (fine-tuning) or the CPU default; ``modalities``:
     ``{name: pattern}`` for any of t1, t1c, t2, flair (FLAIR and T1c required); ``label_map``: names -> values."""
     from ..training.labels import read_label_map

@@ -103,7 +103,7 @@ class ConeGeometry:
         return u, v
 
     # ------------------------------------------------------------------ checks and JSON
-    def check(self) -> "ConeGeometry":
+    def check(self) -> ConeGeometry:
         """Refuse a geometry no reconstruction can use; the message names the problem."""
         for name in ("dsd", "dso"):
             if not (np.isfinite(getattr(self, name)) and getattr(self, name) > 0):
@@ -143,7 +143,7 @@ class ConeGeometry:
                            "origin": list(self.volume_origin), "direction": self.volume_direction.tolist()}}
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "geometry") -> "ConeGeometry":
+    def from_dict(cls, d: dict, where: str = "geometry") -> ConeGeometry:
         if not isinstance(d, dict):
             raise InputError(f"{where}: expected a JSON object with {', '.join(FIELDS)}")
         missing = [f for f in FIELDS if f not in d]
@@ -171,7 +171,7 @@ class ConeGeometry:
         return path
 
     @classmethod
-    def load(cls, path) -> "ConeGeometry":
+    def load(cls, path) -> ConeGeometry:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"geometry file {path} does not exist")

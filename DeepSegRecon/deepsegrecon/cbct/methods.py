@@ -8,8 +8,6 @@ Parameters were chosen on the chest CT's training region (3 mm, 10 noisy views; 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from . import rtk_backend
@@ -67,7 +65,7 @@ def fdk(proj: np.ndarray, geo, backend: str, window: str = "hann", device: str =
     return torch_fdk(torch.from_numpy(proj).to(device), geo, window).cpu().numpy()
 
 
-def _torch_cg(proj: np.ndarray, geo, iters: int, init: Optional[np.ndarray], device: str = "cpu") -> np.ndarray:
+def _torch_cg(proj: np.ndarray, geo, iters: int, init: np.ndarray | None, device: str = "cpu") -> np.ndarray:
     """Conjugate gradient on ``A^T A x = A^T p`` with the torch projector (its adjoint by autograd): the fallback
     when RTK is absent (slower)."""
     import torch
@@ -116,7 +114,7 @@ def on_grid(mu: np.ndarray, geo_from, geo_to) -> np.ndarray:
 
 
 def classical(method: str, proj: np.ndarray, geo, backend: str, window: str = "hann",
-              init: Optional[np.ndarray] = None, device: str = "cpu", keep: Optional[dict] = None) -> np.ndarray:
+              init: np.ndarray | None = None, device: str = "cpu", keep: dict | None = None) -> np.ndarray:
     """One classical reconstruction with the tuned parameters on ``geo``'s grid (the iterative ones on at most
     :data:`ITER_RES` voxels per axis; ``init``: their start volume, on ``geo``'s grid; ``keep``: a dict that
     receives the volume on that iterative grid under the method's name)."""
@@ -133,7 +131,7 @@ def classical(method: str, proj: np.ndarray, geo, backend: str, window: str = "h
     return on_grid(out, geo_i, geo)
 
 
-def sart_unet(proj: np.ndarray, geo, model, backend: str, sart: Optional[np.ndarray] = None,
+def sart_unet(proj: np.ndarray, geo, model, backend: str, sart: np.ndarray | None = None,
               dc_iters: int = 0) -> np.ndarray:
     """SART (:data:`SART`) then the learned refiner ``model`` on the iterative grid (at most :data:`ITER_RES` per
     axis, the grid it was trained on), then ``dc_iters`` SART data-consistency iterations (:data:`DC`), resampled

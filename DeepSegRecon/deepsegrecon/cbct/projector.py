@@ -6,7 +6,6 @@ Volumes are attenuation in 1/mm, arrays (k, j, i); projections are line integral
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import torch
@@ -35,7 +34,7 @@ def _frame(a: float, device) -> tuple:
 
 
 def forward_project(vol: torch.Tensor, geo: ConeGeometry, step_voxels: float = 0.5,
-                    views: Optional[list] = None, chunk_samples: int = 8_000_000) -> torch.Tensor:
+                    views: list | None = None, chunk_samples: int = 8_000_000) -> torch.Tensor:
     """Line integrals of ``vol`` (k, j, i) through ``geo``: (views, rows, columns).
 
     Each ray is clipped to the volume box and sampled at ``n`` midpoints (``n`` fixed by the box diagonal and

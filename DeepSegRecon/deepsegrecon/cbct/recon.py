@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ def projector_for(geo: ConeGeometry, device="cpu") -> Callable:
     return project
 
 
-def query_geometry(geo: ConeGeometry, query_res: Optional[int]) -> ConeGeometry:
+def query_geometry(geo: ConeGeometry, query_res: int | None) -> ConeGeometry:
     """``geo`` with a grid of at most ``query_res`` points per axis spanning the same box (first and last voxel
     centres kept); ``geo`` itself when ``query_res`` is None or the grid is no larger."""
     if not query_res or max(geo.volume_size) <= int(query_res):
@@ -63,8 +63,8 @@ def query_geometry(geo: ConeGeometry, query_res: Optional[int]) -> ConeGeometry:
 
 
 @torch.no_grad()
-def network_grid(model: DIFGaussian, proj: torch.Tensor, geo: ConeGeometry, query_res: Optional[int] = 64,
-                 slab_points: int = 160_000, progress: Optional[Callable[[float], None]] = None) -> tuple:
+def network_grid(model: DIFGaussian, proj: torch.Tensor, geo: ConeGeometry, query_res: int | None = 64,
+                 slab_points: int = 160_000, progress: Callable[[float], None] | None = None) -> tuple:
     """(network intensity ((HU + 1000) / 2000), (k, j, i) on the model's device; its grid): the network queried at
     every voxel centre of ``query_geometry(geo, query_res)``."""
     model.eval()
@@ -88,7 +88,7 @@ def network_grid(model: DIFGaussian, proj: torch.Tensor, geo: ConeGeometry, quer
 
 @torch.no_grad()
 def refine(values: torch.Tensor, proj: torch.Tensor, geo: ConeGeometry, iters: int = REFINE_ITERS,
-           relax: float = REFINE_RELAX, progress: Optional[Callable[[float], None]] = None) -> torch.Tensor:
+           relax: float = REFINE_RELAX, progress: Callable[[float], None] | None = None) -> torch.Tensor:
     """Data consistency: ``iters`` steps ``x += relax * FDK(p - A x)`` (Shepp-Logan ramp) on ``geo``'s grid, in
     attenuation, ``x >= 0``. The network fills what the few views leave open; these steps pull the volume back to
     what the projections measured. Stops early, keeping the previous volume, when the projection residual grows.
@@ -122,8 +122,8 @@ def grid_hu(values: torch.Tensor, geo: ConeGeometry) -> np.ndarray:
     return value_to_hu(to_grid(values, geo)).cpu().numpy().astype(np.float32)
 
 
-def reconstruct(model: DIFGaussian, proj: torch.Tensor, geo: ConeGeometry, query_res: Optional[int] = 64,
-                refine_iters: int = 0, progress: Optional[Callable[[float], None]] = None) -> torch.Tensor:
+def reconstruct(model: DIFGaussian, proj: torch.Tensor, geo: ConeGeometry, query_res: int | None = 64,
+                refine_iters: int = 0, progress: Callable[[float], None] | None = None) -> torch.Tensor:
     """Intensity ((HU + 1000) / 2000) on ``geo``'s grid, (k, j, i), on the CPU.
 
     The network is queried on a grid of at most ``query_res`` points per axis spanning the volume (``None``: every

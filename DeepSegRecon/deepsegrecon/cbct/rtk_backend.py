@@ -9,8 +9,6 @@ and the projections keep their (view, row, column) layout. Volumes are attenuati
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 try:  # optional: the torch projector is the fallback (and the GPU / differentiable path). ITK loads lazily: the
@@ -54,7 +52,7 @@ def _image(arr: np.ndarray, spacing, origin, direction):
     return img
 
 
-def volume_image(arr: Optional[np.ndarray], geo):
+def volume_image(arr: np.ndarray | None, geo):
     """The volume grid in RTK's frame (zeros when ``arr`` is None)."""
     if arr is None:
         arr = np.zeros(tuple(reversed(geo.volume_size)), np.float32)
@@ -62,7 +60,7 @@ def volume_image(arr: Optional[np.ndarray], geo):
     return _image(arr, geo.volume_spacing, origin, FRAME_TO_RTK)
 
 
-def projection_image(proj: Optional[np.ndarray], geo):
+def projection_image(proj: np.ndarray | None, geo):
     """A (view, row, column) stack as RTK projections (zeros when ``proj`` is None)."""
     nv, nu = geo.detector_shape
     if proj is None:
@@ -149,7 +147,7 @@ def _run(filt, geo, proj, init):
     return _array(filt.GetOutput())
 
 
-def sart(proj: np.ndarray, geo, iters: int = 4, lam: float = 0.5, init: Optional[np.ndarray] = None,
+def sart(proj: np.ndarray, geo, iters: int = 4, lam: float = 0.5, init: np.ndarray | None = None,
          positivity: bool = True) -> np.ndarray:
     """SART: ``iters`` passes over the views with relaxation ``lam``; ``x >= 0`` when ``positivity``."""
     img = _need()
@@ -160,7 +158,7 @@ def sart(proj: np.ndarray, geo, iters: int = 4, lam: float = 0.5, init: Optional
     return _run(f, geo, proj, init)
 
 
-def conjugate_gradient(proj: np.ndarray, geo, iters: int = 10, init: Optional[np.ndarray] = None,
+def conjugate_gradient(proj: np.ndarray, geo, iters: int = 10, init: np.ndarray | None = None,
                        tikhonov: float = 0.0) -> np.ndarray:
     """Conjugate gradient on the least-squares problem ``|A x - p|^2 (+ tikhonov |x|^2)`` from ``init``."""
     img = _need()
@@ -172,7 +170,7 @@ def conjugate_gradient(proj: np.ndarray, geo, iters: int = 10, init: Optional[np
 
 
 def admm_tv(proj: np.ndarray, geo, iters: int = 10, alpha: float = 1.0, beta: float = 1000.0, cg_iters: int = 3,
-            init: Optional[np.ndarray] = None) -> np.ndarray:
+            init: np.ndarray | None = None) -> np.ndarray:
     """ADMM with a total-variation penalty (``alpha``: TV weight, ``beta``: augmented-Lagrangian weight)."""
     img = _need()
     f = rtk.ADMMTotalVariationConeBeamReconstructionFilter[img].New()

@@ -304,8 +304,7 @@ def check_methods(params: dict) -> None:
         if v is not None and v not in allowed:
             raise InputError(f"unknown {key} '{v}'; use one of {', '.join(allowed)}")
     compare = params.get("compare")
-    if compare is not None:
-        if isinstance(compare, str) or not all(m in M.METHODS for m in compare):
-            raise InputError(f"compare must be a list of methods from {', '.join(M.METHODS)}, got {compare!r}")
+    if compare is not None and (isinstance(compare, str) or not all(m in M.METHODS for m in compare)):
+        raise InputError(f"compare must be a list of methods from {', '.join(M.METHODS)}, got {compare!r}")
     if params.get("backend") == "rtk" and not M.rtk_backend.available():
         raise InputError("backend 'rtk' was asked for, but itk-rtk does not import here")

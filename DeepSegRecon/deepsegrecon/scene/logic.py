@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -160,12 +160,12 @@ class TaskLogic:
         self._status = {**self._status, "state": "cancelled", "error": "cancelled by the user",
                         "error_type": "Cancelled", "eta_s": None}
 
-    def wait(self, timeout: Optional[float] = None, on_progress: Optional[Callable[[dict], None]] = None,
+    def wait(self, timeout: float | None = None, on_progress: Callable[[dict], None] | None = None,
              poll_interval: float = 0.2) -> dict:
         """Poll until the job ends or ``timeout`` seconds pass (then the state is still "running")."""
         return poll_until_done(self.poll, timeout, on_progress, poll_interval)
 
-    def run(self, inputs: dict, params: dict, output_node=None, timeout: Optional[float] = None) -> list:
+    def run(self, inputs: dict, params: dict, output_node=None, timeout: float | None = None) -> list:
         """Start, wait, and return the new/updated nodes; raise the engine error of a failed job.
 
         A job still running after ``timeout`` seconds is cancelled and :class:`DeepSegReconError` is raised.
@@ -198,7 +198,7 @@ class TaskLogic:
             default = None
         return sorted((e.version for e in entries), key=lambda v: v != default)
 
-    def import_model(self, source, sha256: Optional[str] = None, version: Optional[str] = None,
+    def import_model(self, source, sha256: str | None = None, version: str | None = None,
                      default: bool = False):
         """Install model weights as a version of :attr:`model_task` in the user model store (``$DEEPSEGRECON_HOME``):
         ``source`` is a version folder (with its ``manifest.json``), a .zip / .tar.gz of one or a weights file, or an
@@ -323,8 +323,8 @@ class SegmentTeethLogic(TaskLogic):
         return export_surfaces(seg_node, folder, fmt)
 
 
-def poll_until_done(poll: Callable[[], dict], timeout: Optional[float] = None,
-                    on_progress: Optional[Callable[[dict], None]] = None, poll_interval: float = 0.2,
+def poll_until_done(poll: Callable[[], dict], timeout: float | None = None,
+                    on_progress: Callable[[dict], None] | None = None, poll_interval: float = 0.2,
                     keys=("state", "fraction", "stage", "message")) -> dict:
     """The headless stand-in for the widget's QTimer: call ``poll()`` until the state is no longer "running"
     or ``timeout`` seconds pass; ``on_progress`` sees each status that differs in ``keys``."""

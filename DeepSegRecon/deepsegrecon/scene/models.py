@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import InputError
 from ..files import atomic_file, check_writable_dir
 from ._mrml import check_scene, ensure_converter_rules, ensure_sh_item, slicer_module, world_matrix_of
-from .segmentations import CLOSED_SURFACE, create_closed_surfaces, _conversion_parameter
+from .segmentations import CLOSED_SURFACE, _conversion_parameter, create_closed_surfaces
 
 SURFACE_FORMATS = ("stl", "obj")
 
@@ -236,7 +236,7 @@ def _export_obj(seg_node, segment_id: str, target: Path, lps: bool) -> None:
                 raise InputError(f"could not write {target.name}")
             with open(tmp, "wb") as out, open(body, "rb") as src:
                 out.write(f"# DeepSegRecon OBJ, segment {seg.GetName()}. SPACE={'LPS' if lps else 'RAS'}\n"
-                          f"mtllib {mtl_path.name}\no {material}\nusemtl {material}\n".encode("utf-8"))
+                          f"mtllib {mtl_path.name}\no {material}\nusemtl {material}\n".encode())
                 shutil.copyfileobj(src, out, 1 << 20)
         finally:
             if body.exists():

@@ -12,10 +12,9 @@ import numpy as np
 
 from ..errors import InputError
 from ..image import Image
-from ..segio import as_3d, default_color, label_array, reference_geometry_string, _check_segments
+from ..segio import _check_segments, as_3d, default_color, label_array, reference_geometry_string
 from ..task import SegmentationResult, SegmentInfo
-from ._mrml import (check_scene, ensure_converter_rules, np_matrix, slicer_module, vtk_matrix,
-                    world_matrix_of)
+from ._mrml import check_scene, ensure_converter_rules, np_matrix, slicer_module, vtk_matrix, world_matrix_of
 from .volumes import array_from_vtk_image_data, image_to_vtk_image_data, volume_ijk_to_world
 
 BINARY_LABELMAP = "Binary labelmap"
@@ -185,7 +184,7 @@ def segmentation_node_to_labelmap(seg_node, reference_volume_node=None):
 
     # segments sharing a labelmap (a layer) are resampled once and relabelled with a lookup table
     layers: dict = {}
-    for sid, seg, label, out_label in plan:
+    for _sid, seg, label, out_label in plan:
         layer_data = seg.GetRepresentation(BINARY_LABELMAP)
         if layer_data is None:
             continue
@@ -211,7 +210,7 @@ def segmentation_node_to_labelmap(seg_node, reference_volume_node=None):
     ijk_to_ras[:3, 3] = (ijk_to_ras @ start)[:3]
     image = Image.from_ijk_to_ras(label_array(out), ijk_to_ras, name=seg_node.GetName())
     infos = []
-    for n_, (sid, seg, label, out_label) in enumerate(plan):
+    for n_, (_sid, seg, _label, out_label) in enumerate(plan):
         color = tuple(float(c) for c in seg.GetColor())
         infos.append(SegmentInfo(seg.GetName(), int(out_label), color if any(color) else default_color(n_),
                                  seg.GetTerminology() if seg.HasTag(TERMINOLOGY_TAG) else ""))
@@ -246,7 +245,7 @@ def _array_on_extent(data, extent) -> np.ndarray:
         return arr
     out = np.zeros(shape, dtype=arr.dtype)
     src_sl, dst_sl = [], []
-    for a, ax in zip((2, 1, 0), range(3)):
+    for a, _ax in zip((2, 1, 0), range(3)):
         lo = max(de[2 * a], extent[2 * a])
         hi = min(de[2 * a + 1], extent[2 * a + 1])
         if lo > hi:

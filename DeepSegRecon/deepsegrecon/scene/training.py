@@ -40,8 +40,8 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -77,7 +77,7 @@ def _selection_node(scene, create: bool):
     return node
 
 
-def active_model_version(scene, task: str) -> Optional[str]:
+def active_model_version(scene, task: str) -> str | None:
     """The model version chosen for ``task`` in this scene (:func:`set_active_model_version`), or None."""
     if scene is None:
         return None
@@ -87,7 +87,7 @@ def active_model_version(scene, task: str) -> Optional[str]:
     return node.GetParameter(_SELECTION_PREFIX + task) or None
 
 
-def set_active_model_version(scene, task: str, version: Optional[str]) -> None:
+def set_active_model_version(scene, task: str, version: str | None) -> None:
     """Choose the model version the next run of ``task`` uses in this scene (None: the store's default)."""
     check_scene(scene)
     node = _selection_node(scene, create=version is not None)
@@ -155,7 +155,7 @@ class _ProgressTail:
         return events
 
 
-def _number(value) -> Optional[float]:
+def _number(value) -> float | None:
     if isinstance(value, bool) or value is None:
         return None
     try:
@@ -165,7 +165,7 @@ def _number(value) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
-def epoch_row(event: dict) -> Optional[dict]:
+def epoch_row(event: dict) -> dict | None:
     """{"part", "epoch", "loss", "val_dice"} of an end-of-epoch progress event, else None.
 
     An end-of-epoch event has an integer ``epoch`` and a ``loss`` (or ``"event": "epoch"``); the per-batch
@@ -200,7 +200,7 @@ class _TrainingJob(TaskLogic):
     def __init__(self, scene, task_name, on_events: Callable[[list], None], **kw):
         super().__init__(scene, task_name, **kw)
         self._on_events = on_events
-        self._tail: Optional[_ProgressTail] = None
+        self._tail: _ProgressTail | None = None
 
     def start(self, inputs: dict, params: dict, output_node=None) -> None:
         from ..worker import PROGRESS
@@ -269,10 +269,10 @@ class TrainingLogic:
         self.series_nodes: dict = {}  # "loss" / "val_dice" -> vtkMRMLPlotSeriesNode
         self.history: list = []  # table rows of the current / last job: epoch (running), part, part_epoch, ...
         self._rows: dict = {}  # (part, epoch of the part) -> row
-        self.result: Optional[ModelResult] = None  # of the last succeeded job
-        self.new_version: Optional[str] = None  # the version the current / last job writes
-        self.base_version: Optional[str] = None
-        self.last_case: Optional[dict] = None  # what the last add_to_training_set wrote
+        self.result: ModelResult | None = None  # of the last succeeded job
+        self.new_version: str | None = None  # the version the current / last job writes
+        self.base_version: str | None = None
+        self.last_case: dict | None = None  # what the last add_to_training_set wrote
         self._status = _idle_status()
         self._job_state = "idle"
         self._planned_epochs = None
@@ -301,7 +301,7 @@ class TrainingLogic:
         entries.sort(key=lambda e: e.version != default)  # stable: the rest stays in version order
         return [(e.version, describe_version(e)) for e in entries]
 
-    def active_version(self) -> Optional[str]:
+    def active_version(self) -> str | None:
         """The version the next segmentation run uses: the one chosen in the scene, else the store's default."""
         chosen = active_model_version(self.scene, self.task_name)
         if chosen and any(e.version == chosen for e in self._entries()):
@@ -311,7 +311,7 @@ class TrainingLogic:
         except ModelError:
             return None
 
-    def set_active_version(self, version: Optional[str]) -> str:
+    def set_active_version(self, version: str | None) -> str:
         """Use ``version`` for the next segmentation runs of the task in this scene (also a rollback to an older
         version); None goes back to the store's default. Returns the version now active."""
         if version is not None:
@@ -323,7 +323,7 @@ class TrainingLogic:
         set_active_model_version(self.scene, self.task_name, version)
         return self.active_version()
 
-    def _label_map(self) -> Optional[dict]:
+    def _label_map(self) -> dict | None:
         """{name: value} of the active model's labels, if its manifest has them."""
         from ..training.labels import read_label_map
 
@@ -354,7 +354,7 @@ class TrainingLogic:
     def case_count(self) -> int:
         return len(self.case_names())
 
-    def required_modalities(self) -> Optional[list]:
+    def required_modalities(self) -> list | None:
         """The input names a case must have: ``modalities`` if given, else those of the first existing case."""
         if self.modalities:
             return list(self.modalities)
@@ -593,7 +593,7 @@ class TrainingLogic:
     def running(self) -> bool:
         return self._job.running
 
-    def default_version_name(self, base_version: Optional[str]) -> str:
+    def default_version_name(self, base_version: str | None) -> str:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         name = f"{base_version}-ft-{stamp}" if base_version else f"trained-{stamp}"
         taken = {e.version for e in self._entries()}
@@ -602,10 +602,10 @@ class TrainingLogic:
             out, n = f"{name}-{n}", n + 1
         return out
 
-    def start_finetune(self, base_version: Optional[str] = None, new_name: Optional[str] = None,
-                       minutes: Optional[float] = None, epochs: Optional[int] = None, device: str = "auto",
-                       val_fraction: Optional[float] = None, seed: Optional[int] = None,
-                       options: Optional[dict] = None) -> str:
+    def start_finetune(self, base_version: str | None = None, new_name: str | None = None,
+                       minutes: float | None = None, epochs: int | None = None, device: str = "auto",
+                       val_fraction: float | None = None, seed: int | None = None,
+                       options: dict | None = None) -> str:
         """Fine-tune ``base_version`` (default: the active version) on the training set into ``new_name``
         (default ``<base>-ft-<date-time>``) for ``minutes`` or ``epochs``; returns the new version's name.
         ``options``: further task parameters, passed to the worker task as they are.
@@ -624,9 +624,9 @@ class TrainingLogic:
         return self._start(self.finetune_task, base_version, new_name, minutes, epochs, device, val_fraction, seed,
                            options)
 
-    def start_training(self, new_name: Optional[str] = None, minutes: Optional[float] = None,
-                       epochs: Optional[int] = None, device: str = "auto", val_fraction: Optional[float] = None,
-                       seed: Optional[int] = None, options: Optional[dict] = None) -> str:
+    def start_training(self, new_name: str | None = None, minutes: float | None = None,
+                       epochs: int | None = None, device: str = "auto", val_fraction: float | None = None,
+                       seed: int | None = None, options: dict | None = None) -> str:
         """Train a new version from scratch on the training set (the engine's ``train`` task); as
         :meth:`start_finetune` otherwise."""
         return self._start(self.train_task, None, new_name, minutes, epochs, device, val_fraction, seed, options)
@@ -689,7 +689,7 @@ class TrainingLogic:
         return new_name
 
     # ---- curves
-    def _create_curve_nodes(self, new_name: str, base_version: Optional[str]) -> None:
+    def _create_curve_nodes(self, new_name: str, base_version: str | None) -> None:
         import vtk
 
         slicer = slicer_module()
@@ -861,7 +861,7 @@ class TrainingLogic:
     def _version_installed(self) -> bool:
         return self.new_version is not None and any(e.version == self.new_version for e in self._entries())
 
-    def wait(self, timeout: Optional[float] = None, on_progress: Optional[Callable[[dict], None]] = None,
+    def wait(self, timeout: float | None = None, on_progress: Callable[[dict], None] | None = None,
              poll_interval: float = 0.2) -> dict:
         """Poll until the job ends or ``timeout`` seconds pass (then the state is still "running")."""
         return poll_until_done(self.poll, timeout, on_progress, poll_interval,

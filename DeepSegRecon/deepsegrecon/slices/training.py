@@ -16,7 +16,6 @@ it), so slices with small organs (kidney poles, pancreas) are trained on as ofte
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
 
 import numpy as np
 import torch
@@ -99,7 +98,7 @@ class SlicesRecipe(Recipe):
     def export_state(self, part: str, state: dict) -> dict:
         return {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
 
-    def version_manifest(self, results: dict, base_manifest: Optional[dict], provenance: dict) -> dict:
+    def version_manifest(self, results: dict, base_manifest: dict | None, provenance: dict) -> dict:
         res = results["model"]
         m = self.manifest(res, provenance.get("base_version"))
         m.pop("metrics", None)
@@ -114,7 +113,7 @@ class SlicesRecipe(Recipe):
         return m
 
 
-def recipe(network: Optional[dict] = None, modalities: Optional[dict] = None, label_map=None, labels=None,
+def recipe(network: dict | None = None, modalities: dict | None = None, label_map=None, labels=None,
            copies: int = 4, **_) -> SlicesRecipe:
     """The slices recipe. ``network``: a manifest's (fine-tuning) or the small default for ``labels``
     (label set name or file; default abdomen); ``label_map``: {name: value} of the cases' labels; ``copies``:

@@ -16,14 +16,24 @@ scipy. Coordinates: LPS mm, arrays (z, y, x), identity direction, as in :mod:`.p
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from scipy import ndimage as ndi
 
 from . import labels as L
-from .phantom import (AIR, CORT, DENTIN, ENAMEL, HU, INNER_AIR, METAL, SOFT, TRAB, _metal_streaks, _smooth_noise,
-                      generate_teeth_phantom)
+from .phantom import (
+    AIR,
+    CORT,
+    DENTIN,
+    ENAMEL,
+    HU,
+    INNER_AIR,
+    METAL,
+    SOFT,
+    TRAB,
+    _metal_streaks,
+    _smooth_noise,
+    generate_teeth_phantom,
+)
 
 BRAIN, FAT, PLASTIC, SKULL = 11, 12, 13, 14
 HEAD_HU = dict(HU) | {BRAIN: 35.0, FAT: -90.0, PLASTIC: 150.0, SKULL: 1800.0}
@@ -155,10 +165,7 @@ def _field(kind, a, rng):
     if kind == "head":
         return head
     c = np.array([x0, yf + 40, z0]) + rng.uniform(-12, 12, 3)
-    if kind == "large":
-        half = rng.uniform([50, 50, 40], [85, 85, 80])
-    else:
-        half = rng.uniform([42, 40, 30], [55, 52, 40])
+    half = rng.uniform([50, 50, 40], [85, 85, 80]) if kind == "large" else rng.uniform([42, 40, 30], [55, 52, 40])
     lo, hi = c - half, c + half
     cut = z0 + rng.uniform(-2.5, 2.5)
     if kind == "upper":

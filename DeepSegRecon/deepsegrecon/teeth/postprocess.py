@@ -27,7 +27,6 @@ per-tooth report.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -144,7 +143,7 @@ def estimate_midline(pts: np.ndarray, cls: np.ndarray, fallback_x: float, min_co
         x = p[:, 0]
         cut = (p[left_mask, 0].max() + p[~left_mask, 0].min()) / 2
 
-        def near(v):
+        def near(v, x=x):
             return int(np.sum(np.abs(x - v) < 0.75))
 
         if near(cut) > 0.6 * min(near(ml[0]), near(mr[0])):
@@ -318,7 +317,7 @@ def _split_oversized(inst, n, key, spacing):
     return inst, n, no_merge
 
 
-def image_gaps(fg: np.ndarray, image: np.ndarray, spacing) -> Optional[np.ndarray]:
+def image_gaps(fg: np.ndarray, image: np.ndarray, spacing) -> np.ndarray | None:
     """Dark voxels of the teeth mask ``fg`` in ``image`` (same grid): the thin bone between neighbouring roots
     (or crowns) that the blurred mask bridges. Against the contrast around the mask (``hi``: median 1-2 mm
     inside, ``lo``: 1-2 mm outside): darker than ``lo + GAP_LEVEL * (hi - lo)``, or a narrow valley (under
@@ -695,7 +694,10 @@ def smooth_votes(v: np.ndarray) -> np.ndarray:
     return 0.8 * v + 0.08 * nb + 0.04 / len(v) + 1e-6
 
 
-def assign_positions(scores: np.ndarray, skip_penalty=math.log(0.02)):
+SKIP_PENALTY = math.log(0.02)
+
+
+def assign_positions(scores: np.ndarray, skip_penalty=SKIP_PENALTY):
     """Best strictly increasing positions for instances ordered along the arch.
 
     ``scores``: (n, 8) log-votes of each instance for positions 1..8. An instance may be left

@@ -25,8 +25,8 @@ anything large is allocated (:func:`check_memory`): a run that would need more t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -37,10 +37,19 @@ from ..image import Image
 from ..inference import label_argmax
 from ..task import InputSpec, SegmentationResult, Task, TaskContext, register
 from . import labels as L
-from .nets import (build_nets, canonical_frame, coarse_centres, coord_channels, grid_size, load_weights,
-                   normalise, resample, teeth_reference, upsample_slab)
-from .plausible import (DENTAL_BOX_MM, NoTeethFound, dental_window, gate, measure_pieces, near_crowns,
-                        no_teeth_message)
+from .nets import (
+    build_nets,
+    canonical_frame,
+    coarse_centres,
+    coord_channels,
+    grid_size,
+    load_weights,
+    normalise,
+    resample,
+    teeth_reference,
+    upsample_slab,
+)
+from .plausible import NoTeethFound, dental_window, gate, measure_pieces, near_crowns, no_teeth_message
 from .postprocess import postprocess
 from .refine import refine_surface
 
@@ -233,7 +242,7 @@ def check_memory(image: Image, net_cfg: dict, tta: bool = True, box=None) -> Non
                             "coarser voxels")
 
 
-def segment(image: Image, model: TeethModel, device="cpu", step: Optional[Callable] = None, amp: bool = True,
+def segment(image: Image, model: TeethModel, device="cpu", step: Callable | None = None, amp: bool = True,
             overlap2: float = 0.35, tta: bool = True) -> SegmentationResult:
     """Segment teeth, maxilla and mandible in ``image`` (HU-like CBCT) with ``model``.
 

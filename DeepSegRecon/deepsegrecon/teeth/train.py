@@ -35,8 +35,17 @@ import numpy as np
 import torch
 
 from . import labels as L
-from .nets import (build_nets, canonical_frame, coord_channels, default_network, grid_size, normalise, resample,
-                   state_dict_fp16, teeth_reference)
+from .nets import (
+    build_nets,
+    canonical_frame,
+    coord_channels,
+    default_network,
+    grid_size,
+    normalise,
+    resample,
+    state_dict_fp16,
+    teeth_reference,
+)
 
 TRAIN_SEED_RANGE = (0, 10000)  # training seeds are drawn from here
 HELDOUT_SEEDS = range(10000, 10100)  # never used for training: evaluation, demo, tests
@@ -509,8 +518,8 @@ def evaluate(model_dir, seeds, family: str = "A", device: str = "auto", shape=No
     tooth has the right FDI number), ``min_dice``, extra (invented) teeth, bone Dice and per-seed details.
     """
     from ..device import resolve_device
-    from .phantom import generate_teeth_phantom
     from ..store import entry_from_dir
+    from .phantom import generate_teeth_phantom
     from .plausible import NoTeethFound
     from .task import load_model, segment
 
@@ -532,8 +541,8 @@ def evaluate(model_dir, seeds, family: str = "A", device: str = "auto", shape=No
         dices += d
         corrects += c
         extra += len(sc["extra_teeth"])
-        for k in bone:
-            bone[k].append(sc["bone_dice"][k])
+        for k, values in bone.items():
+            values.append(sc["bone_dice"][k])
         row = {"seed": int(s), "shape": info["shape"], "spacing": round(info["spacing"][0], 3),
                "teeth": len(d), "missing": info["missing"], "metal": sorted(info["metal"]),
                "mean_dice": round(float(np.mean(d)), 4) if d else None,

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Optional
 
 import numpy as np
 import torch
@@ -160,7 +159,7 @@ class TeethRecipe(Recipe):
         net.load_state_dict(state)
         return state_dict_fp16(net)
 
-    def version_manifest(self, results: dict, base_manifest: Optional[dict], provenance: dict) -> dict:
+    def version_manifest(self, results: dict, base_manifest: dict | None, provenance: dict) -> dict:
         base = dict(base_manifest or {})
         manifest = {
             "task": "teeth",
@@ -227,7 +226,7 @@ def _stage_defaults(network: dict, stage: str) -> dict:
     return common
 
 
-def recipe(network: Optional[dict] = None, modalities: Optional[dict] = None, label_map=None, **_) -> TeethRecipe:
+def recipe(network: dict | None = None, modalities: dict | None = None, label_map=None, **_) -> TeethRecipe:
     """The teeth recipe. ``network``: the manifest ``network`` of the version being fine-tuned (default: the
     method's default networks, for training from scratch); ``modalities``: one ``{name: pattern}`` (the CBCT);
     ``label_map``: names -> teeth label values (default: ``tooth_<FDI>``, ``maxilla``, ``mandible``)."""

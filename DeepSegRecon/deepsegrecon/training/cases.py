@@ -38,7 +38,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -67,8 +66,8 @@ class CaseData:
     images: dict  # modality -> Image, in modality order
     label: Image  # integer labels (values of the label map when one was given)
     label_names: dict  # name -> value, for the labels this case's file declares
-    roi: Optional[Image] = None  # uint8 mask: 1 = reviewed voxel, 0 = leave out of the loss
-    folder: Optional[Path] = None
+    roi: Image | None = None  # uint8 mask: 1 = reviewed voxel, 0 = leave out of the loss
+    folder: Path | None = None
 
 
 @dataclass
@@ -78,9 +77,9 @@ class Case:
     folder: Path
     inputs: dict  # modality -> Path, in modality (channel) order
     label_file: Path
-    label_map: Optional[dict] = None  # {name: value} expected by the task, or None
-    label_names: Optional[dict] = None  # {name: value} of the label file, from case.json
-    roi_file: Optional[Path] = None
+    label_map: dict | None = None  # {name: value} expected by the task, or None
+    label_names: dict | None = None  # {name: value} of the label file, from case.json
+    roi_file: Path | None = None
     manifest: dict = field(default_factory=dict)
 
     @property
@@ -221,7 +220,7 @@ def _grid_difference(a: Image, b: Image) -> str:
     return ", ".join(parts) or "geometry differs"
 
 
-def _embed(lab: Image, ref: Image) -> Optional[Image]:
+def _embed(lab: Image, ref: Image) -> Image | None:
     """``lab`` on the grid of ``ref``: equal grids, or a sub-/super-box of it (Slicer crops a saved
     segmentation to its content) with the same spacing and axes and a whole-voxel offset. ``None`` if it
     cannot be placed without resampling, or if labelled voxels would fall outside ``ref``."""
@@ -270,8 +269,8 @@ def _image_files(folder: Path) -> list:
                   if not p.name.startswith(".") and p.is_file() and _suffix(p.name))
 
 
-def load_case(folder, modalities: Optional[dict] = None, label_map=None, label_pattern: Optional[str] = None,
-              roi_pattern: Optional[str] = None) -> Case:
+def load_case(folder, modalities: dict | None = None, label_map=None, label_pattern: str | None = None,
+              roi_pattern: str | None = None) -> Case:
     """The case in ``folder`` (paths only; nothing is read but ``case.json``).
 
     ``modalities``: ``{name: glob pattern}`` in channel order (default ``{"image": "*"}``, or the inputs listed
@@ -321,7 +320,7 @@ def _find_one(folder: Path, files: list, pattern: str, what: str) -> Path:
     return matches[0]
 
 
-def _find_label(folder: Path, files: list, pattern: Optional[str]) -> Path:
+def _find_label(folder: Path, files: list, pattern: str | None) -> Path:
     if pattern:
         return _find_one(folder, files, pattern, "label")
     for p in DEFAULT_LABEL_PATTERNS:
@@ -335,7 +334,7 @@ def _find_label(folder: Path, files: list, pattern: Optional[str]) -> Path:
                      "give the label file pattern)")
 
 
-def _load_manifest_case(folder: Path, manifest_path: Path, modalities: Optional[dict], lmap) -> Case:
+def _load_manifest_case(folder: Path, manifest_path: Path, modalities: dict | None, lmap) -> Case:
     name = folder.name
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -380,8 +379,8 @@ def _skip_folder(name: str) -> bool:
     return name.startswith((".", "_")) or low.startswith("staging") or name.endswith("~")
 
 
-def find_cases(root, modalities: Optional[dict] = None, label_map=None, label_pattern: Optional[str] = None,
-               roi_pattern: Optional[str] = None) -> list:
+def find_cases(root, modalities: dict | None = None, label_map=None, label_pattern: str | None = None,
+               roi_pattern: str | None = None) -> list:
     """Every case under ``root``: its sub-folders (sorted, hidden ``.*`` / ``_*`` and staging folders skipped,
     folders with no image file skipped), or ``root`` itself when it is a case. Arguments as :func:`load_case`."""
     root = Path(root)
@@ -417,8 +416,8 @@ def check_cases(cases, cancel=None, progress=None) -> None:
 # writing a case
 
 
-def write_case(folder, images: dict, label: Image, label_names: dict, roi: Optional[Image] = None,
-               meta: Optional[dict] = None, overwrite: bool = False) -> Case:
+def write_case(folder, images: dict, label: Image, label_names: dict, roi: Image | None = None,
+               meta: dict | None = None, overwrite: bool = False) -> Case:
     """Write a training case atomically: all of it appears at ``folder`` or nothing does.
 
     ``images``: ``{modality: Image}`` (one grid); ``label``: integer labels on that grid, every non-zero value

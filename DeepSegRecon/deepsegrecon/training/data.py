@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ class CaseToTensors:
     (clipped, then scaled to 0..1, e.g. a CT window in HU), or a picklable callable on the (C, k, j, i) array.
     """
 
-    def __init__(self, modalities: Optional[Sequence[str]] = None, label_values: Optional[Sequence[int]] = None,
+    def __init__(self, modalities: Sequence[str] | None = None, label_values: Sequence[int] | None = None,
                  normalize="zscore"):
         self.modalities = list(modalities) if modalities is not None else None
         self.label_values = [int(v) for v in label_values] if label_values is not None else None
@@ -143,8 +143,18 @@ def build_transforms(config, keys=("image", "label", "roi"), num_classes=None):
     ``classes`` crop (centres drawn class by class, equally often, so small organs are seen as often as large
     ones) needs ``num_classes``."""
     from monai.transforms import (
-        Compose, DeleteItemsd, EnsureTyped, RandAffined, RandCropByLabelClassesd, RandCropByPosNegLabeld, RandFlipd,
-        RandGaussianNoised, RandRotate90d, RandScaleIntensityd, RandShiftIntensityd, RandSpatialCropSamplesd,
+        Compose,
+        DeleteItemsd,
+        EnsureTyped,
+        RandAffined,
+        RandCropByLabelClassesd,
+        RandCropByPosNegLabeld,
+        RandFlipd,
+        RandGaussianNoised,
+        RandRotate90d,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        RandSpatialCropSamplesd,
         SpatialPadd,
     )
 
@@ -192,7 +202,7 @@ class CaseDataset(torch.utils.data.Dataset):
     list of ``samples_per_case`` patch dicts (MONAI's ``list_data_collate`` flattens them into the batch)."""
 
     def __init__(self, cases, to_sample: Callable, deterministic=None, random=None, cache: int = 0,
-                 length: Optional[int] = None, num_classes: Optional[int] = None):
+                 length: int | None = None, num_classes: int | None = None):
         self.cases = list(cases)
         self.num_classes = num_classes
         self.to_sample = to_sample

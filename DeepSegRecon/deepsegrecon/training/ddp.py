@@ -26,7 +26,6 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -38,7 +37,7 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def setup(backend: Optional[str] = None):
+def setup(backend: str | None = None):
     """Join the process group described by the environment (``torchrun`` sets it): returns
     ``(rank, world_size, device)``. NCCL and this process' GPU when CUDA is available, else gloo and CPU."""
     import torch.distributed as dist
@@ -177,7 +176,7 @@ def _spawned(index: int, nprocs: int, port: int, threads: int, kwargs: dict) -> 
 
 
 def launch(nprocs: int, recipe: str, cases_dir, out_dir, config=None, base_state_file=None, val_dir=None,
-           recipe_options=None, backend: Optional[str] = None, rank_states_dir=None) -> dict:
+           recipe_options=None, backend: str | None = None, rank_states_dir=None) -> dict:
     """Train with ``nprocs`` local processes (one per GPU, or CPU processes with gloo) and return the
     metrics (``out_dir/metrics.json``). ``recipe`` must be a reference (task name or ``module:attribute``),
     since each process imports it. Raises like :func:`run` when a process fails."""

@@ -20,9 +20,9 @@ import copy
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,12 +42,12 @@ METRICS_FILE = "metrics.json"
 class TrainConfig:
     """Training settings. Spatial sizes and axes are in array order (k, j, i)."""
 
-    epochs: Optional[int] = 100  # at most this many epochs (None: until the time budget)
-    minutes: Optional[float] = None  # wall-clock budget, over resumed runs too (None: no limit)
+    epochs: int | None = 100  # at most this many epochs (None: until the time budget)
+    minutes: float | None = None  # wall-clock budget, over resumed runs too (None: no limit)
     batch_size: int = 2  # cases per batch; a batch holds batch_size * samples_per_case patches
     samples_per_case: int = 2
     patch_size: tuple = (96, 96, 96)
-    iterations_per_epoch: Optional[int] = None  # repeat the cases to at least this many batches an epoch
+    iterations_per_epoch: int | None = None  # repeat the cases to at least this many batches an epoch
     learning_rate: float = 1e-3
     weight_decay: float = 1e-5
     optimizer: str = "adamw"  # adam | adamw | sgd
@@ -87,7 +87,7 @@ class TrainConfig:
     sw_batch_size: int = 2
     sw_overlap: float = 0.25
 
-    def check(self) -> "TrainConfig":
+    def check(self) -> TrainConfig:
         """Refuse settings that cannot work, with an :class:`InputError` naming the setting."""
         if self.epochs is None and self.minutes is None:
             raise InputError("give a training budget: a number of epochs or of minutes")
@@ -149,7 +149,7 @@ class TrainConfig:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict, **overrides) -> "TrainConfig":
+    def from_dict(cls, d: dict, **overrides) -> TrainConfig:
         return cls(**cls.check_settings({**d, **overrides}))
 
 
@@ -181,7 +181,7 @@ class TrainResult:
     last_state: dict
     history: list  # one dict per epoch
     metrics: dict
-    out_dir: Optional[Path] = None
+    out_dir: Path | None = None
 
     def manifest_fields(self) -> dict:
         """The model-store manifest keys training fills in (``metrics``, ``trained_on``)."""
@@ -282,7 +282,7 @@ class _Dist:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.cpu()
 
-    def gather_messages(self, message: Optional[str]) -> list:
+    def gather_messages(self, message: str | None) -> list:
         """Every rank's message (``None`` ones left out), in rank order, on every rank."""
         if not self.on:
             return [message] if message is not None else []
@@ -304,10 +304,10 @@ class _Dist:
 # --------------------------------------------------------------------------------------------------- train
 
 
-def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state: Optional[dict] = None,
-          progress: Optional[Callable[[dict], None]] = None, cancel: Optional[CancelToken] = None,
-          distributed: bool = False, *, num_classes: Optional[int] = None, to_sample: Optional[Callable] = None,
-          inferer: Optional[Callable] = None, val_cases=None, device=None) -> TrainResult:
+def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state: dict | None = None,
+          progress: Callable[[dict], None] | None = None, cancel: CancelToken | None = None,
+          distributed: bool = False, *, num_classes: int | None = None, to_sample: Callable | None = None,
+          inferer: Callable | None = None, val_cases=None, device=None) -> TrainResult:
     """Train ``net`` on ``cases`` (:class:`~.cases.Case` objects) and return the best weights, the history
     and the metrics.
 
@@ -444,7 +444,7 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
     def elapsed() -> float:
         return elapsed_before + time.monotonic() - run_start
 
-    def eta(done_epochs: float) -> Optional[float]:
+    def eta(done_epochs: float) -> float | None:
         run_epochs = done_epochs - start_epoch
         cands = []
         if max_epochs is not None and run_epochs > 0:

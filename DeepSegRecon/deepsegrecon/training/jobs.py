@@ -53,6 +53,7 @@ Registration: importing this module registers both tasks. The worker imports it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -471,9 +472,9 @@ def run_training(kind: str, params: dict, ctx: TaskContext) -> ModelResult:
 
 def _validate_state(part, state, val_cases, config, num_classes, to_sample, ctx):
     """Mean validation Dice of ``state`` for ``part`` (the engine's own validation)."""
-    from .engine import _Dist, _validate, default_inferer
-
     import torch
+
+    from .engine import _Dist, _validate, default_inferer
 
     device = torch.device(ctx.device)
     net = part.recipe.build_net()
@@ -548,10 +549,8 @@ def _install(store, ctx, task, name, files, manifest, training_id):
         except (OSError, ValueError):
             written = {}
         if (written.get("training") or {}).get("id") == training_id:
-            try:
+            with contextlib.suppress(DeepSegReconError):
                 store.remove(task, name)
-            except DeepSegReconError:
-                pass
         raise
 
 

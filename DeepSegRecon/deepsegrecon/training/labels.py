@@ -6,12 +6,10 @@ import csv
 import importlib
 import json
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
 from ..errors import InputError
-
 
 # Tasks whose segments overlap (one per nested region) while their model stores other labels: task name ->
 # "module:function" that turns the region segments into the stored label (imported when used).
@@ -27,7 +25,7 @@ def region_label_hook(task: str):
     return getattr(importlib.import_module(module), name)
 
 
-def read_label_map(source) -> Optional[dict]:
+def read_label_map(source) -> dict | None:
     """A label map as ``{name: value}`` (values are positive integers, names and values unique).
 
     ``source`` is ``None``, a dict (``{name: value}`` or ``{value: name}``), or a file:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 IGNORE_INDEX = -100
@@ -28,16 +26,13 @@ class SegLoss(torch.nn.Module):
                              ignore_index=IGNORE_INDEX)
         self.ce = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
 
-    def forward(self, logits: torch.Tensor, label: torch.Tensor, roi: Optional[torch.Tensor] = None):
+    def forward(self, logits: torch.Tensor, label: torch.Tensor, roi: torch.Tensor | None = None):
         label = label.long()
         if roi is not None:
             label = torch.where(roi > 0, label, torch.full_like(label, IGNORE_INDEX))
         loss = self.dice(logits, label)
         if self.kind == "dicece":
-            if (label != IGNORE_INDEX).any():
-                loss = loss + self.ce(logits, label[:, 0])
-            else:
-                loss = loss + 0.0 * logits.sum()
+            loss = loss + self.ce(logits, label[:, 0]) if (label != IGNORE_INDEX).any() else loss + 0.0 * logits.sum()
         return loss
 
 

@@ -10,9 +10,9 @@ started by ``torchrun`` find it).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 from ..errors import InputError
 from .cases import find_cases, read_label_map
@@ -28,10 +28,10 @@ class Recipe:
     label_map: dict  # {name: label value}; class n = the n-th entry (background = class 0)
     normalize: object = "zscore"  # see CaseToTensors
     defaults: dict = field(default_factory=dict)  # TrainConfig settings the task prefers (patch size, flips ...)
-    label_pattern: Optional[str] = None
-    roi_pattern: Optional[str] = None
-    to_sample: Optional[Callable] = None  # default: CaseToTensors(modalities, label values, normalize)
-    inferer: Optional[Callable] = None  # default: sliding window with the patch size
+    label_pattern: str | None = None
+    roi_pattern: str | None = None
+    to_sample: Callable | None = None  # default: CaseToTensors(modalities, label values, normalize)
+    inferer: Callable | None = None  # default: sliding window with the patch size
     network: dict = field(default_factory=dict)  # manifest "network": how to rebuild the net
 
     def __post_init__(self):
@@ -52,7 +52,7 @@ class Recipe:
     def find_cases(self, root) -> list:
         return find_cases(root, self.modalities, self.label_map, self.label_pattern, self.roi_pattern)
 
-    def manifest(self, result: TrainResult, base_version: Optional[str] = None, description: str = "") -> dict:
+    def manifest(self, result: TrainResult, base_version: str | None = None, description: str = "") -> dict:
         """Manifest fields for ``ModelStore.write_version`` (the store adds files, sums and dates)."""
         return {"task": self.task, "labels": dict(self.label_map), "network": dict(self.network),
                 "input_spec": {"modalities": list(self.modalities), "normalize": self.normalize
@@ -85,7 +85,7 @@ def get_recipe(ref, **options) -> Recipe:
     return recipe
 
 
-def fit(recipe: Recipe, cases_dir, out_dir, config: Optional[TrainConfig] = None, base_state: Optional[dict] = None,
+def fit(recipe: Recipe, cases_dir, out_dir, config: TrainConfig | None = None, base_state: dict | None = None,
         progress=None, cancel=None, val_dir=None, distributed: bool = False, device=None) -> TrainResult:
     """Train (``base_state=None``) or fine-tune a task's network on the cases in ``cases_dir``.
 

@@ -11,7 +11,6 @@ its own but was given a label map. The network is rebuilt from the manifest's ``
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
 
 from ..errors import InputError
 from .recipe import Recipe
@@ -28,9 +27,9 @@ def build_generic_net(network: dict):
                 dropout=float(network.get("dropout", 0.0)))
 
 
-def generic_recipe(task: str, label_map, modalities: Optional[dict] = None, normalize="zscore",
+def generic_recipe(task: str, label_map, modalities: dict | None = None, normalize="zscore",
                    channels=DEFAULT_CHANNELS, patch_size=(96, 96, 96), num_res_units: int = 1, flips: bool = True,
-                   network: Optional[dict] = None, **defaults) -> Recipe:
+                   network: dict | None = None, **defaults) -> Recipe:
     """A MONAI U-Net recipe for ``task`` with ``label_map`` ({name: value}; a file works too).
 
     ``normalize``: ``"zscore"`` or a ``(low, high)`` intensity window (e.g. HU for CT); ``flips``: mirror
@@ -64,7 +63,7 @@ def generic_recipe(task: str, label_map, modalities: Optional[dict] = None, norm
                   network={**network, "normalize": norm, "patch_size": list(patch)})
 
 
-def binary_recipe(task: str = "structure", name: Optional[str] = None, **kw) -> Recipe:
+def binary_recipe(task: str = "structure", name: str | None = None, **kw) -> Recipe:
     """One foreground class (label value 1) named ``name`` (default: the task name)."""
     kw.setdefault("label_map", {name or task: 1})
     return generic_recipe(task=task, **kw)

@@ -132,10 +132,10 @@ def read_transform(path):
 
 
 def cmd_drr(args) -> int:
+    from ..cli import ProgressPrinter
     from ..files import check_writable_dir, json_text, staged_outputs
     from ..io import check_series_used, read_image
     from ..worker import run_inline
-    from ..cli import ProgressPrinter
 
     out = Path(args.output).expanduser().absolute()
     check_writable_dir(out)

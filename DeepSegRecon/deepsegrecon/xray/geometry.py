@@ -62,7 +62,7 @@ class Carm:
         if self.view not in ("AP", "PA"):
             raise InputError(f"view must be AP or PA, got {self.view}")
 
-    def scaled(self, size: int) -> "Carm":
+    def scaled(self, size: int) -> Carm:
         """The same detector (extent, principal point) sampled with ``size`` pixels along its longer side
         (never more pixels than it has)."""
         s = min(1.0, size / max(self.height, self.width))
