@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import InputError
 from .files import atomic_file
-from .image import LPS_TO_RAS, Image
+from .image import Image
 from .task import SegmentationResult, SegmentInfo
 
 BINARY_LABELMAP = "Binary labelmap"
@@ -305,8 +305,3 @@ def _read_plain_labelmap(path: Path) -> SegmentationResult:
     values = [int(v) for v in np.unique(arr) if v != 0]
     segments = [SegmentInfo(f"label_{v}", v, default_color(n), "") for n, v in enumerate(values)]
     return SegmentationResult(img.with_array(arr), segments, report={"source": str(path)})
-
-
-def ras_to_lps(points: np.ndarray) -> np.ndarray:
-    """(N, 3) RAS points to LPS (and back: the flip is its own inverse)."""
-    return np.asarray(points, dtype=float) * LPS_TO_RAS.diagonal()[:3]

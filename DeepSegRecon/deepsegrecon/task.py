@@ -9,7 +9,6 @@ Results save to and load from a folder, which is how they cross the worker's pro
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,38 +40,6 @@ class CancelToken:
     def raise_if_cancelled(self) -> None:
         if self.cancelled:
             raise Cancelled("cancelled by the user")
-
-
-ProgressFn = Callable[[str, float], None]
-
-
-class Progress:
-    """Progress with an ETA over weighted stages: ``progress(stage, fraction_within_stage)``."""
-
-    def __init__(self, stages: dict, sink: Callable[[dict], None] | None = None):
-        total = float(sum(stages.values()))
-        self.weights = {k: v / total for k, v in stages.items()}
-        self.sink = sink
-        self.start = time.monotonic()
-        self.last = {"stage": None, "fraction": 0.0}
-
-    def __call__(self, stage: str, fraction: float = 0.0, message: str = "", extra: dict | None = None) -> dict:
-        done = 0.0
-        for name, w in self.weights.items():
-            if name == stage:
-                done += w * min(max(fraction, 0.0), 1.0)
-                break
-            done += w
-        elapsed = time.monotonic() - self.start
-        eta = elapsed * (1 - done) / done if done > 0.02 else None
-        event = {"stage": stage, "fraction": round(done, 4), "elapsed_s": round(elapsed, 2),
-                 "eta_s": None if eta is None else round(eta, 1), "message": message}
-        if extra:
-            event.update({k: v for k, v in extra.items() if k not in event})
-        self.last = event
-        if self.sink:
-            self.sink(event)
-        return event
 
 
 @dataclass
@@ -293,9 +260,3 @@ def get_task(name: str) -> Task:
     if name not in _REGISTRY:
         raise InputError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]()
-
-
-def task_names() -> list:
-    from . import tasks  # noqa: F401
-
-    return sorted(_REGISTRY)

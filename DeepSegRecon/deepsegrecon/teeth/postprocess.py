@@ -198,21 +198,6 @@ def _adjacency(lab: np.ndarray) -> dict:
     return pairs
 
 
-def class_boundaries(key: np.ndarray, conf: np.ndarray, fg: np.ndarray, min_conf: float = 0.5) -> np.ndarray:
-    """Voxels of ``fg`` next to a voxel of another key where both are confident (>= ``min_conf``)."""
-    out = np.zeros(fg.shape, bool)
-    ok = fg & (conf >= min_conf)
-    for ax in range(3):
-        a = [slice(None)] * 3
-        b = [slice(None)] * 3
-        a[ax], b[ax] = slice(1, None), slice(None, -1)
-        a, b = tuple(a), tuple(b)
-        diff = ok[a] & ok[b] & (key[a] != key[b])
-        out[a] |= diff
-        out[b] |= diff
-    return out
-
-
 def _geometric_markers(mask, dist, side, vox, min_marker):
     """Markers from the shape alone: the maxima of the distance to the teeth surface that stand out by
     H_MAXIMA_MM (tooth bodies; neighbours meet at lower saddles), cut at the midline where one lies across it."""
@@ -372,7 +357,7 @@ def resplit_at_gaps(fdi_map: np.ndarray, gaps: np.ndarray, spacing) -> np.ndarra
 
 
 def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: float = MIN_TOOTH_MM3,
-                    side: np.ndarray = None, step=None, mode: str = "geometry", barrier: np.ndarray = None):
+                    side: np.ndarray = None, step=None, mode: str = "geometry"):
     """Split the teeth foreground into instances (marker-controlled watershed on the distance map).
 
     ``fg``: bool mask; ``key``: int map (>0 inside fg) of class keys (jaw x position); ``side``: bool map,
@@ -382,9 +367,6 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
       midline where one lies across it (the two central incisors); robust to noisy class maps;
     - ``"class"``: the cores of each class region (several when distance maxima show several teeth),
       each taking the side most of it is on, cut at the midline where it lies across it.
-
-    ``barrier`` (geometry mode): voxels left out of the distance map, e.g. confident class boundaries,
-    which deepens the saddle between neighbours whose masks merged.
 
     Adjacent pieces with the same key (majority class + side) that meet over a broad section are one
     tooth and are merged; pieces too small for a tooth join their largest neighbour or are dropped.
@@ -407,9 +389,8 @@ def split_instances(fg: np.ndarray, key: np.ndarray, spacing, min_tooth_mm3: flo
     if mode == "geometry":
         if step:
             step(0.2)
-        inner = mask if barrier is None else mask & ~barrier
-        dist = ndi.distance_transform_edt(inner, sampling=spacing)
-        markers = _geometric_markers(inner, dist, side, vox, min_marker)
+        dist = ndi.distance_transform_edt(mask, sampling=spacing)
+        markers = _geometric_markers(mask, dist, side, vox, min_marker)
         n = int(markers.max())
     for k0, sl in enumerate(objs):
         k = k0 + 1
@@ -898,8 +879,7 @@ def single_arch(heights: np.ndarray, values: np.ndarray):
 
 
 def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_lps, mid_hint: float,
-                x_axis_index: int = 2, min_tooth_mm3: float = MIN_TOOTH_MM3, step=None, mode: str = "geometry",
-                use_barrier: bool = False, image: np.ndarray = None):
+                x_axis_index: int = 2, min_tooth_mm3: float = MIN_TOOTH_MM3, step=None, image: np.ndarray = None):
     """Stage-2 probabilities -> (FDI map on the same grid, per-tooth details).
 
     ``class_prob`` is (16, ...) (upper 1..8, lower 1..8), ``mid_hint`` a fallback midline (grid index
@@ -926,11 +906,7 @@ def postprocess(fg_prob: np.ndarray, class_prob: np.ndarray, spacing, index_to_l
     side[tuple(idx.T)] = midline.signed(pts) >= 0  # patient's left
     del pts, idx
     key = np.where(fg, cls, 0).astype(np.int16)
-    barrier = None
-    if mode == "geometry" and use_barrier:
-        conf = np.max(class_prob, 0) / np.maximum(class_prob.sum(0), 1e-6)
-        barrier = class_boundaries(key, conf, fg)
-    inst, _ = split_instances(fg, key, spacing, min_tooth_mm3, side=side, step=step, mode=mode, barrier=barrier)
+    inst, _ = split_instances(fg, key, spacing, min_tooth_mm3, side=side, step=step)
     inst = merge_stacked(inst, key, index_to_lps)
     fdi, details = number_teeth(inst, class_prob, index_to_lps, spacing, midline, step=step)
     fdi = _rejoin_unnumbered(inst, fdi, details)
