@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from deepsegrecon.cbct.data import HEAD_CT, resample_iso
-from deepsegrecon.cbct.geometry import circular_angles
-from deepsegrecon.cbct.task import full_circle, model_for
+from deepsegrecon.cbct.geometry import circular_angles, full_circle
+from deepsegrecon.cbct.task import model_for
 from deepsegrecon.errors import InputError
 from deepsegrecon.io import INV3_DIRECTION, read_image, read_inv3, write_image
 from deepsegrecon.store import ModelStore

@@ -19,7 +19,8 @@ from deepsegrecon import scene as sc
 from deepsegrecon.errors import InputError, ModelError
 from deepsegrecon.image import Image
 from deepsegrecon.scene.logic import SegmentTeethLogic
-from deepsegrecon.scene.training import TrainingLogic, active_model_version, epoch_row
+from deepsegrecon.scene.selection import active_model_version
+from deepsegrecon.scene.training import TrainingLogic, epoch_row
 from deepsegrecon.store import ModelStore
 from deepsegrecon.task import SegmentationResult, SegmentInfo
 from deepsegrecon.training.cases import load_case

@@ -182,6 +182,13 @@ class ConeGeometry:
         return cls.from_dict(d, where=f"geometry {path.name}")
 
 
+def full_circle(angles_deg) -> bool:
+    """True when the views are equally spaced over 360 deg (the layout the shipped weights learnt)."""
+    a = np.sort(np.mod(np.asarray(angles_deg, float), 360.0))
+    steps = np.diff(np.append(a, a[0] + 360.0))
+    return len(a) > 1 and bool(np.all(np.abs(steps - 360.0 / len(a)) < 0.5))
+
+
 def circular_angles(n_views: int, arc_deg: float = 360.0) -> list:
     """``n_views`` angles over a full circle (end excluded) or a shorter arc (both ends included)."""
     if arc_deg >= 360.0:

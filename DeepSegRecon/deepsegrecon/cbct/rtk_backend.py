@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .geometry import full_circle
+
 try:  # optional: the torch projector is the fallback (and the GPU / differentiable path). ITK loads lazily: the
     import itk  # first filter costs ~20 CPU s and ~1 GB (its wrapped modules), importing this module nothing
     from itk import RTK as rtk
@@ -100,7 +102,6 @@ def forward_project(mu: np.ndarray, geo) -> np.ndarray:
 
 
 def _parker(proj_img, geo, g):
-    from .task import full_circle
 
     if full_circle(geo.angles_deg):
         return proj_img

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import InputError, ModelError
 from ..task import InputSpec, Task, TaskContext, VolumeResult, register
+from .geometry import full_circle
 
 TASK = "cbct-recon"
 WEIGHTS = "dif_gaussian.pt"
@@ -43,13 +44,6 @@ def load_model(entry):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{WEIGHTS} in model {entry.task} {entry.version} does not fit its network config ({first})") from e
     return model.eval()
-
-
-def full_circle(angles_deg) -> bool:
-    """True when the views are equally spaced over 360 deg (the layout the shipped weights learnt)."""
-    a = np.sort(np.mod(np.asarray(angles_deg, float), 360.0))
-    steps = np.diff(np.append(a, a[0] + 360.0))
-    return len(a) > 1 and bool(np.all(np.abs(steps - 360.0 / len(a)) < 0.5))
 
 
 def model_for(store, version, angles_deg):

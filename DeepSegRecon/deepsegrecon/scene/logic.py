@@ -21,6 +21,7 @@ from ..errors import Cancelled, DeepSegReconError, InputError
 from ..task import SegmentationResult, TransformResult, VolumeResult
 from ._mrml import check_scene, slicer_module, vtk_matrix
 from .segmentations import create_closed_surfaces, result_to_segmentation_node
+from .selection import active_model_version
 from .volumes import image_to_volume_node, volume_node_to_image
 
 FINAL = ("succeeded", "failed", "cancelled")
@@ -80,8 +81,6 @@ class TaskLogic:
             raise InputError(f"{self.task_name} needs at least one input volume")
         params = dict(params or {})
         if self.uses_model_selection and not params.get("model"):
-            from .training import active_model_version
-
             chosen = active_model_version(self.scene, self.model_task)
             if chosen:
                 params["model"] = chosen

@@ -51,52 +51,15 @@ from ..task import ModelResult
 from ._mrml import check_scene, np_matrix, slicer_module, vtk_matrix, world_matrix_of
 from .logic import TaskLogic, _idle_status, poll_until_done
 from .segmentations import BINARY_LABELMAP, segmentation_node_to_labelmap
+from .selection import active_model_version, set_active_model_version
 from .volumes import volume_node_to_image
 
-SELECTION_TAG = "DeepSegReconModels"  # singleton tag of the scene's model-selection parameter node
-_SELECTION_PREFIX = "ActiveModelVersion."
 OUTSIDE_TOLERANCE = 0.005  # fraction of labelled voxels that may lie outside the volume (edge rounding)
 TABLE_COLUMNS = ("epoch", "loss", "val_dice", "part", "part_epoch")
 ENGINE_TRAINING_TASKS = ("finetune", "train")
 JOBS_PLUGIN = "deepsegrecon.training.jobs"  # the worker imports it to register the engine's training tasks
 _SAFE = re.compile(r"[^A-Za-z0-9_.+\-]+")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]*$")
-
-
-# ------------------------------------------------------------------------------------------ model selection
-def _selection_node(scene, create: bool):
-    slicer = slicer_module()
-    node = scene.GetSingletonNode(SELECTION_TAG, "vtkMRMLScriptedModuleNode")
-    if node is None and create:
-        node = slicer.vtkMRMLScriptedModuleNode()
-        node.SetSingletonTag(SELECTION_TAG)
-        node.SetName(SELECTION_TAG)
-        node.SetAttribute("ModuleName", "DeepSegRecon")
-        node.HideFromEditorsOn()
-        node = scene.AddNode(node)
-    return node
-
-
-def active_model_version(scene, task: str) -> str | None:
-    """The model version chosen for ``task`` in this scene (:func:`set_active_model_version`), or None."""
-    if scene is None:
-        return None
-    node = _selection_node(scene, create=False)
-    if node is None:
-        return None
-    return node.GetParameter(_SELECTION_PREFIX + task) or None
-
-
-def set_active_model_version(scene, task: str, version: str | None) -> None:
-    """Choose the model version the next run of ``task`` uses in this scene (None: the store's default)."""
-    check_scene(scene)
-    node = _selection_node(scene, create=version is not None)
-    if node is None:
-        return
-    if version is None:
-        node.UnsetParameter(_SELECTION_PREFIX + task)
-    else:
-        node.SetParameter(_SELECTION_PREFIX + task, str(version))
 
 
 def describe_version(entry) -> str:

@@ -29,12 +29,10 @@ from pathlib import Path
 
 import torch
 
+from .engine import local_rank
+
 CANCEL_FLAG = "cancel"
 PROGRESS_FILE = "progress.jsonl"
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def setup(backend: str | None = None):

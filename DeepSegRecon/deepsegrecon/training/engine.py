@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -192,6 +193,11 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------------- helpers
 
 
+def local_rank() -> int:
+    """This process' GPU index in a ``torchrun`` job (0 outside one)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def split_cases(cases: Sequence, fraction: float, seed: int = 0):
     """(train, validation): a seeded shuffle; at least one validation case when ``fraction > 0`` and there
     are two cases or more; none when there is a single case."""
@@ -337,8 +343,6 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
         raise InputError("train needs num_classes (2 or more, background included)")
     if device is None:
         if distributed and torch.cuda.is_available():
-            from .ddp import local_rank
-
             device = torch.device("cuda", local_rank())
         else:
             device = resolve_device("auto")
