@@ -4,7 +4,7 @@ Nothing in this package imports Slicer or Qt, except ``deepsegrecon.scene``,
 which needs only the MRML libraries (the ``slicer-core`` wheel or Slicer itself).
 """
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 
 def __getattr__(name):  # the public runner, imported on first use (keeps ``import deepsegrecon`` light)

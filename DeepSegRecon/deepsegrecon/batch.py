@@ -8,11 +8,12 @@
 
 A rerun skips every case whose OUT/<case>/case.json has the same key; a failed case is recorded and the batch goes
 on; ``shard=(K, N)`` takes every N-th case of the sorted list from the K-th. The model is loaded once per process
-(:func:`deepsegrecon.runner.models_loaded_once`); ``jobs=N`` runs N worker processes, each loading it once.
+(:func:`models_loaded_once`); ``jobs=N`` runs N worker processes, each loading it once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -534,7 +535,6 @@ def run_batch(task: str, inputs, output, params: dict | None = None, *, shard=No
     poller reads it, :mod:`deepsegrecon.batch_job`). Problems of the whole batch (no case, unknown task, bad shard, missing model) raise
     before any case runs; a case's own problem is recorded in OUT/batch.csv and the batch goes on."""
     from .files import check_writable_dir
-    from .runner import models_loaded_once
     from .task import CancelToken, Task
     from .worker import _import_plugin, get_task
 
@@ -617,8 +617,6 @@ def _pool_init(task, out, params, fmt, preview, plugins=()) -> None:
         _import_plugin(plugin)
     torch.set_num_threads(max(1, int(os.environ.get("DEEPSEGRECON_BATCH_THREADS", "1"))))
     runner = CaseRunner(task, Path(out), params, fmt, preview)
-    from .runner import models_loaded_once
-
     ctx = models_loaded_once(task)
     ctx.__enter__()  # for the life of this worker process
     _POOL_RUNNER["runner"] = runner
@@ -653,3 +651,30 @@ def _run_pool(cases, config: tuple, jobs, cancel, bar) -> list:
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return records
+
+
+@contextlib.contextmanager
+def models_loaded_once(task_name: str):
+    """While inside, the task module's ``load_model(entry)`` builds each model version once and returns the same
+    networks to every later run in this process (the batch's "load once"). Yields the cache ({key: model})."""
+    from .worker import get_task
+
+    module = sys.modules.get(type(get_task(task_name)).__module__)
+    original = getattr(module, "load_model", None)
+    cache: dict = {}
+    if original is None or getattr(original, "_loaded_once", False):  # no model, or already cached
+        yield cache
+        return
+
+    def load_model(entry):
+        key = (str(entry.dir), entry.version, tuple(sorted(entry.files.items())))
+        if key not in cache:
+            cache[key] = original(entry)
+        return cache[key]
+
+    load_model._loaded_once = True
+    module.load_model = load_model
+    try:
+        yield cache
+    finally:
+        module.load_model = original

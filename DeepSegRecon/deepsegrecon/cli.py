@@ -33,7 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__, errors
+from . import errors
+from ._version import __version__
 from .errors import DeepSegReconError, InputError
 
 VISIBLE_COMMANDS = ["phantom", "teeth", "models", "train-teeth-phantoms", "train", "finetune", "add-case"]

@@ -9,8 +9,6 @@ The CLI (``deepsegrecon batch``), ``PythonSlicer`` scripts and the Slicer panel 
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,30 +32,3 @@ def run_batch(task: str, inputs, output, params: dict | None = None, **options):
     from .batch import run_batch as _run_batch
 
     return _run_batch(task, inputs, output, params, **options)
-
-
-@contextlib.contextmanager
-def models_loaded_once(task_name: str):
-    """While inside, the task module's ``load_model(entry)`` builds each model version once and returns the same
-    networks to every later run in this process (the batch's "load once"). Yields the cache ({key: model})."""
-    from .worker import get_task
-
-    module = sys.modules.get(type(get_task(task_name)).__module__)
-    original = getattr(module, "load_model", None)
-    cache: dict = {}
-    if original is None or getattr(original, "_loaded_once", False):  # no model, or already cached
-        yield cache
-        return
-
-    def load_model(entry):
-        key = (str(entry.dir), entry.version, tuple(sorted(entry.files.items())))
-        if key not in cache:
-            cache[key] = original(entry)
-        return cache[key]
-
-    load_model._loaded_once = True
-    module.load_model = load_model
-    try:
-        yield cache
-    finally:
-        module.load_model = original

@@ -50,7 +50,7 @@ def test_each_network_is_built_once_per_batch(task):
     import inspect
     import sys
 
-    from deepsegrecon.runner import models_loaded_once
+    from deepsegrecon.batch import models_loaded_once
     from deepsegrecon.store import ModelStore
     from deepsegrecon.worker import get_task
 
