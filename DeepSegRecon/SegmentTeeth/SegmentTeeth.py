@@ -312,8 +312,8 @@ class SegmentTeethTest(ScriptedLoadableModuleTest):
         """Improve the model: a corrected segmentation becomes a training case (in a temporary training folder)."""
         import numpy
 
+        from deepsegrecon.results import SegmentationResult
         from deepsegrecon.scene.segmentations import result_to_segmentation_node
-        from deepsegrecon.task import SegmentationResult
         from deepsegrecon.teeth import labels as L
         from deepsegrecon.training.cases import load_case
 

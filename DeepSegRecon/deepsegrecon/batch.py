@@ -122,7 +122,7 @@ class BrainAdapter(Adapter):
     def write(self, result, images, case, folder, fmt):
         from .brain import labels as L
         from .brain.outputs import write_region_seg_nrrd, write_volumes_csv
-        from .task import SegmentationResult
+        from .results import SegmentationResult
 
         first = next(iter(images))  # the result is on the first input's grid
         if fmt == "dicom-seg" or (fmt == "auto" and first in case.files):

@@ -33,7 +33,7 @@ import numpy as np
 
 from .files import atomic_file
 from .image import Image
-from .task import SegmentationResult
+from .results import SegmentationResult
 
 MAX_PANEL_PIXELS = 480  # samples along the longer side of a slice panel
 MAX_TRIANGLES_MPL = 60000  # triangles drawn by the matplotlib fallback, all segments together

@@ -23,7 +23,7 @@ import numpy as np
 from .errors import InputError
 from .files import atomic_file
 from .image import Image
-from .task import SegmentationResult, SegmentInfo
+from .results import SegmentationResult, SegmentInfo
 
 BINARY_LABELMAP = "Binary labelmap"
 CLOSED_SURFACE = "Closed surface"

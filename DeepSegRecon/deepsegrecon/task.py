@@ -8,15 +8,11 @@ Results save to and load from a folder, which is how they cross the worker's pro
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from .errors import Cancelled, InputError
-from .image import Image
 
 
 class CancelToken:
@@ -72,133 +68,6 @@ def _accepts_extra(fn) -> bool:
     except (TypeError, ValueError):
         return False
     return any(p.name == "extra" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-
-
-@dataclass
-class SegmentInfo:
-    name: str
-    label: int
-    color: tuple  # RGB in 0..1
-    terminology: str = ""  # Slicer terminology entry string, may be empty
-
-
-@dataclass
-class SegmentationResult:
-    labelmap: Image  # integer labels on the input grid
-    segments: list  # [SegmentInfo], only those present
-    absent: list = field(default_factory=list)  # names of expected segments not found
-    report: dict = field(default_factory=dict)
-    kind: str = "segmentation"
-
-    def save(self, folder: Path) -> None:
-        from .io import write_image
-
-        folder = Path(folder)
-        write_image(self.labelmap, folder / "labelmap.nrrd")
-        meta = {"kind": self.kind, "segments": [asdict(s) for s in self.segments],
-                "absent": self.absent, "report": self.report}
-        (folder / "result.json").write_text(json.dumps(meta, indent=1, default=_json_default))
-
-    @classmethod
-    def load(cls, folder: Path) -> SegmentationResult:
-        from .io import read_image
-
-        folder = Path(folder)
-        meta = json.loads((folder / "result.json").read_text())
-        lab = read_image(folder / "labelmap.nrrd")
-        segs = [SegmentInfo(s["name"], s["label"], tuple(s["color"]), s.get("terminology", "")) for s in meta["segments"]]
-        return cls(lab, segs, meta.get("absent", []), meta.get("report", {}))
-
-
-@dataclass
-class VolumeResult:
-    volumes: dict  # name -> Image
-    report: dict = field(default_factory=dict)
-    kind: str = "volume"
-
-    def save(self, folder: Path) -> None:
-        from .io import write_image
-
-        folder = Path(folder)
-        for name, img in self.volumes.items():
-            write_image(img, folder / f"{name}.nrrd")
-        meta = {"kind": self.kind, "volumes": list(self.volumes), "report": self.report}
-        (folder / "result.json").write_text(json.dumps(meta, indent=1, default=_json_default))
-
-    @classmethod
-    def load(cls, folder: Path) -> VolumeResult:
-        from .io import read_image
-
-        folder = Path(folder)
-        meta = json.loads((folder / "result.json").read_text())
-        return cls({n: read_image(folder / f"{n}.nrrd") for n in meta["volumes"]}, meta.get("report", {}))
-
-
-@dataclass
-class TransformResult:
-    matrix_lps: np.ndarray  # 4x4, maps CT LPS points into the target frame
-    images: dict = field(default_factory=dict)  # name -> Image (e.g. the final DRR)
-    report: dict = field(default_factory=dict)
-    kind: str = "transform"
-
-    def save(self, folder: Path) -> None:
-        from .io import write_image
-
-        folder = Path(folder)
-        for name, img in self.images.items():
-            write_image(img, folder / f"{name}.nrrd")
-        meta = {"kind": self.kind, "matrix_lps": np.asarray(self.matrix_lps).tolist(),
-                "images": list(self.images), "report": self.report}
-        (folder / "result.json").write_text(json.dumps(meta, indent=1, default=_json_default))
-
-    @classmethod
-    def load(cls, folder: Path) -> TransformResult:
-        from .io import read_image
-
-        folder = Path(folder)
-        meta = json.loads((folder / "result.json").read_text())
-        imgs = {n: read_image(folder / f"{n}.nrrd") for n in meta["images"]}
-        return cls(np.array(meta["matrix_lps"]), imgs, meta.get("report", {}))
-
-
-@dataclass
-class ModelResult:
-    """A new model version written into the store by a training or fine-tuning job."""
-
-    task: str
-    version: str
-    manifest: dict = field(default_factory=dict)
-    history: list = field(default_factory=list)  # one dict per epoch: epoch, loss, val_dice, ...
-    report: dict = field(default_factory=dict)
-    kind: str = "model"
-
-    def save(self, folder: Path) -> None:
-        meta = {"kind": self.kind, "task": self.task, "version": self.version, "manifest": self.manifest,
-                "history": self.history, "report": self.report}
-        (Path(folder) / "result.json").write_text(json.dumps(meta, indent=1, default=_json_default))
-
-    @classmethod
-    def load(cls, folder: Path) -> ModelResult:
-        meta = json.loads((Path(folder) / "result.json").read_text())
-        return cls(meta["task"], meta["version"], meta.get("manifest", {}), meta.get("history", []),
-                   meta.get("report", {}))
-
-
-RESULT_TYPES = {"segmentation": SegmentationResult, "volume": VolumeResult, "transform": TransformResult,
-                "model": ModelResult}
-
-
-def load_result(folder: Path):
-    kind = json.loads((Path(folder) / "result.json").read_text())["kind"]
-    return RESULT_TYPES[kind].load(folder)
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"cannot serialise {type(o).__name__}")
 
 
 @dataclass

@@ -46,7 +46,8 @@ from pathlib import Path
 
 from . import errors, processes
 from .errors import Cancelled, DeepSegReconError, InputError, ModelError, ResourceError
-from .task import CancelToken, TaskContext, load_result
+from .results import load_result
+from .task import CancelToken, TaskContext
 
 PARAMS = "params.json"
 PROGRESS = "progress.jsonl"

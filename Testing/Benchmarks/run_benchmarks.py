@@ -57,9 +57,9 @@ def bench_geometry_round_trip(out: Path) -> dict:
     import slicerio
 
     from deepsegrecon.image import Image
+    from deepsegrecon.results import SegmentationResult, SegmentInfo
     from deepsegrecon.scene.segmentations import result_to_segmentation_node
     from deepsegrecon.scene.volumes import image_to_volume_node
-    from deepsegrecon.task import SegmentationResult, SegmentInfo
 
     rot = np.linalg.qr(np.random.default_rng(3).normal(size=(3, 3)))[0]
     rot *= np.sign(np.linalg.det(rot))

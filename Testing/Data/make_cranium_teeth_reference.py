@@ -139,7 +139,7 @@ def make_reference(ct_image=None):
 
 
 def as_result(labelmap):
-    from deepsegrecon.task import SegmentationResult
+    from deepsegrecon.results import SegmentationResult
     from deepsegrecon.teeth import labels as L
 
     present = [int(v) for v in np.unique(labelmap.array) if v]

@@ -4,7 +4,8 @@ import os
 
 import numpy as np
 
-from deepsegrecon.task import InputSpec, SegmentationResult, SegmentInfo, Task, register
+from deepsegrecon.results import SegmentationResult, SegmentInfo
+from deepsegrecon.task import InputSpec, Task, register
 
 RUNS = []  # the source of every image this process ran
 

@@ -4,7 +4,7 @@ import numpy as np
 
 from conftest import oblique_direction
 from deepsegrecon.image import Image
-from deepsegrecon.task import SegmentationResult, SegmentInfo
+from deepsegrecon.results import SegmentationResult, SegmentInfo
 
 TOOTH_TERMINOLOGY = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
                      "~SCT^245543004^Tooth~^^~Anatomic codes - DICOM master list~^^~^^")

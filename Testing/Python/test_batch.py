@@ -17,7 +17,7 @@ from deepsegrecon.batch_cases import find_brain, find_images, parse_shard, shard
 from deepsegrecon.errors import InputError
 from deepsegrecon.image import Image
 from deepsegrecon.io import write_image
-from deepsegrecon.task import SegmentationResult
+from deepsegrecon.results import SegmentationResult
 
 TASK = ThresholdTask.name
 

@@ -173,8 +173,8 @@ def test_teeth_dicom_seg_codes_on_an_oblique_series(tmp_path):
     from deepsegrecon.batch_cases import find_images
     from deepsegrecon.dicomseg import write_dicom_seg
     from deepsegrecon.io import read_image
+    from deepsegrecon.results import SegmentationResult
     from deepsegrecon.segio import read_seg_nrrd
-    from deepsegrecon.task import SegmentationResult
     from deepsegrecon.teeth.phantom import write_phantom
 
     write_phantom(5, tmp_path / "ph", shape=(48, 44, 32))

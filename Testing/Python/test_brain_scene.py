@@ -91,10 +91,10 @@ def test_region_segments_added_to_the_training_set_become_brats_labels(tmp_path,
     """A corrected Segment Brain Tumour output (overlapping enhancing_tumor / tumor_core / whole_tumor segments)
     added to the training set is stored with the model's sub-region labels (necrotic core, oedema, enhancing),
     voxel for voxel the labels the regions were made from."""
+    from deepsegrecon.results import SegmentationResult
     from deepsegrecon.scene.brain import regions_to_segmentation_node
     from deepsegrecon.scene.training import TrainingLogic
     from deepsegrecon.segio import read_seg_nrrd
-    from deepsegrecon.task import SegmentationResult
 
     mrml = slicer.vtkMRMLScene()
     nodes = {m: sc.image_to_volume_node(mrml, phantom["images"][m], f"case {m}") for m in ("t1c", "flair")}

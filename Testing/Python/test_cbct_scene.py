@@ -14,9 +14,9 @@ from deepsegrecon.cbct.net import DIFGaussian, default_network  # noqa: E402
 from deepsegrecon.cbct.projio import stack_image, write_projections  # noqa: E402
 from deepsegrecon.errors import InputError  # noqa: E402
 from deepsegrecon.image import Image  # noqa: E402
+from deepsegrecon.results import VolumeResult  # noqa: E402
 from deepsegrecon.scene.cbct import ReconstructCBCTLogic  # noqa: E402
 from deepsegrecon.scene.volumes import image_to_volume_node, volume_node_to_image  # noqa: E402
-from deepsegrecon.task import VolumeResult  # noqa: E402
 
 TINY = {"features": [4, 8, 8, 16], "out_ch": 8, "det_res": 32, "gs_res": 6, "decoder": [16, 8, 1]}
 

@@ -9,7 +9,7 @@ from conftest import oblique_direction
 from deepsegrecon import preview
 from deepsegrecon.errors import InputError
 from deepsegrecon.image import Image
-from deepsegrecon.task import SegmentationResult, SegmentInfo
+from deepsegrecon.results import SegmentationResult, SegmentInfo
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RED, GREEN, BLUE = (1.0, 0.0, 0.0), (0.0, 0.8, 0.0), (0.1, 0.3, 1.0)

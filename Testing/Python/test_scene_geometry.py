@@ -12,8 +12,8 @@ from deepsegrecon import scene as sc
 from deepsegrecon import segio
 from deepsegrecon.errors import InputError
 from deepsegrecon.image import LPS_TO_RAS
+from deepsegrecon.results import SegmentationResult
 from deepsegrecon.scene._mrml import np_matrix, vtk_matrix
-from deepsegrecon.task import SegmentationResult
 from scene_testdata import TOOTH_TERMINOLOGY, oblique_grid, teeth_result
 
 

@@ -22,7 +22,8 @@ PLUGIN = textwrap.dedent('''
     import numpy as np
 
     from deepsegrecon.errors import InputError
-    from deepsegrecon.task import InputSpec, SegmentationResult, SegmentInfo, Task, register
+    from deepsegrecon.task import InputSpec, Task, register
+    from deepsegrecon.results import SegmentationResult, SegmentInfo
 
 
     @register

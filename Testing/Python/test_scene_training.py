@@ -18,11 +18,11 @@ import slicer
 from deepsegrecon import scene as sc
 from deepsegrecon.errors import InputError, ModelError
 from deepsegrecon.image import Image
+from deepsegrecon.results import SegmentationResult, SegmentInfo
 from deepsegrecon.scene.logic import SegmentTeethLogic
 from deepsegrecon.scene.selection import active_model_version
 from deepsegrecon.scene.training import TrainingLogic, epoch_row
 from deepsegrecon.store import ModelStore
-from deepsegrecon.task import SegmentationResult, SegmentInfo
 from deepsegrecon.training.cases import load_case
 from scene_testdata import oblique_grid, teeth_result
 
@@ -38,7 +38,8 @@ PLUGIN = textwrap.dedent('''
 
     from deepsegrecon.errors import InputError
     from deepsegrecon.store import ModelStore
-    from deepsegrecon.task import InputSpec, ModelResult, SegmentationResult, SegmentInfo, Task, register
+    from deepsegrecon.task import InputSpec, Task, register
+    from deepsegrecon.results import ModelResult, SegmentationResult, SegmentInfo
     from deepsegrecon.training.cases import find_cases
 
 

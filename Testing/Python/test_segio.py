@@ -8,7 +8,7 @@ from deepsegrecon import segio
 from deepsegrecon.errors import InputError
 from deepsegrecon.image import Image
 from deepsegrecon.io import write_image
-from deepsegrecon.task import SegmentationResult, SegmentInfo
+from deepsegrecon.results import SegmentationResult, SegmentInfo
 from scene_testdata import MANDIBLE_TERMINOLOGY, TOOTH_TERMINOLOGY, oblique_grid, teeth_result
 
 

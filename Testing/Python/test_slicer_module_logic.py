@@ -26,7 +26,9 @@ MODULE_PY = ROOT / "DeepSegRecon" / "SegmentTeeth" / "SegmentTeeth.py"
 PLUGIN = textwrap.dedent('''
     import numpy as np
 
-    from deepsegrecon.task import InputSpec, SegmentationResult, SegmentInfo, Task, register
+    from deepsegrecon.task import InputSpec, Task, register
+
+    from deepsegrecon.results import SegmentationResult, SegmentInfo
 
 
     @register

@@ -12,7 +12,7 @@ from deepsegrecon import segio
 from deepsegrecon.errors import InputError
 from deepsegrecon.image import Image
 from deepsegrecon.io import write_image
-from deepsegrecon.task import SegmentationResult, SegmentInfo
+from deepsegrecon.results import SegmentationResult, SegmentInfo
 from deepsegrecon.training.cases import check_cases, find_cases, load_case, read_label_map, write_case
 
 SHAPE = (10, 12, 14)

@@ -21,7 +21,8 @@ PLUGIN = textwrap.dedent('''
     import time
 
     from deepsegrecon.errors import InputError
-    from deepsegrecon.task import InputSpec, Task, VolumeResult, register
+    from deepsegrecon.task import InputSpec, Task, register
+    from deepsegrecon.results import VolumeResult
 
 
     @register
@@ -253,7 +254,7 @@ def test_out_of_memory_and_disk_full_exit_5(tmp_path, image, plugin_env, monkeyp
     import errno
     from pathlib import Path
 
-    from deepsegrecon.task import VolumeResult
+    from deepsegrecon.results import VolumeResult
 
     if fault.pop("save", False):  # the disk fills up while the result is saved
         def save(self, folder):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from ..task import SegmentInfo
+from ..results import SegmentInfo
 
 NCR, ED, ET = 1, 2, 3
 CONVENTIONS = {"brats2023": {"NCR": 1, "ED": 2, "ET": 3}, "brats2021": {"NCR": 1, "ED": 2, "ET": 4}}

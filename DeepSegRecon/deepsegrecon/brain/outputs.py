@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_file
-from ..task import SegmentationResult
+from ..results import SegmentationResult
 from . import labels as L
 
 

@@ -139,8 +139,8 @@ def write_phantom(seed: int, out, resolution: int = 2, convention: str = "brats2
     """``out/{t1,t1c,t2,flair}.nrrd`` + ``out/labels.seg.nrrd`` (BraTS labels of ``convention``)."""
     from ..files import staged_outputs
     from ..io import write_image
+    from ..results import SegmentationResult
     from ..segio import write_seg_nrrd
-    from ..task import SegmentationResult
 
     p = make_phantom(seed, resolution)
     lab = L.convert(p["labels"].array, "brats2023", convention)

@@ -19,7 +19,8 @@ import torch
 from ..device import CHOICES, resolve_device
 from ..errors import InputError, ModelError
 from ..image import Image
-from ..task import InputSpec, SegmentationResult, Task, TaskContext, register
+from ..results import SegmentationResult
+from ..task import InputSpec, Task, TaskContext, register
 from . import labels as L
 from .nets import build_net, load_seg_weights
 from .preprocess import probabilities_to_ref, to_network_input

@@ -17,7 +17,8 @@ import time
 import numpy as np
 
 from ..errors import InputError, ModelError
-from ..task import InputSpec, Task, TaskContext, VolumeResult, register
+from ..results import VolumeResult
+from ..task import InputSpec, Task, TaskContext, register
 from .geometry import full_circle
 
 TASK = "cbct-recon"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from ..task import SegmentationResult
+from ..results import SegmentationResult
 from ._mrml import check_scene, ensure_converter_rules, slicer_module
 from .logic import TaskLogic
 from .segmentations import BINARY_LABELMAP, _oriented_labelmap

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
-from ..task import VolumeResult
+from ..results import VolumeResult
 from ._mrml import slicer_module
 from .logic import TaskLogic
 from .volumes import image_to_volume_node

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..image import Image
+from ..results import SegmentationResult
 from ..segio import as_3d
-from ..task import SegmentationResult
 from ._mrml import slicer_module
 from .bundle import save_mrb
 from .models import SURFACE_FORMATS, export_surfaces, world_surface

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import Cancelled, DeepSegReconError, InputError
-from ..task import SegmentationResult, TransformResult, VolumeResult
+from ..results import SegmentationResult, TransformResult, VolumeResult
 from ._mrml import check_scene, slicer_module, vtk_matrix
 from .segmentations import create_closed_surfaces, result_to_segmentation_node
 from .selection import active_model_version

@@ -12,8 +12,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..image import Image
+from ..results import SegmentationResult, SegmentInfo
 from ..segio import _check_segments, as_3d, default_color, label_array, reference_geometry_string
-from ..task import SegmentationResult, SegmentInfo
 from ._mrml import check_scene, ensure_converter_rules, np_matrix, slicer_module, vtk_matrix, world_matrix_of
 from .volumes import array_from_vtk_image_data, image_to_vtk_image_data, volume_ijk_to_world
 

@@ -47,7 +47,7 @@ import numpy as np
 
 from ..errors import DeepSegReconError, InputError, ModelError
 from ..image import Image
-from ..task import ModelResult
+from ..results import ModelResult
 from ._mrml import check_scene, np_matrix, slicer_module, vtk_matrix, world_matrix_of
 from .logic import TaskLogic, _idle_status, poll_until_done
 from .segmentations import BINARY_LABELMAP, segmentation_node_to_labelmap

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..task import SegmentInfo
+from ..results import SegmentInfo
 
 BUILTIN = Path(__file__).parent / "labelsets"
 DEFAULT = "abdomen"

@@ -17,7 +17,8 @@ import torch
 from ..device import CHOICES, resolve_device
 from ..errors import InputError, ModelError
 from ..image import Image
-from ..task import InputSpec, SegmentationResult, Task, TaskContext, register
+from ..results import SegmentationResult
+from ..task import InputSpec, Task, TaskContext, register
 from . import pipeline as P
 from .labels import LabelSet, read_label_set
 

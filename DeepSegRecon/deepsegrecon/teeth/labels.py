@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import colorsys
 
-from ..task import SegmentInfo
+from ..results import SegmentInfo
 
 MAXILLA = 1
 MANDIBLE = 2

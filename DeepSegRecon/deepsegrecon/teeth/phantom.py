@@ -651,8 +651,8 @@ def write_phantom(seed: int, out_dir, shape=None, family: str = "A", spacing=Non
     maxilla, mandible); returns the phantom's info dict with the two paths added."""
     from ..files import check_writable_dir
     from ..io import write_image
+    from ..results import SegmentationResult
     from ..segio import write_seg_nrrd
-    from ..task import SegmentationResult
 
     out_dir = check_writable_dir(Path(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)

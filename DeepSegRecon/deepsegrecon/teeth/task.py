@@ -35,7 +35,8 @@ from ..device import CHOICES, amp_enabled, resolve_device
 from ..errors import InputError, ModelError, ResourceError
 from ..image import Image
 from ..inference import label_argmax
-from ..task import InputSpec, SegmentationResult, Task, TaskContext, register
+from ..results import SegmentationResult
+from ..task import InputSpec, Task, TaskContext, register
 from . import labels as L
 from .nets import (
     build_nets,

@@ -429,7 +429,7 @@ def write_case(folder, images: dict, label: Image, label_names: dict, roi: Image
     from .. import segio
     from ..files import check_writable_dir
     from ..io import write_image
-    from ..task import SegmentationResult, SegmentInfo
+    from ..results import SegmentationResult, SegmentInfo
 
     folder = Path(folder)
     name = folder.name

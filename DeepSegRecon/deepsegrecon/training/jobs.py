@@ -65,7 +65,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import Cancelled, DeepSegReconError, InputError, ModelError
-from ..task import ModelResult, Task, TaskContext, register
+from ..results import ModelResult
+from ..task import Task, TaskContext, register
 
 TRAIN_STAGES = {"check cases": 4, "train": 86, "evaluate": 5, "save": 5}
 WORK_PREFIX = "deepsegrecon-train-"

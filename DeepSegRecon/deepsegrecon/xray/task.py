@@ -10,7 +10,8 @@ import torch
 
 from ..errors import InputError
 from ..image import Image
-from ..task import InputSpec, Task, TaskContext, TransformResult, VolumeResult, register
+from ..results import TransformResult, VolumeResult
+from ..task import InputSpec, Task, TaskContext, register
 from ..validate import check_image
 from . import geometry as G
 from .xrayio import as_slice
