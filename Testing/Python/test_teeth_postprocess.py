@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
+from deepsegrecon.frames import canonical_frame
 from deepsegrecon.image import Image
 from deepsegrecon.teeth import labels as L
-from deepsegrecon.teeth.nets import canonical_frame, grid_size
+from deepsegrecon.teeth.nets import grid_size
 from deepsegrecon.teeth.phantom import generate_teeth_phantom
 from deepsegrecon.teeth.postprocess import (
     MAX_DEPTH,

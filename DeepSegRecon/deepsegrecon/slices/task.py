@@ -72,7 +72,7 @@ def segment(image: Image, model: SliceModel, labelset: LabelSet, device="cpu", s
             postprocess: bool = True, window=None) -> SegmentationResult:
     """Segment the organs of ``labelset`` in the CT ``image`` (HU) with ``model``; ``window``: HU range mapped
     to [0, 1] (default: the model's, the one it was trained with)."""
-    from ..teeth.nets import canonical_frame
+    from ..frames import canonical_frame
 
     step = step or (lambda stage, fraction=0.0, message="": None)
     missing = [n for n in labelset.names if n not in model.classes]

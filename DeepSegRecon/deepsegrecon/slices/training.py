@@ -70,7 +70,7 @@ class SliceSample:
         self.copies, self.seed = int(copies), int(seed)
 
     def __call__(self, case) -> dict:
-        from ..teeth.nets import canonical_frame
+        from ..frames import canonical_frame
 
         image = next(iter(case.images.values()))
         can = canonical_frame(image)

@@ -33,6 +33,7 @@ import torch
 
 from ..device import CHOICES, amp_enabled, resolve_device
 from ..errors import InputError, ModelError, ResourceError
+from ..frames import canonical_frame
 from ..image import Image
 from ..inference import label_argmax
 from ..results import SegmentationResult
@@ -40,7 +41,6 @@ from ..task import InputSpec, Task, TaskContext, register
 from . import labels as L
 from .nets import (
     build_nets,
-    canonical_frame,
     coarse_centres,
     coord_channels,
     grid_size,

@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..frames import canonical_frame
 from . import labels as L
 from .nets import (
     build_nets,
-    canonical_frame,
     coord_channels,
     default_network,
     grid_size,

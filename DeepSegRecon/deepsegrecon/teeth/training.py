@@ -41,10 +41,11 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..frames import canonical_frame
 from ..training.jobs import TrainPart
 from ..training.recipe import Recipe
 from . import labels as L
-from .nets import build_net, canonical_frame, coord_channels, default_network, resample
+from .nets import build_net, coord_channels, default_network, resample
 
 TEETH_LABELS = {name: value for value, name in L.all_labels().items()}
 SHARES = {"stage1": 0.35, "stage2": 0.65}
