@@ -41,7 +41,7 @@ def _is_image_file(path: Path) -> bool:
 
 
 def _stem(path: Path) -> str:
-    from .cli import output_stem
+    from .files import output_stem
 
     return output_stem(path)
 

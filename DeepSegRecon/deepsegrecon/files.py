@@ -169,3 +169,18 @@ def staged_outputs(out_dir: Path):
         raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+STEM_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".dcm")
+
+
+def output_stem(path) -> str:
+    """Name of the outputs for an input: the file name without its image suffix; a folder's own name."""
+    p = Path(path)
+    if p.is_dir():
+        return p.resolve().name or "volume"
+    name = p.name
+    for suffix in STEM_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return p.stem or name

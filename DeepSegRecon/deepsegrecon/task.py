@@ -124,8 +124,10 @@ def register(cls):
 
 
 def get_task(name: str) -> Task:
-    from . import tasks  # noqa: F401  (imports every task module, which registers it)
+    if name not in _REGISTRY:  # import the capability that owns it (every one for an unknown name)
+        from .capability import import_task_modules
 
+        import_task_modules(name)
     if name not in _REGISTRY:
         raise InputError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]()

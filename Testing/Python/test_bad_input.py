@@ -15,6 +15,7 @@ import pytest
 from deepsegrecon import cli
 from deepsegrecon.image import Image
 from deepsegrecon.io import write_image
+from deepsegrecon.results import SegmentationResult
 
 RNG = np.random.default_rng(7)
 GOOD = Image(RNG.normal(size=(16, 17, 18)).astype(np.float32), spacing=(0.5, 0.5, 0.6))
@@ -375,7 +376,9 @@ def _fake_teeth(monkeypatch, env, run=None):
     and the preview are stubbed so that a whole run takes a moment."""
     import torch
 
-    import deepsegrecon.tasks  # noqa: F401  (the real tasks first, so ours replaces "teeth")
+    from deepsegrecon.capability import import_task_modules
+
+    import_task_modules()  # the real tasks first, so ours replaces "teeth"
     from deepsegrecon import preview
     from deepsegrecon import task as T
     from deepsegrecon.scene import export
@@ -395,7 +398,7 @@ def _fake_teeth(monkeypatch, env, run=None):
             if run is not None:
                 run()
             img = images["cbct"]
-            return T.SegmentationResult(img.with_array((img.array > 0).astype(np.uint8) * 11), L.segment_infos([11]))
+            return SegmentationResult(img.with_array((img.array > 0).astype(np.uint8) * 11), L.segment_infos([11]))
 
     monkeypatch.setitem(T._REGISTRY, "teeth", StandIn)
     monkeypatch.setattr(export, "export_segmentation_result", lambda *a, **k: {})

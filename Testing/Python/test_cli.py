@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 
 from deepsegrecon import cli
+from deepsegrecon.files import output_stem
+from deepsegrecon.image import Image
+from deepsegrecon.results import SegmentationResult
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -36,12 +39,12 @@ def stores(tmp_path, monkeypatch):
 
 
 def test_output_stem(tmp_path):
-    assert cli.output_stem("a/scan 1.nii.gz") == "scan 1"
-    assert cli.output_stem("cbct.seg.nrrd") == "cbct"
-    assert cli.output_stem("Zähne.NRRD") == "Zähne"
-    assert cli.output_stem("x.mha") == "x" and cli.output_stem("x.nii") == "x"
+    assert output_stem("a/scan 1.nii.gz") == "scan 1"
+    assert output_stem("cbct.seg.nrrd") == "cbct"
+    assert output_stem("Zähne.NRRD") == "Zähne"
+    assert output_stem("x.mha") == "x" and output_stem("x.nii") == "x"
     (tmp_path / "DICOM séries").mkdir()
-    assert cli.output_stem(tmp_path / "DICOM séries") == "DICOM séries"
+    assert output_stem(tmp_path / "DICOM séries") == "DICOM séries"
 
 
 def test_help_and_usage_errors(capsys):
@@ -141,7 +144,9 @@ def test_console_script_and_module(stores):
 
 def _stand_in_teeth(monkeypatch, wrong_grid=False):
     """A small threshold "teeth" task in place of the network (the real one is tested in test_bad_input)."""
-    import deepsegrecon.tasks  # noqa: F401  (registers the real tasks first, so ours replaces "teeth")
+    from deepsegrecon.capability import import_task_modules
+
+    import_task_modules()  # the real tasks first, so ours replaces "teeth"
     from deepsegrecon import task as T
     from deepsegrecon.teeth import labels as L
 
@@ -159,8 +164,8 @@ def _stand_in_teeth(monkeypatch, wrong_grid=False):
             lab[(img.array > 300) & (img.array <= 1500)] = 1
             ctx.step("segment", 1.0)
             if wrong_grid:
-                img = T.Image(lab, spacing=(9, 9, 9))
-            return T.SegmentationResult(img.with_array(lab), L.segment_infos([11, 1]), absent=["tooth_18", "tooth_48"])
+                img = Image(lab, spacing=(9, 9, 9))
+            return SegmentationResult(img.with_array(lab), L.segment_infos([11, 1]), absent=["tooth_18", "tooth_48"])
 
     monkeypatch.setitem(T._REGISTRY, "teeth", StandIn)
 

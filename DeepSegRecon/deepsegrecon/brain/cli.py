@@ -20,7 +20,7 @@ MODALITY_SUFFIX = re.compile(r"[-_.](t1n|t1c|t1ce|t1gd|t1|t2w|t2f|t2|flair|t1c?_
 def case_stem(path) -> str:
     """Output name for an input file: its stem without a trailing modality tag (``-t1n``, ``_flair`` ...);
     a file named just after its modality gives its folder's name."""
-    from ..cli import output_stem
+    from ..files import output_stem
 
     stem = output_stem(path)
     bare = MODALITY_SUFFIX.sub("", stem)
@@ -30,7 +30,7 @@ def case_stem(path) -> str:
 
 
 def cmd_brain_tumor(args) -> int:
-    from ..cli import ProgressPrinter
+    from ..cli.common import ProgressPrinter
     from ..errors import InputError
     from ..files import check_writable_dir, staged_outputs
     from ..io import check_series_used, read_image
@@ -115,7 +115,7 @@ def cmd_train_brain(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    from ..cli import add_series_option
+    from ..cli.common import add_series_option
 
     b = sub.add_parser("brain-tumor", help="segment a brain tumour (enhancing, core, whole) in co-registered MRI")
     for m, what in (("t1", "T1"), ("t1c", "contrast-enhanced T1 (required)"), ("t2", "T2"),

@@ -81,7 +81,7 @@ def from_regions(et: np.ndarray, tc: np.ndarray, wt: np.ndarray) -> np.ndarray:
 
 
 def regions_to_label(seg_name: str, names: list, known: dict, read_mask):
-    """Training-set hook of the brain-tumor task (see :data:`deepsegrecon.training.labels.REGION_LABEL_HOOKS`).
+    """Training-set hook of the brain-tumor task (declared in the package's ``CAPABILITY``).
 
     When the segments ``names`` of ``seg_name`` are the overlapping ET / TC / WT regions (the Segment Brain Tumour
     output) and the model's labels ``known`` ({name: value}) the BraTS sub-regions: (uint8 label array with the

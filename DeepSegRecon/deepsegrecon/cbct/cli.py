@@ -16,7 +16,7 @@ COMMANDS = ["cbct-recon"]
 
 
 def add_parsers(sub) -> None:
-    from ..cli import add_series_option
+    from ..cli.common import add_series_option
 
     methods = ("dif-gaussian", "fdk", "sart", "cg", "admm-tv", "sart-unet")
     p = sub.add_parser("cbct-recon", help="sparse-view CBCT reconstruction (SART + U-Net refiner, DIF-Gaussian, "
@@ -49,7 +49,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_cbct_recon(args) -> int:
-    from ..cli import ProgressPrinter
+    from ..cli.common import ProgressPrinter
     from ..errors import InputError
     from ..files import check_writable_dir, json_text, staged_outputs
     from ..io import check_series_used, read_image, write_image

@@ -57,7 +57,6 @@ from .volumes import volume_node_to_image
 OUTSIDE_TOLERANCE = 0.005  # fraction of labelled voxels that may lie outside the volume (edge rounding)
 TABLE_COLUMNS = ("epoch", "loss", "val_dice", "part", "part_epoch")
 ENGINE_TRAINING_TASKS = ("finetune", "train")
-JOBS_PLUGIN = "deepsegrecon.training.jobs"  # the worker imports it to register the engine's training tasks
 _SAFE = re.compile(r"[^A-Za-z0-9_.+\-]+")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]*$")
 
@@ -482,9 +481,9 @@ class TrainingLogic:
 
     def _region_label(self, seg_node, ids: list, ref_node, ref: Image):
         """(label Image on the reference grid, {name: value}) from the task's region hook
-        (``training.labels.region_label_hook``) when the segments are its overlapping regions, each read on its own;
+        (``capability.region_label_hook``) when the segments are its overlapping regions, each read on its own;
         else None."""
-        from ..training.labels import region_label_hook
+        from ..capability import region_label_hook
 
         hook = region_label_hook(self.task_name)
         if hook is None:
@@ -633,8 +632,10 @@ class TrainingLogic:
             params["seed"] = int(seed)
 
         self._job.task_name = worker_task
-        self._job.plugins = self._plugins + ((JOBS_PLUGIN,) if worker_task in ENGINE_TRAINING_TASKS
-                                             and JOBS_PLUGIN not in self._plugins else ())
+        from ..training.jobs import PLUGIN  # the worker imports it to register the engine's training tasks
+
+        self._job.plugins = self._plugins + ((PLUGIN,) if worker_task in ENGINE_TRAINING_TASKS
+                                             and PLUGIN not in self._plugins else ())
         self._job.start({}, params)
         self.history = []
         self._rows = {}

@@ -1,1 +1,5 @@
 """Slice segmentation of CT with TransUNet: abdominal organs (or any label set), slice by slice."""
+
+from ..capability import Capability
+
+CAPABILITY = Capability("slices", tasks=("slices",), recipes={"slices": "training:recipe"})

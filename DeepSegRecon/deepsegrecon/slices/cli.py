@@ -47,9 +47,9 @@ def read_reference(path, image, labelset):
 
 
 def cmd_slices(args) -> int:
-    from ..cli import ProgressPrinter, output_stem
+    from ..cli.common import ProgressPrinter
     from ..errors import InputError
-    from ..files import check_writable_dir, staged_outputs
+    from ..files import check_writable_dir, output_stem, staged_outputs
     from ..io import check_series_used, read_image
     from ..validate import check_image
     from ..worker import check_model, run_inline
@@ -134,7 +134,7 @@ def cmd_totalseg_case(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    from ..cli import add_series_option
+    from ..cli.common import add_series_option
 
     p = sub.add_parser("slices", help="segment abdominal organs (or a label set) in a CT with TransUNet, slice by slice")
     p.add_argument("input", metavar="INPUT", help="CT volume (.nrrd, .nii.gz, .mha) or a DICOM folder")

@@ -4,3 +4,7 @@ Modules: ``labels`` (FDI conventions, names, colours, terminology), ``phantom`` 
 with ground truth), ``nets`` (the two MONAI U-Nets), ``postprocess`` (instance split and FDI
 numbering), ``task`` (the registered ``teeth`` task) and ``train`` (training on phantoms, evaluation).
 """
+
+from ..capability import Capability
+
+CAPABILITY = Capability("teeth", tasks=("teeth",), recipes={"teeth": "training:recipe"})

@@ -23,7 +23,7 @@ Progress (``ctx.progress`` -> the worker's ``progress.jsonl``): stages ``check c
 ``train`` (per iteration and per epoch), ``evaluate``, ``save``. Training events carry extra fields:
 ``event`` (iteration | epoch | done), ``part`` (e.g. ``stage2``), ``epoch``, ``epochs``, ``loss``,
 ``val_dice``, ``best_val_dice``, ``iteration``, ``iterations``. The result is a
-:class:`~deepsegrecon.task.ModelResult`: ``task``, ``version``, ``manifest`` (as written), ``history`` (one
+:class:`~deepsegrecon.results.ModelResult`: ``task``, ``version``, ``manifest`` (as written), ``history`` (one
 dict per epoch: part, epoch, loss, val_dice, ...), ``report`` (folder, times, metrics).
 
 Guarantees. Cheap checks (budget, names, base version, device) run in :meth:`validate`, before anything is

@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
-
-# Tasks whose segments overlap (one per nested region) while their model stores other labels: task name ->
-# "module:function" that turns the region segments into the stored label (imported when used).
-REGION_LABEL_HOOKS = {"brain-tumor": "deepsegrecon.brain.labels:regions_to_label"}
-
-
-def region_label_hook(task: str):
-    """The task's hook ``(seg_name, names, known, read_mask) -> (label array, {name: value}) or None``, or None."""
-    target = REGION_LABEL_HOOKS.get(task)
-    if target is None:
-        return None
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def read_label_map(source) -> dict | None:

@@ -61,21 +61,17 @@ class Recipe:
                 "base_version": base_version, "description": description, **result.manifest_fields()}
 
 
-RECIPE_MODULES = {"brain-tumor": "deepsegrecon.brain.training"}  # task names that are not module names
-
-
 def get_recipe(ref, **options) -> Recipe:
-    """A task name (``teeth`` -> ``deepsegrecon.teeth.training:recipe``) or a ``module:attribute`` reference;
-    a callable attribute is called with ``options``."""
+    """A task name (its capability's recipe, ``teeth`` -> ``deepsegrecon.teeth.training:recipe``) or a
+    ``module:attribute`` reference; a callable attribute is called with ``options``."""
+    from ..capability import recipe_ref
+
     ref = str(ref)
-    module_name, _, attr = ref.partition(":") if ":" in ref else (
-        RECIPE_MODULES.get(ref, f"deepsegrecon.{ref}.training"), ":", "recipe")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if ":" in ref or e.name not in (module_name, module_name.rsplit(".", 1)[0]):
-            raise
-        raise InputError(f"task '{ref}' cannot be trained (no {module_name} module)") from e
+    target = ref if ":" in ref else recipe_ref(ref)
+    if target is None:
+        raise InputError(f"task '{ref}' cannot be trained (no training recipe)")
+    module_name, _, attr = target.partition(":")
+    module = importlib.import_module(module_name)
     obj = getattr(module, attr, None)
     if obj is None:
         raise InputError(f"{module_name} has no '{attr}'")
@@ -103,17 +99,3 @@ def fit(recipe: Recipe, cases_dir, out_dir, config: TrainConfig | None = None, b
     return train(net, cases, config, Path(out_dir), base_state=base_state, progress=progress, cancel=cancel,
                  distributed=distributed, num_classes=recipe.num_classes, to_sample=recipe.sample_fn(),
                  inferer=recipe.inferer, val_cases=val_cases, device=device)
-
-
-def trainable_tasks() -> list:
-    """Names of the tasks with a recipe of their own (``deepsegrecon/<package>/training.py`` defining
-    ``recipe``), found without importing them."""
-    import re
-
-    root = Path(__file__).resolve().parents[1]
-    by_module = {module: task for task, module in RECIPE_MODULES.items()}
-    names = []
-    for path in sorted(root.glob("*/training.py")):
-        if re.search(r"^(def recipe\(|recipe\s*=)", path.read_text(encoding="utf-8"), re.M):
-            names.append(by_module.get(f"deepsegrecon.{path.parent.name}.training", path.parent.name))
-    return sorted(names)

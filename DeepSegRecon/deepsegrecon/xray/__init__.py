@@ -5,3 +5,7 @@ landmarks), ``xrayio`` (reading and preprocessing radiographs), ``metrics`` (mul
 ``regressor`` (patient-specific ResNet-18 pose regressor and its training), ``refine`` (test-time
 refinement) and ``task`` (the registered ``xray-register`` and ``drr`` tasks).
 """
+
+from ..capability import Capability
+
+CAPABILITY = Capability("xray", tasks=("xray-register", "drr"))

@@ -29,7 +29,7 @@ def _carm_args(p, defaults: bool) -> None:
 
 
 def add_parsers(sub) -> None:
-    from ..cli import add_series_option
+    from ..cli.common import add_series_option
 
     d = sub.add_parser("drr", help="render a synthetic X-ray (DRR) of a CT at a known pose")
     d.add_argument("--ct", required=True, help="CT volume (HU)")
@@ -132,7 +132,7 @@ def read_transform(path):
 
 
 def cmd_drr(args) -> int:
-    from ..cli import ProgressPrinter
+    from ..cli.common import ProgressPrinter
     from ..files import check_writable_dir, json_text, staged_outputs
     from ..io import check_series_used, read_image
     from ..worker import run_inline
@@ -159,7 +159,7 @@ def cmd_drr(args) -> int:
 def cmd_register(args) -> int:
     import numpy as np
 
-    from ..cli import ProgressPrinter
+    from ..cli.common import ProgressPrinter
     from ..errors import InputError
     from ..files import check_writable_dir, json_text, staged_outputs
     from ..io import check_series_used, read_image

@@ -1,19 +1,18 @@
 """The ``deepsegrecon`` command. Every subcommand is a thin shell over tasks, the store and the writers.
 
-    deepsegrecon phantom teeth --seed N [--shape X Y Z] [--family F] -o DIR
-    deepsegrecon teeth INPUT -o OUT [--device auto|cpu|cuda|mps] [--model VERSION] [--mrb]
-                      [--smoothing S] [--format stl|obj ...]
     deepsegrecon models list [--task T]
     deepsegrecon models import (PATH | --url URL --sha256 H [--timeout S]) [--task T] [--version V] [--default]
     deepsegrecon models verify [TASK [VERSION]] [--deep]
     deepsegrecon models remove TASK VERSION
-    deepsegrecon train-teeth-phantoms --out DIR [--minutes M] [--device D] [--seed S]
     deepsegrecon train TASK --cases DIR [--name V] [--epochs E | --minutes M] [--device D]
                       [--image NAME=PATTERN ...] [--label-map FILE] [--val-fraction F] [--seed S]
     deepsegrecon finetune TASK --cases DIR --base VERSION --name NEW [--minutes M | --epochs E] [--device D]
                       [--image NAME=PATTERN ...] [--label-map FILE] [--val-fraction F] [--seed S]
     deepsegrecon add-case TASK --image NAME=PATH [...] --label LABEL -o CASEDIR [--roi MASK] [--label-map FILE]
     deepsegrecon batch TASK INPUT... -o OUT [--shard K/N] [--jobs N] [--format F] [--set K=V ...]  (batch_cli.py)
+
+Each capability owns its subcommands in ``<capability>/cli.py`` (``teeth``, ``phantom teeth``, ``slices``,
+``cbct-recon``, ``xray-register``, ``brain-tumor`` ...); :mod:`.common` holds what they share.
 
 ``train`` / ``finetune`` run the engine's training tasks (:mod:`deepsegrecon.training.jobs`) in this process:
 per-epoch progress (loss, validation Dice, ETA) on stderr; Ctrl-C cancels and writes nothing. The new
@@ -33,137 +32,16 @@ import sys
 import time
 from pathlib import Path
 
-from . import errors
-from ._version import __version__
-from .errors import DeepSegReconError, InputError
+from .. import errors
+from .._version import __version__
+from ..errors import DeepSegReconError, InputError
+from .common import add_series_option
 
-VISIBLE_COMMANDS = ["phantom", "teeth", "models", "train-teeth-phantoms", "train", "finetune", "add-case"]
-# Capabilities that own their subcommands: each module has ``COMMANDS`` (names) and ``add_parsers(sub)``.
-CAPABILITY_CLIS: tuple[str, ...] = (".slices.cli", ".cbct.cli", ".xray.cli", ".brain.cli", ".batch_cli")
-STEM_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd", ".dcm")
-
-
-def output_stem(path) -> str:
-    """Name of the outputs for an input: the file name without its image suffix; a folder's own name."""
-    p = Path(path)
-    if p.is_dir():
-        return p.resolve().name or "volume"
-    name = p.name
-    for suffix in STEM_SUFFIXES:
-        if name.lower().endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return p.stem or name
-
-
-class ProgressPrinter:
-    """Prints ``42% stage  ETA 12 s`` lines on stderr when the stage changes, every 5 %, or every 2 s."""
-
-    def __init__(self, stream=None, every_pct: int = 5, every_s: float = 2.0):
-        self.stream = stream if stream is not None else sys.stderr
-        self.every_pct, self.every_s = every_pct, every_s
-        self.last = (None, -100, 0.0)
-
-    def __call__(self, event: dict) -> None:
-        from .worker import format_progress
-
-        stage, pct, t = event.get("stage"), int(100 * (event.get("fraction") or 0)), time.monotonic()
-        last_stage, last_pct, last_t = self.last
-        if stage != last_stage or pct >= last_pct + self.every_pct or t - last_t >= self.every_s:
-            print(format_progress(event), file=self.stream, flush=True)
-            self.last = (stage, pct, t)
-
-
-# ---------------------------------------------------------------------------------------- subcommands
-def cmd_phantom_teeth(args) -> int:
-    from .files import check_writable_dir
-    from .teeth.phantom import write_phantom
-
-    out = check_writable_dir(Path(args.output))
-    try:
-        info = write_phantom(args.seed, out, shape=tuple(args.shape) if args.shape else None, family=args.family)
-    except ValueError as e:
-        if isinstance(e, DeepSegReconError):
-            raise
-        raise InputError(str(e)) from e
-    info = info or {}
-    print(f"phantom seed {args.seed} family {args.family}:")
-    for key in ("cbct", "labels"):
-        print(f"  {info.get(key, out / ('cbct.nrrd' if key == 'cbct' else 'labels.seg.nrrd'))}")
-    if info.get("missing") is not None:
-        print(f"  missing teeth: {' '.join(str(m) for m in info['missing']) or 'none'}")
-    return 0
-
-
-def cmd_teeth(args) -> int:
-    from .files import check_writable_dir, staged_outputs
-    from .io import check_series_used, read_image
-    from .validate import check_image
-    from .worker import check_model, run_inline
-
-    t0 = time.monotonic()
-    inp, out = Path(args.input).expanduser(), Path(args.output).expanduser().absolute()  # MRML wants full paths
-    check_writable_dir(out)  # before any heavy work
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output {out} is a file; -o needs a folder")
-    formats = list(dict.fromkeys(args.format or ()))
-    if args.smoothing is not None and not (0.0 <= args.smoothing <= 1.0):
-        raise InputError(f"--smoothing must be between 0 and 1, got {args.smoothing}")
-    stem = output_stem(inp)
-    print(f"reading {inp}", file=sys.stderr, flush=True)
-    image = read_image(inp, series=args.series)
-    check_series_used(args.series, [image])
-    check_image(image, f"input {inp.name}", ndim=3)
-    if args.device != "cpu":
-        from .device import resolve_device
-
-        resolve_device(args.device)  # a missing GPU is an input error, found before loading weights
-    model = check_model("teeth", args.model)
-    print(f"model teeth {model.version}{' (built-in)' if model.builtin else ''}, device {args.device}",
-          file=sys.stderr, flush=True)
-
-    from .task import get_task
-
-    task = get_task("teeth")
-    name = task.inputs[0].name if task.inputs else "image"
-    params = {"device": args.device, "model": model.version}
-    result = run_inline("teeth", {name: image}, params, progress=ProgressPrinter(), model=model)
-
-    from .preview import write_preview
-    from .scene.export import export_segmentation_result
-    from .segio import write_seg_nrrd
-
-    smoothing = 0.5 if args.smoothing is None else args.smoothing
-    print("writing results", file=sys.stderr, flush=True)
-    with staged_outputs(out) as stage:
-        write_seg_nrrd(result, stage / f"{stem}.seg.nrrd", smoothing=smoothing)
-        exported = export_segmentation_result(result, image, stage, stem, formats=formats, mrb=args.mrb,
-                                              smoothing=smoothing) or {}
-        write_preview(image, result, stage / f"{stem}_preview.png", surfaces=exported.get("surfaces"))
-        written = sorted(p.name for p in stage.iterdir())
-
-    teeth = sorted(s.label for s in result.segments if s.name.startswith("tooth_"))
-    absent = sorted(a for a in result.absent if str(a).startswith("tooth_"))
-    other = [s.name for s in result.segments if not s.name.startswith("tooth_")]
-    print(f"{inp.name}: {len(teeth)} {'tooth' if len(teeth) == 1 else 'teeth'} found (FDI): "
-          f"{' '.join(str(t) for t in teeth) or 'none'}")
-    print(f"absent teeth: {' '.join(str(a).removeprefix('tooth_') for a in absent) or 'none'}")
-    implausible = result.report.get("dropped_implausible") or []
-    if implausible:
-        print(f"dropped {len(implausible)} implausible piece{'s' if len(implausible) != 1 else ''} "
-              "(not counted as teeth):")
-        for d in implausible:
-            print(f"  numbered {d['numbered_as']} at LPS ({', '.join(f'{c:.0f}' for c in d['centroid_lps'])}) mm, "
-                  f"{d['volume_mm3']:.0f} mm3: {d['reason']}")
-    if other:
-        print(f"other segments: {', '.join(other)}")
-    for entry in written:
-        print(f"  {out / entry}")
-    print(f"done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-    return 0
+VISIBLE_COMMANDS = ["models", "train", "finetune", "add-case"]
 
 
 def _store():
-    from .store import ModelStore
+    from ..store import ModelStore
 
     return ModelStore()
 
@@ -214,7 +92,7 @@ def cmd_models_import(args) -> int:
 
 
 def cmd_models_verify(args) -> int:
-    from .store import check_task, load_state_dict
+    from ..store import check_task, load_state_dict
 
     store = _store()
     entries = [store.get(args.task, args.version)] if args.version else store.list(args.task)
@@ -252,16 +130,6 @@ def cmd_models_average(args) -> int:
     return 0
 
 
-def cmd_train_teeth(args) -> int:
-    from .teeth.train import train_from_phantoms
-
-    kwargs = {k: v for k, v in (("minutes", args.minutes), ("device", args.device), ("seed", args.seed)) if v is not None}
-    out = train_from_phantoms(Path(args.out), **kwargs)
-    if out is not None:
-        print(f"trained: {getattr(out, 'dir', out)}")
-    return 0
-
-
 class TrainingProgressPrinter:
     """Training progress on stderr: every epoch (loss, validation Dice, ETA), every case checked, a batch line
     at most every ``every_s`` seconds, and each new stage."""
@@ -272,7 +140,7 @@ class TrainingProgressPrinter:
         self.last_stage, self.last_t = None, 0.0
 
     def __call__(self, event: dict) -> None:
-        from .worker import _duration
+        from ..worker import _duration
 
         kind, stage, t = event.get("event"), event.get("stage"), time.monotonic()
         pct = f"{100 * (event.get('fraction') or 0):3.0f}%"
@@ -308,9 +176,9 @@ def _name_values(items, option: str) -> dict:
 
 
 def _run_training(kind: str, args) -> int:
-    from .training import jobs  # noqa: F401  (registers the train and finetune tasks)
-    from .training.labels import read_label_map
-    from .worker import run_inline
+    from ..training import jobs  # noqa: F401  (registers the train and finetune tasks)
+    from ..training.labels import read_label_map
+    from ..worker import run_inline
 
     t0 = time.monotonic()
     name = args.name or time.strftime(f"{args.task}-%Y%m%d-%H%M%S")
@@ -372,7 +240,7 @@ def _settings(items) -> dict:
 
 
 def _fmt_s(s: float) -> str:
-    from .worker import _duration
+    from ..worker import _duration
 
     return _duration(s)
 
@@ -389,14 +257,14 @@ def cmd_add_case(args) -> int:
     """Write a training case (images + label [+ ROI]) with ``training.cases.write_case``."""
     import numpy as np
 
-    from . import segio
-    from .io import check_series_used, read_image
-    from .training.cases import _embed, write_case
-    from .training.labels import read_label_map
+    from .. import segio
+    from ..io import check_series_used, read_image
+    from ..training.cases import _embed, write_case
+    from ..training.labels import read_label_map
 
     task_map = _task_label_map(args.task)
     if task_map is None and not args.label_map:  # a typo, or a new structure: its labels must be named
-        from .training.recipe import trainable_tasks
+        from ..capability import trainable_tasks
 
         raise InputError(f"task '{args.task}' has no labels of its own to check the case against (tasks with "
                          f"labels: {', '.join(trainable_tasks())}); for a new structure, give its label names and "
@@ -446,8 +314,8 @@ def cmd_add_case(args) -> int:
 
 def _task_label_map(task: str):
     """The label map ({name: value}) of a task that can be trained, or None for a new structure."""
-    from .store import _check_name
-    from .training.recipe import get_recipe
+    from ..store import _check_name
+    from ..training.recipe import get_recipe
 
     _check_name(task, "task")
     try:
@@ -457,51 +325,25 @@ def _task_label_map(task: str):
 
 
 def cmd_worker(args) -> int:
-    from .worker import main as worker_main
+    from ..worker import main as worker_main
 
     return worker_main(args.job_dir)
 
 
 # ---------------------------------------------------------------------------------------- parser
-def add_series_option(p) -> None:
-    p.add_argument("--series", action="append", metavar="UID", help="the DICOM series to read from an input folder "
-                   "that holds several (repeat for several folders)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepsegrecon", description="DeepSegRecon: deep-learning segmentation and "
                                 "reconstruction, headless (the same engine as the 3D Slicer modules).")
     p.add_argument("--version", action="version", version=f"deepsegrecon {__version__}")
-    import importlib
+    from .. import batch_cli
+    from ..capability import cli_modules
 
-    plugins = [importlib.import_module(name, __package__) for name in CAPABILITY_CLIS]
-    visible = VISIBLE_COMMANDS + [c for mod in plugins for c in mod.COMMANDS]
+    plugins = [*cli_modules(), batch_cli]
+    visible = [c for mod in plugins for c in mod.COMMANDS] + VISIBLE_COMMANDS
     sub = p.add_subparsers(dest="command", metavar="{" + ",".join(visible) + "}")
     sub.required = True
     for mod in plugins:
         mod.add_parsers(sub)
-
-    ph = sub.add_parser("phantom", help="write a synthetic phantom with ground truth")
-    phs = ph.add_subparsers(dest="kind", metavar="{teeth}")
-    phs.required = True
-    pt = phs.add_parser("teeth", help="dental CBCT phantom: DIR/cbct.nrrd and DIR/labels.seg.nrrd")
-    pt.add_argument("--seed", type=int, required=True, help="random seed (the same seed gives the same phantom)")
-    pt.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="voxels along i, j, k")
-    pt.add_argument("--family", default="A", help="phantom family (A or B: scanner and anatomy variants)")
-    pt.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
-    pt.set_defaults(func=cmd_phantom_teeth)
-
-    t = sub.add_parser("teeth", help="segment teeth (FDI), maxilla and mandible in a dental CBCT")
-    t.add_argument("input", metavar="INPUT", help="CBCT volume (.nrrd, .nii.gz, .mha) or a DICOM folder")
-    t.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
-    t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    t.add_argument("--model", metavar="VERSION", help="model version (default: the store's default / newest)")
-    t.add_argument("--mrb", action="store_true", help="also write OUT/<name>.mrb (volume + segmentation scene)")
-    t.add_argument("--smoothing", type=float, default=None, metavar="S", help="surface smoothing 0..1 (default 0.5)")
-    t.add_argument("--format", nargs="+", choices=("stl", "obj"), default=["stl"], metavar="{stl,obj}",
-                   help="surface file formats (default stl)")
-    add_series_option(t)
-    t.set_defaults(func=cmd_teeth)
 
     m = sub.add_parser("models", help="list, import, verify and remove model weights")
     ms = m.add_subparsers(dest="action", metavar="{list,import,verify,remove,average}")
@@ -537,13 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
     ma.add_argument("--weights", type=float, nargs="+", metavar="W", help="one share per version (default equal)")
     ma.add_argument("--description")
     ma.set_defaults(func=cmd_models_average)
-
-    tr = sub.add_parser("train-teeth-phantoms", help="train the teeth networks on synthetic phantoms")
-    tr.add_argument("--out", required=True, metavar="DIR")
-    tr.add_argument("--minutes", type=float)
-    tr.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
-    tr.add_argument("--seed", type=int)
-    tr.set_defaults(func=cmd_train_teeth)
 
     for kind in ("train", "finetune"):
         tp = sub.add_parser(kind, help="train a new model version from scratch on annotated cases" if kind == "train"
