@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import errors
-from .batch_cases import Case, find_brain, find_images, parse_shard, read_case_csv
+from .batch_cases import Case, find_images, parse_shard
 from .batch_cases import shard as take_shard
 from .errors import Cancelled, DeepSegReconError, InputError
 
@@ -88,185 +88,14 @@ def volumes_ml(result) -> dict:
     return {s.name: round(float(counts[int(s.label)]) * vox_ml, 2) for s in result.segments}
 
 
-class TeethAdapter(Adapter):
-    task = "teeth"
-
-    def summary(self, result) -> str:
-        teeth = result.report.get("teeth_found") or []
-        return f"{len(teeth)} teeth: {' '.join(str(t) for t in teeth)}".strip()
-
-
-class SlicesAdapter(Adapter):
-    task = "slices"
-
-    def summary(self, result) -> str:
-        return "; ".join(f"{n} {v:.1f} mL" for n, v in volumes_ml(result).items()) or "no organ"
-
-
-class BrainAdapter(Adapter):
-    task = "brain-tumor"
-    modalities = ("MR",)
-
-    def find(self, inputs, options):
-        return find_brain(inputs)
-
-    def load(self, case, params):
-        from .brain.task import MODALITIES, check_inputs
-        from .io import read_image
-
-        images = {m: read_image(Path(case.inputs[m]), series=case.series.get(m)) for m in MODALITIES
-                  if m in case.inputs}
-        check_inputs(images)
-        return images, dict(params)
-
-    def write(self, result, images, case, folder, fmt):
-        from .brain import labels as L
-        from .brain.outputs import write_region_seg_nrrd, write_volumes_csv
-        from .results import SegmentationResult
-
-        first = next(iter(images))  # the result is on the first input's grid
-        if fmt == "dicom-seg" or (fmt == "auto" and first in case.files):
-            present = [v for v in (L.NCR, L.ED, L.ET) if (result.labelmap.array == v).any()]
-            sub = SegmentationResult(result.labelmap, L.subregion_infos(present, "brats2023"), [], result.report)
-            write_segmentation(sub, case, folder, "dicom-seg", first, self.task)
-        else:
-            write_region_seg_nrrd(result, folder / f"{case.id}.seg.nrrd")
-        write_volumes_csv(result, folder / f"{case.id}_volumes.csv")
-
-    def summary(self, result):
-        v = result.report.get("volumes_ml") or {}
-        return "; ".join(f"{k} {float(v[k]):.2f} mL" for k in ("enhancing_tumor", "tumor_core", "whole_tumor")
-                         if k in v)
-
-
-class CbctAdapter(Adapter):
-    task = "cbct-recon"
-
-    def find(self, inputs, options):
-        proj = []
-        for item in inputs:
-            root = Path(item).expanduser()
-            if root.is_dir():
-                proj += [p.parent for p in sorted(root.rglob("geometry.json"))]
-        cases = [Case(f"{p.name}", {"projections": str(p)}) for p in proj]
-        rest = [c for c in find_images(inputs, self.modalities, options.get("pattern"))
-                if not any(Path(c.inputs["image"]).is_relative_to(p) for p in proj)]
-        for c in rest:
-            c.inputs = {"ct": c.inputs.pop("image")}
-            c.files = {"ct": c.files["image"]} if c.files else {}
-            c.series = {"ct": c.series["image"]} if c.series else {}
-        from .batch_cases import unique_ids
-
-        return unique_ids(cases + rest)
-
-    def load(self, case, params):
-        params = dict(params)
-        if "projections" in case.inputs:
-            from .cbct.projio import read_projections
-
-            stack, geo = read_projections(Path(case.inputs["projections"]))
-            params["geometry"] = geo.to_dict()
-            return {"projections": stack}, params
-        if not params.get("views"):
-            raise InputError("cbct-recon from CT volumes simulates projections: give the number of views "
-                             "(--set views=N)")
-        images, _ = super().load(case, params)
-        return images, params
-
-    def write(self, result, images, case, folder, fmt):
-        from .files import json_text
-        from .io import write_image
-
-        write_image(result.volumes["recon"], folder / "recon.nrrd")
-        write_image(result.volumes["fdk"], folder / "fdk.nrrd")
-        (folder / "metrics.json").write_text(json_text(result.report))
-
-    def summary(self, result):
-        m = result.report.get("metrics") or {}
-        parts = [f"{label} PSNR {m[k]['psnr_db']:.2f} dB" for k, label in (("dif_gaussian", "DIF-Gaussian"),
-                                                                           ("fdk", "FDK")) if m.get(k)]
-        return "; ".join(parts) or f"{result.report.get('views', '?')} views"
-
-
-class XrayAdapter(Adapter):
-    """CT / X-ray pairs from a CSV (columns ct, xray; optional case, truth_pose, init_pose, landmarks). The CT is
-    read once for all its X-rays; the task keeps the CT's trained pose regressor in the model store, so only the
-    first X-ray of a CT trains it."""
-
-    task = "xray-register"
-
-    def __init__(self):
-        self._ct = (None, None)
-
-    def find(self, inputs, options):
-        cases = []
-        for item in inputs:
-            p = Path(item).expanduser()
-            if p.suffix.lower() != ".csv" or not p.is_file():
-                raise InputError(f"xray-register batch takes CSV files of CT/X-ray pairs (columns ct,xray), "
-                                 f"not {p}")
-            cases += read_case_csv(p, ("ct", "xray"), need=2, required=("ct", "xray"))
-        from .batch_cases import unique_ids
-
-        return unique_ids(cases)
-
-    def load(self, case, params):
-        import numpy as np
-
-        from .io import read_image
-        from .xray.cli import _pose_file
-        from .xray.xrayio import read_xray
-
-        params = dict(params)
-        xray, info = read_xray(Path(case.inputs["xray"]))
-        for key in ("sdd", "sid", "view", "x0", "y0", "photometric"):
-            if info.get(key) is not None:
-                params.setdefault(key, info[key])
-        if info.get("values") and params.get("values", "auto") == "auto":
-            params["values"] = info["values"]
-        if info.get("pixel_spacing") is not None:
-            params.setdefault("pixel_spacing", list(info["pixel_spacing"]))
-        if params.get("pixel_spacing") is None:
-            raise InputError(f"the pixel spacing of {Path(case.inputs['xray']).name} is 0 or missing: "
-                             "give --set pixel_spacing=[X,Y]")
-        for key in ("truth_pose", "init_pose"):
-            if case.params.get(key):
-                params[key] = _pose_file(Path(case.params[key]))
-        if case.params.get("landmarks"):
-            try:
-                pts = json.loads(Path(case.params["landmarks"]).read_text())
-            except (OSError, ValueError) as e:
-                raise InputError(f"landmarks {case.params['landmarks']}: a JSON list of [x, y, z] points is "
-                                 f"needed ({e})") from e
-            params["landmarks"] = np.asarray(pts, float).reshape(-1, 3).tolist()
-        ct_path = str(Path(case.inputs["ct"]).resolve())
-        if self._ct[0] != ct_path:  # one CT read for all its X-rays (cases are sorted; a CSV groups them)
-            self._ct = (ct_path, read_image(Path(ct_path)))
-        return {"ct": self._ct[1], "xray": xray}, params
-
-    def write(self, result, images, case, folder, fmt):
-        from .files import json_text
-        from .xray.cli import write_drr, write_transform
-
-        write_transform(result.matrix_lps, folder / "pose.h5")
-        drr = result.images["drr"]
-        write_drr(drr, {**result.report["carm"], "delx": drr.spacing[0], "dely": drr.spacing[1]}, folder / "drr.nrrd")
-        (folder / "report.json").write_text(json_text(result.report))
-
-    def summary(self, result):
-        r = result.report
-        return f"NCC {r['ncc']:.4f}" + (f", mTRE {r['mtre_mm']:.2f} mm" if "mtre_mm" in r else "")
-
-
-ADAPTERS = {a.task: a for a in (TeethAdapter, SlicesAdapter, BrainAdapter, CbctAdapter, XrayAdapter)}
-
-
 def get_adapter(task: str) -> Adapter:
     """The batch adapter of ``task``; a task without one (a plugin) gets the single-image default."""
     from .worker import get_task
 
     get_task(task)  # unknown task: InputError with the list
-    cls = ADAPTERS.get(task)
+    from .capability import batch_adapter
+
+    cls = batch_adapter(task)
     if cls is None:
         a = Adapter()
         a.task, a.modalities = task, None

@@ -11,7 +11,6 @@ import argparse
 import json
 
 COMMANDS = ["batch"]
-TASKS = ("teeth", "slices", "brain-tumor", "cbct-recon", "xray-register")
 
 
 def _settings(items) -> dict:
@@ -72,8 +71,10 @@ def cmd_batch(args) -> int:
 
 
 def add_parsers(sub) -> None:
+    from .capability import batch_tasks
+
     p = sub.add_parser("batch", help="run a task over many cases in one process (resumable, shardable, DICOM SEG)")
-    p.add_argument("task", metavar="TASK", help=f"one of {', '.join(TASKS)}")
+    p.add_argument("task", metavar="TASK", help=f"one of {', '.join(batch_tasks())}")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (searched recursively: image "
                    "files and DICOM series), brain: case folders / DICOM studies / a CSV (case,t1,t1c,t2,flair); "
                    "xray-register: a CSV (case,ct,xray[,truth_pose,init_pose,landmarks])")

@@ -13,15 +13,17 @@ PACKAGES = ("teeth", "slices", "cbct", "xray", "brain")  # the one list of capab
 @dataclass(frozen=True)
 class Capability:
     """``tasks``: the task names registered by importing ``task_module``; ``cli``: the module with ``COMMANDS``
-    and ``add_parsers(sub)``; ``recipes``: task -> "module:attribute" of its training recipe; ``region_label_hooks``:
-    task -> "module:function" turning overlapping region segments into its stored label. Modules are relative to
-    the package."""
+    and ``add_parsers(sub)``; ``recipes``: task -> "module:attribute" of its training recipe; ``batch_adapters``:
+    task -> "module:class" of its :class:`deepsegrecon.batch.Adapter`; ``region_label_hooks``: task ->
+    "module:function" turning overlapping region segments into its stored label. Modules are relative to the
+    package."""
 
     package: str
     tasks: tuple
     task_module: str = "task"
     cli: str | None = "cli"
     recipes: dict = field(default_factory=dict)
+    batch_adapters: dict = field(default_factory=dict)
     region_label_hooks: dict = field(default_factory=dict)
 
     def module(self, name: str) -> str:
@@ -58,10 +60,23 @@ def trainable_tasks() -> list:
     return sorted(t for c in capabilities() for t in c.recipes)
 
 
+def batch_tasks() -> list:
+    return [t for c in capabilities() for t in c.batch_adapters]
+
+
+def batch_adapter(task: str):
+    """The task's batch adapter class, or None (a task without one gets the default)."""
+    return _attribute(task, "batch_adapters")
+
+
 def region_label_hook(task: str):
     """The task's hook ``(seg_name, names, known, read_mask) -> (label array, {name: value}) or None``, or None."""
+    return _attribute(task, "region_label_hooks")
+
+
+def _attribute(task: str, table: str):
     c = capability_of(task)
-    ref = c.region_label_hooks.get(task) if c else None
+    ref = getattr(c, table).get(task) if c else None
     if ref is None:
         return None
     module, name = c.module(ref).split(":")

@@ -768,10 +768,10 @@ def test_batch_section_runs_the_modules_task_through_the_batch_job():
     assigns = {ast.unparse(n.targets[0]): ast.literal_eval(n.value) for n in teeth["SegmentTeethWidget"].body
                if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "batchTask"}
     assert assigns == {"batchTask": "teeth"}
-    from deepsegrecon.batch_cli import TASKS
     from deepsegrecon.batch_job import BatchLogic
+    from deepsegrecon.capability import batch_tasks
 
-    assert "teeth" in TASKS and all(callable(getattr(BatchLogic, n)) for n in ("start", "poll", "cancel"))
+    assert "teeth" in batch_tasks() and all(callable(getattr(BatchLogic, n)) for n in ("start", "poll", "cancel"))
 
 def test_start_buttons_ask_before_overwriting_a_segmentation():
     for module in ("SegmentTeeth", "SegmentBrainTumor", "SegmentSlices"):

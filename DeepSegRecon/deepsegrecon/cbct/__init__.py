@@ -2,4 +2,4 @@
 
 from ..capability import Capability
 
-CAPABILITY = Capability("cbct", tasks=("cbct-recon",))
+CAPABILITY = Capability("cbct", tasks=("cbct-recon",), batch_adapters={"cbct-recon": "batch:CbctAdapter"})

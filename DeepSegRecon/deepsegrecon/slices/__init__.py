@@ -2,4 +2,5 @@
 
 from ..capability import Capability
 
-CAPABILITY = Capability("slices", tasks=("slices",), recipes={"slices": "training:recipe"})
+CAPABILITY = Capability("slices", tasks=("slices",), recipes={"slices": "training:recipe"},
+                        batch_adapters={"slices": "batch:SlicesAdapter"})

@@ -7,4 +7,5 @@ numbering), ``task`` (the registered ``teeth`` task) and ``train`` (training on 
 
 from ..capability import Capability
 
-CAPABILITY = Capability("teeth", tasks=("teeth",), recipes={"teeth": "training:recipe"})
+CAPABILITY = Capability("teeth", tasks=("teeth",), recipes={"teeth": "training:recipe"},
+                        batch_adapters={"teeth": "batch:TeethAdapter"})

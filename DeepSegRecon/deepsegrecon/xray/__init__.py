@@ -8,4 +8,5 @@ refinement) and ``task`` (the registered ``xray-register`` and ``drr`` tasks).
 
 from ..capability import Capability
 
-CAPABILITY = Capability("xray", tasks=("xray-register", "drr"))
+CAPABILITY = Capability("xray", tasks=("xray-register", "drr"),
+                        batch_adapters={"xray-register": "batch:XrayAdapter"})
