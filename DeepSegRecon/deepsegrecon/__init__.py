@@ -8,8 +8,12 @@ from ._version import __version__ as __version__
 
 
 def __getattr__(name):  # the public runner, imported on first use (keeps ``import deepsegrecon`` light)
-    if name in ("run", "run_batch"):
-        from . import runner
+    if name == "run":
+        from .runner import run
 
-        return getattr(runner, name)
+        return run
+    if name == "run_batch":
+        from .batch import run_batch
+
+        return run_batch
     raise AttributeError(f"module 'deepsegrecon' has no attribute '{name}'")

@@ -90,7 +90,7 @@ def volumes_ml(result) -> dict:
 
 def get_adapter(task: str) -> Adapter:
     """The batch adapter of ``task``; a task without one (a plugin) gets the single-image default."""
-    from .worker import get_task
+    from .runner import get_task
 
     get_task(task)  # unknown task: InputError with the list
     from .capability import batch_adapter
@@ -177,7 +177,7 @@ class CaseRunner:
         self.models: dict = {}  # version -> checked ModelEntry
 
     def model(self, images: dict, params: dict):
-        from .worker import check_model, get_task
+        from .runner import check_model, get_task
 
         task = get_task(self.task)
         if not (getattr(task, "uses_model", False) or params.get("model")):
@@ -191,7 +191,7 @@ class CaseRunner:
     def run(self, case: Case, cancel=None, progress: Callable[[dict], None] | None = None) -> dict:
         """Run (or skip) one case; returns its record. Errors of the case are caught and recorded."""
         from .files import json_text
-        from .worker import run_inline
+        from .runner import run_inline
 
         t0 = time.monotonic()
         record = {"case": case.id, "status": "failed", "seconds": 0.0, "model": "", "summary": "", "error": "",
@@ -302,12 +302,12 @@ class BatchProgress:
         return sum(self.times) / len(self.times) * left if self.times else None
 
     def line(self, case_id: str = "", inner: str = "") -> str:
-        from .worker import _duration
+        from .progress import format_duration
 
         n = sum(self.counts.values())
         eta = self.eta()
         return (f"[{n}/{self.total}] done {self.counts['done']} skipped {self.counts['skipped']} failed "
-                f"{self.counts['failed']}" + (f"  ETA {_duration(eta)}" if eta is not None else "")
+                f"{self.counts['failed']}" + (f"  ETA {format_duration(eta)}" if eta is not None else "")
                 + (f"  {case_id}: {inner}" if case_id else ""))
 
     def event(self, force: bool = False, **fields) -> None:
@@ -323,7 +323,7 @@ class BatchProgress:
 
     def case_event(self, case_id: str, event: dict) -> None:
         if self.tty and time.monotonic() - self.last_t > 0.5:
-            from .worker import format_progress
+            from .progress import format_progress
 
             print("\r\033[K" + self.line(case_id, format_progress(event).strip())[:150], end="",
                   file=self.stream, flush=True)
@@ -364,8 +364,9 @@ def run_batch(task: str, inputs, output, params: dict | None = None, *, shard=No
     poller reads it, :mod:`deepsegrecon.batch_job`). Problems of the whole batch (no case, unknown task, bad shard, missing model) raise
     before any case runs; a case's own problem is recorded in OUT/batch.csv and the batch goes on."""
     from .files import check_writable_dir
+    from .runner import get_task
     from .task import CancelToken, Task
-    from .worker import _import_plugin, get_task
+    from .worker import _import_plugin
 
     t0 = time.monotonic()
     for plugin in plugins:
@@ -486,7 +487,7 @@ def _run_pool(cases, config: tuple, jobs, cancel, bar) -> list:
 def models_loaded_once(task_name: str):
     """While inside, the task module's ``load_model(entry)`` builds each model version once and returns the same
     networks to every later run in this process (the batch's "load once"). Yields the cache ({key: model})."""
-    from .worker import get_task
+    from .runner import get_task
 
     module = sys.modules.get(type(get_task(task_name)).__module__)
     original = getattr(module, "load_model", None)

@@ -1,4 +1,5 @@
-"""The public runner: one task on named inputs in this process, and the batch over many cases.
+"""The public runner: one task on named inputs in this process (the weights found, checked and loaded, the device
+resolved, progress and cancel wired); ``run_batch`` (:func:`deepsegrecon.batch.run_batch`) runs one over many cases.
 
     from deepsegrecon import run, run_batch
     result = run("teeth", {"image": "cbct.nrrd"}, {"device": "cpu"}, progress=print)
@@ -12,7 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from . import errors
+from .errors import ResourceError
 from .image import Image
+from .progress import ProgressReporter
+from .task import CancelToken, TaskContext
 
 
 def run(task: str, inputs: dict, params: dict | None = None, *, progress: Callable[[dict], None] | None = None,
@@ -21,14 +26,80 @@ def run(task: str, inputs: dict, params: dict | None = None, *, progress: Callab
     (stage, fraction, elapsed_s, eta_s, message); ``cancel`` is a :class:`~deepsegrecon.task.CancelToken`;
     ``model`` an already checked :class:`~deepsegrecon.store.ModelEntry` (else ``params['model']`` / the default)."""
     from .io import read_image
-    from .worker import run_inline
 
     images = {name: v if isinstance(v, Image) else read_image(Path(v).expanduser()) for name, v in inputs.items()}
     return run_inline(task, images, dict(params or {}), progress=progress, cancel=cancel, model=model)
 
 
-def run_batch(task: str, inputs, output, params: dict | None = None, **options):
-    """Run ``task`` on every case found in ``inputs`` into ``output``; see :func:`deepsegrecon.batch.run_batch`."""
-    from .batch import run_batch as _run_batch
+def get_task(name: str):
+    """The task ``name``: one registered already (e.g. by a plugin) is used as is; otherwise every built-in
+    task module is imported (:func:`deepsegrecon.task.get_task`), which for most tasks imports torch."""
+    from . import task as _task
 
-    return _run_batch(task, inputs, output, params, **options)
+    cls = _task._REGISTRY.get(name)
+    return cls() if cls is not None else _task.get_task(name)
+
+def _resolve_device(name) -> str:
+    name = str(name or "auto")
+    if name == "cpu":  # no torch import needed
+        return "cpu"
+    from .device import resolve_device
+
+    return str(resolve_device(name))
+
+
+def check_model(task: str, version: str | None = None, store=None, load: bool = True):
+    """Find, checksum and (``load=True``) test-load the weights of ``task``: every problem is a ModelError
+    raised before any heavy work. Returns the :class:`~deepsegrecon.store.ModelEntry`."""
+    from .store import ModelStore, check_task, load_state_dict
+
+    store = store or ModelStore()
+    entry = store.get(task, version)
+    check_task(entry, task)
+    store.verify(entry)
+    if load:
+        for name in entry.files:
+            if name.endswith((".pt", ".pth")):
+                load_state_dict(entry, name, task=task)
+    return entry
+
+
+def model_for_job(task_name: str, images: dict, params: dict, store=None):
+    """Check and return the weights a job will use: ``params['model']``, else the task's own choice for these inputs
+    (:meth:`Task.model_version`), else the default version."""
+    from .store import ModelStore
+
+    task = get_task(task_name)
+    store = store or ModelStore()
+    version = params.get("model") or task.model_version(images, {**task.default_params(), **params}, store)
+    return check_model(getattr(task, "model_task", None) or task.name, version, store)
+
+
+def run_inline(task_name: str, images: dict, params: dict, progress: Callable[[dict], None] | None = None,
+               cancel: CancelToken | None = None, model=None):
+    """Run ``task_name`` in this process: validate, resolve device and weights, run; returns the result.
+
+    ``progress`` receives event dicts (stage, fraction, elapsed_s, eta_s, message). ``model`` is an
+    already checked ModelEntry; otherwise, when the task declares ``uses_model = True`` or ``params``
+    names a ``model`` version, the weights are checked here before the task runs.
+    """
+    task = get_task(task_name)
+    params = {**task.default_params(), **(params or {})}
+    task.validate(images, params)
+    cancel = cancel or CancelToken()
+    cancel.raise_if_cancelled()
+    # tasks that use no torch device may declare uses_device = False (spares the torch import)
+    device = _resolve_device(params.get("device", "auto" if getattr(task, "uses_device", True) else "cpu"))
+    if model is None and (getattr(task, "uses_model", False) or params.get("model")):
+        model = model_for_job(task_name, images, params)
+    if model is not None:
+        params["model"] = model.version
+    reporter = ProgressReporter(getattr(task, "stages", None), progress)
+    ctx = TaskContext(device=device, progress=reporter, cancel=cancel, model_dir=model.dir if model else None)
+    try:
+        return task.run(images, params, ctx)
+    except Exception as e:
+        mapped = errors.resource_error(e)  # out of memory (torch too) or disk full: exit 5
+        if mapped is None or mapped is e:
+            raise
+        raise ResourceError(f"{task_name}: {mapped}") from e

@@ -23,7 +23,8 @@ Windows, macOS and Linux (:mod:`deepsegrecon.processes`).
 Progress: a task reports ``ctx.step(stage, fraction)``. If the task class declares
 ``stages = {stage: weight}``, ``fraction`` is the fraction within that stage and the overall
 fraction is weighted over the stages; otherwise ``fraction`` is the overall fraction.
-:func:`run_inline` runs a task in the calling process (the CLI uses it) with the same checks.
+:func:`deepsegrecon.runner.run_inline` runs a task in the calling process (the CLI uses it) with the same checks;
+the worker runs its job through it.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ from pathlib import Path
 from . import errors, processes
 from .errors import Cancelled, DeepSegReconError, InputError, ModelError, ResourceError
 from .results import load_result
-from .task import CancelToken, TaskContext
+from .runner import get_task, run_inline
+from .task import CancelToken
 
 PARAMS = "params.json"
 PROGRESS = "progress.jsonl"
@@ -65,140 +67,6 @@ ERROR_TYPES = {c.__name__: c for c in (DeepSegReconError, InputError, ModelError
 
 def default_job_root() -> Path:
     return Path(tempfile.gettempdir()) / "deepsegrecon-jobs"
-
-
-# ---------------------------------------------------------------------------------------- progress
-class ProgressReporter:
-    """``reporter(stage, fraction, message, extra=None)`` -> event dict (also passed to ``sink``), with an ETA.
-
-    ``extra``: optional task-specific fields added to the event (e.g. ``epoch``, ``loss``, ``val_dice`` of a
-    training job); they cannot replace the standard fields.
-
-    With ``stages`` ({name: weight}) the fraction is within the stage; without, it is overall.
-    The overall fraction never goes backwards; an unknown stage keeps the fraction reached so far.
-    """
-
-    def __init__(self, stages: dict | None = None, sink: Callable[[dict], None] | None = None):
-        total = float(sum(stages.values())) if stages else 0.0
-        self.weights = {k: v / total for k, v in stages.items()} if total > 0 else None
-        self.sink = sink
-        self.start = time.monotonic()
-        self.done = 0.0
-        self.last: dict = {"stage": None, "fraction": 0.0, "elapsed_s": 0.0, "eta_s": None, "message": ""}
-
-    def __call__(self, stage: str, fraction: float = 0.0, message: str = "", extra: dict | None = None) -> dict:
-        f = min(max(float(fraction or 0.0), 0.0), 1.0)
-        if self.weights is None:
-            done = f
-        elif stage in self.weights:
-            done = 0.0
-            for name, w in self.weights.items():
-                if name == stage:
-                    done += w * f
-                    break
-                done += w
-        else:
-            done = self.done
-        self.done = max(self.done, done)
-        elapsed = time.monotonic() - self.start
-        eta = elapsed * (1 - self.done) / self.done if self.done > 0.02 else None
-        event = {"stage": stage, "fraction": round(self.done, 4), "elapsed_s": round(elapsed, 2),
-                 "eta_s": None if eta is None else round(eta, 1), "message": message or ""}
-        if extra:  # task-specific fields (training: epoch, loss, val_dice ...); never the standard ones
-            event.update({k: v for k, v in extra.items() if k not in event and k != "state"})
-        self.last = event
-        if self.sink is not None:
-            self.sink(event)
-        return event
-
-
-def format_progress(event: dict) -> str:
-    """One human line: `` 42% segmenting  ETA 12 s``."""
-    pct = f"{100 * (event.get('fraction') or 0):3.0f}%"
-    eta = event.get("eta_s")
-    eta = "" if eta is None else f"  ETA {_duration(eta)}"
-    msg = f"  {event['message']}" if event.get("message") else ""
-    return f"{pct} {event.get('stage') or ''}{eta}{msg}"
-
-
-def _duration(s: float) -> str:
-    s = int(round(s))
-    return f"{s} s" if s < 60 else f"{s // 60} min {s % 60:02d} s"
-
-
-# ---------------------------------------------------------------------------------------- running
-def get_task(name: str):
-    """The task ``name``: one registered already (e.g. by a plugin) is used as is; otherwise every built-in
-    task module is imported (:func:`deepsegrecon.task.get_task`), which for most tasks imports torch."""
-    from . import task as _task
-
-    cls = _task._REGISTRY.get(name)
-    return cls() if cls is not None else _task.get_task(name)
-
-def _resolve_device(name) -> str:
-    name = str(name or "auto")
-    if name == "cpu":  # no torch import needed
-        return "cpu"
-    from .device import resolve_device
-
-    return str(resolve_device(name))
-
-
-def check_model(task: str, version: str | None = None, store=None, load: bool = True):
-    """Find, checksum and (``load=True``) test-load the weights of ``task``: every problem is a ModelError
-    raised before any heavy work. Returns the :class:`~deepsegrecon.store.ModelEntry`."""
-    from .store import ModelStore, check_task, load_state_dict
-
-    store = store or ModelStore()
-    entry = store.get(task, version)
-    check_task(entry, task)
-    store.verify(entry)
-    if load:
-        for name in entry.files:
-            if name.endswith((".pt", ".pth")):
-                load_state_dict(entry, name, task=task)
-    return entry
-
-
-def model_for_job(task_name: str, images: dict, params: dict, store=None):
-    """Check and return the weights a job will use: ``params['model']``, else the task's own choice for these inputs
-    (:meth:`Task.model_version`), else the default version."""
-    from .store import ModelStore
-
-    task = get_task(task_name)
-    store = store or ModelStore()
-    version = params.get("model") or task.model_version(images, {**task.default_params(), **params}, store)
-    return check_model(getattr(task, "model_task", None) or task.name, version, store)
-
-
-def run_inline(task_name: str, images: dict, params: dict, progress: Callable[[dict], None] | None = None,
-               cancel: CancelToken | None = None, model=None):
-    """Run ``task_name`` in this process: validate, resolve device and weights, run; returns the result.
-
-    ``progress`` receives event dicts (stage, fraction, elapsed_s, eta_s, message). ``model`` is an
-    already checked ModelEntry; otherwise, when the task declares ``uses_model = True`` or ``params``
-    names a ``model`` version, the weights are checked here before the task runs.
-    """
-    task = get_task(task_name)
-    params = {**task.default_params(), **(params or {})}
-    task.validate(images, params)
-    cancel = cancel or CancelToken()
-    cancel.raise_if_cancelled()
-    # tasks that use no torch device may declare uses_device = False (spares the torch import)
-    device = _resolve_device(params.get("device", "auto" if getattr(task, "uses_device", True) else "cpu"))
-    if model is None and (getattr(task, "uses_model", False) or params.get("model")):
-        model = model_for_job(task_name, images, params)
-    if model is not None:
-        params["model"] = model.version
-    reporter = ProgressReporter(getattr(task, "stages", None), progress)
-    ctx = TaskContext(device=device, progress=reporter, cancel=cancel, model_dir=model.dir if model else None)
-    try:
-        return task.run(images, params, ctx)
-    except Exception as e:
-        mapped = errors.resource_error(e)  # out of memory (torch too) or disk full: exit 5
-        if mapped is None or mapped is e:
-            raise
-        raise ResourceError(f"{task_name}: {mapped}") from e
 
 
 # ---------------------------------------------------------------------------------------- job folder

@@ -88,11 +88,11 @@ def _split_bench(out: Path, name: str, select, axis: int, toward: int, names: tu
 
     import deepsegrecon.training.jobs  # noqa: F401  (registers "train")
     from deepsegrecon.inference import sliding_window
+    from deepsegrecon.runner import run_inline
     from deepsegrecon.slices.metrics import dice
     from deepsegrecon.store import ModelStore, load_state_dict
     from deepsegrecon.training.cases import write_case
     from deepsegrecon.training.recipe import get_recipe
-    from deepsegrecon.worker import run_inline
 
     env = f"BENCH_{name.upper()}_"
     minutes = float(os.environ.get(env + "MINUTES", defaults["minutes"]))

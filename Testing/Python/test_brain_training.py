@@ -77,7 +77,7 @@ def test_train_on_flair_t1c_cases_gives_a_version_the_task_runs(capsys, cases, t
     assert m["training"]["history"] and np.isfinite(m["training"]["history"][0]["loss"])
     # the new version segments a case from FLAIR + T1c
     from deepsegrecon.io import read_image
-    from deepsegrecon.worker import run_inline
+    from deepsegrecon.runner import run_inline
 
     imgs = {n: read_image(cases / "two" / "case21" / f"{n}.nrrd") for n in ("flair", "t1c")}
     res = run_inline("brain-tumor", imgs, {"device": "cpu", "model": "two-input-v1"})

@@ -120,7 +120,7 @@ def test_weights_chosen_by_view_count(tmp_path):
 
 def test_a_job_gets_the_weights_for_its_view_count(tmp_path):
     from deepsegrecon.image import Image
-    from deepsegrecon.worker import model_for_job
+    from deepsegrecon.runner import model_for_job
 
     store = _store(tmp_path, [("any", "any", True), ("ten", [10], False)])
     ct = {"ct": Image(np.full((8, 8, 8), -1000.0, np.float32), (2.0, 2.0, 2.0))}

@@ -36,7 +36,7 @@ def test_refiner_improves_sart_on_unseen_real_ct_and_keeps_the_grid(shared_data)
     from deepsegrecon.cbct.data import resample_iso
     from deepsegrecon.image import Image
     from deepsegrecon.io import read_image
-    from deepsegrecon.worker import run_inline
+    from deepsegrecon.runner import run_inline
 
     ct = resample_iso(read_image(shared_data / "ct_volumes_2mm" / "ircadb1_1_abdomen.nii.gz"), 4.0)
     img = Image(np.ascontiguousarray(ct.array[10:42]), (4.0, 4.0, 4.0), (-12.5, 33.25, 101.0), oblique_direction())
@@ -53,7 +53,7 @@ def test_refiner_improves_sart_on_unseen_real_ct_and_keeps_the_grid(shared_data)
 
 def test_torch_backend_says_the_refiner_was_skipped():
     from deepsegrecon.image import Image
-    from deepsegrecon.worker import run_inline
+    from deepsegrecon.runner import run_inline
 
     k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in (12, 14, 16)], indexing="ij")
     img = Image(np.where(i ** 2 + j ** 2 + k ** 2 < 0.7, 0.0, -1000.0).astype(np.float32), (1.5, 1.5, 2.0))

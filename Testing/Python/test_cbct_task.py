@@ -97,7 +97,7 @@ def test_simulate_then_reconstruct_from_the_saved_projections(capsys, tmp_path, 
 
 
 def test_fdk_improves_with_views_and_without_noise(tiny_model, ct):
-    from deepsegrecon.worker import run_inline
+    from deepsegrecon.runner import run_inline
 
     img, _ = ct
     psnr = {}
@@ -113,7 +113,7 @@ def test_fdk_improves_with_views_and_without_noise(tiny_model, ct):
 def test_data_consistency_steps_are_reported_and_can_be_turned_off(tiny_model, ct):
     from deepsegrecon.cbct.methods import DC
     from deepsegrecon.errors import InputError
-    from deepsegrecon.worker import run_inline
+    from deepsegrecon.runner import run_inline
 
     img, _ = ct
     params = {"views": 8, "detector": 40, "device": "cpu", "method": "dif-gaussian", "compare": []}
@@ -213,7 +213,7 @@ def test_geometry_json_of_a_stack_volume_and_task_validation(tiny_model, ct):
 def test_methods_and_the_torch_fallback(tiny_model, ct, monkeypatch):
     from deepsegrecon.cbct import rtk_backend
     from deepsegrecon.errors import InputError
-    from deepsegrecon.worker import run_inline
+    from deepsegrecon.runner import run_inline
 
     img, _ = ct
     params = {"views": 8, "detector": 40, "device": "cpu", "compare": []}

@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from deepsegrecon import cli, worker
+from deepsegrecon import cli, runner, worker
 from deepsegrecon.errors import Cancelled, InputError, ModelError
 from deepsegrecon.image import Image
 from deepsegrecon.io import write_image
+from deepsegrecon.progress import ProgressReporter
 from deepsegrecon.store import ModelStore
 from deepsegrecon.task import CancelToken, TaskContext
 from deepsegrecon.teeth import labels as L
@@ -379,7 +380,7 @@ def test_bad_case_refused_and_nothing_written(world, inproc, what):
     cases = _case_variant(world, inproc["root"] / "cases", damage)
     before = tree_hashes(inproc["home"])
     with pytest.raises(error, match=message):
-        worker.run_inline("finetune", {}, {**_params(world, "ft-bad"), "cases": str(cases)})
+        runner.run_inline("finetune", {}, {**_params(world, "ft-bad"), "cases": str(cases)})
     assert tree_hashes(inproc["home"]) == before and work_dirs(inproc["tmp"]) == []
 
 
@@ -395,7 +396,7 @@ def test_bad_case_refused_and_nothing_written(world, inproc, what):
 def test_bad_parameters_refused_before_any_work(world, inproc, change, error, message):
     before = tree_hashes(inproc["home"])
     with pytest.raises(error, match=message):
-        worker.run_inline("finetune", {}, {**_params(world, "ft-bad"), **change})
+        runner.run_inline("finetune", {}, {**_params(world, "ft-bad"), **change})
     assert tree_hashes(inproc["home"]) == before and work_dirs(inproc["tmp"]) == []
 
 
@@ -409,7 +410,7 @@ def test_inline_cancel_and_a_late_cancel_undo_the_write(world, inproc):
             token.cancel()
 
     with pytest.raises(Cancelled):
-        worker.run_inline("finetune", {}, _params(world, "ft-c"), progress=progress, cancel=token)
+        runner.run_inline("finetune", {}, _params(world, "ft-c"), progress=progress, cancel=token)
     assert set(versions(inproc["home"])) == {BASE} and work_dirs(inproc["tmp"]) == []
 
     token = CancelToken()
@@ -425,7 +426,7 @@ def test_inline_cancel_and_a_late_cancel_undo_the_write(world, inproc):
     store_mod.ModelStore.write_version = write_then_cancel
     try:
         with pytest.raises(Cancelled):
-            worker.run_inline("finetune", {}, _params(world, "ft-late", stages=["stage2"]), cancel=token)
+            runner.run_inline("finetune", {}, _params(world, "ft-late", stages=["stage2"]), cancel=token)
     finally:
         store_mod.ModelStore.write_version = original
     assert set(versions(inproc["home"])) == {BASE}
@@ -500,7 +501,7 @@ def test_add_case_cli(world, inproc, capsys):
 
 def test_progress_extra_fields_reach_the_sink_and_old_sinks_still_work():
     events = []
-    reporter = worker.ProgressReporter({"a": 1, "b": 1}, events.append)
+    reporter = ProgressReporter({"a": 1, "b": 1}, events.append)
     ctx = TaskContext(progress=reporter)
     ctx.step("b", 0.5, "half", extra={"epoch": 3, "loss": 0.25, "fraction": 9})
     assert events[-1]["epoch"] == 3 and events[-1]["loss"] == 0.25 and events[-1]["fraction"] == 0.75

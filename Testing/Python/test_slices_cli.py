@@ -156,8 +156,8 @@ def _case(folder, seed=0):
 
 
 def test_train_and_finetune_through_the_jobs(tiny_store):
+    from deepsegrecon.runner import run_inline
     from deepsegrecon.training import jobs  # noqa: F401 (registers train and finetune)
-    from deepsegrecon.worker import run_inline
 
     cases = tiny_store / "cases"
     _case(cases / "a", 0)

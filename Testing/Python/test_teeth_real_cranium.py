@@ -94,7 +94,7 @@ def test_shipped_pipeline_finds_the_upper_teeth(cranium, reference):
     """The issue's bar: >= 10 upper teeth found in the mouth (Dice >= 0.5 against the reference), no lower teeth,
     no tooth voxel higher than 20 mm above the lowest slice or in the back half of the head."""
     from deepsegrecon.errors import InputError
-    from deepsegrecon.worker import run_inline
+    from deepsegrecon.runner import run_inline
 
     try:
         result = run_inline("teeth", {"image": cranium}, {"device": "cpu"})

@@ -11,9 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from deepsegrecon import processes, worker
+from deepsegrecon import processes, runner, worker
 from deepsegrecon.errors import Cancelled, DeepSegReconError, InputError
 from deepsegrecon.image import Image
+from deepsegrecon.progress import ProgressReporter, format_progress
 from deepsegrecon.task import CancelToken
 
 PLUGIN = textwrap.dedent('''
@@ -230,13 +231,13 @@ def test_run_inline_validates_first_and_honours_cancel(tmp_path, image, plugin_e
     importlib.import_module("dsr_test_tasks")
     events = []
     with pytest.raises(InputError, match="2-D"):
-        worker.run_inline("test_sleep", {"image": Image(np.ones((20, 20)))}, {"device": "cpu"}, progress=events.append)
+        runner.run_inline("test_sleep", {"image": Image(np.ones((20, 20)))}, {"device": "cpu"}, progress=events.append)
     assert events == []  # refused before running
     token = CancelToken()
     token.cancel()
     with pytest.raises(Cancelled):
-        worker.run_inline("test_sleep", {"image": image}, {"device": "cpu"}, cancel=token)
-    res = worker.run_inline("test_sleep", {"image": image}, {"device": "cpu", "steps": 4, "dt": 0},
+        runner.run_inline("test_sleep", {"image": image}, {"device": "cpu"}, cancel=token)
+    res = runner.run_inline("test_sleep", {"image": image}, {"device": "cpu", "steps": 4, "dt": 0},
                             progress=events.append)
     assert np.array_equal(res.volumes["doubled"].array, image.array * 2)
     assert [e["fraction"] for e in events] == [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -272,13 +273,13 @@ def test_out_of_memory_and_disk_full_exit_5(tmp_path, image, plugin_env, monkeyp
 
 def test_progress_reporter_weights_stages():
     events = []
-    rep = worker.ProgressReporter({"load": 1, "segment": 8, "save": 1}, events.append)
+    rep = ProgressReporter({"load": 1, "segment": 8, "save": 1}, events.append)
     rep("load", 1.0)
     rep("segment", 0.5)
     rep("unknown stage", 0.0)  # keeps the fraction reached
     rep("save", 1.0)
     assert [e["fraction"] for e in events] == [0.1, 0.5, 0.5, 1.0]
-    assert worker.format_progress({"fraction": 0.42, "stage": "segment", "eta_s": 75, "message": ""}) == \
+    assert format_progress({"fraction": 0.42, "stage": "segment", "eta_s": 75, "message": ""}) == \
         " 42% segment  ETA 1 min 15 s"
 
 

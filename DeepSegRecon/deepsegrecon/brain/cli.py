@@ -34,7 +34,7 @@ def cmd_brain_tumor(args) -> int:
     from ..errors import InputError
     from ..files import check_writable_dir, staged_outputs
     from ..io import check_series_used, read_image
-    from ..worker import check_model, run_inline
+    from ..runner import check_model, run_inline
     from .task import MODALITIES, check_inputs
 
     t0 = time.monotonic()

@@ -53,7 +53,7 @@ def cmd_cbct_recon(args) -> int:
     from ..errors import InputError
     from ..files import check_writable_dir, json_text, staged_outputs
     from ..io import check_series_used, read_image, write_image
-    from ..worker import model_for_job, run_inline
+    from ..runner import model_for_job, run_inline
     from .preview import write_preview
     from .projio import read_projections, write_projections
 

@@ -140,11 +140,11 @@ class TrainingProgressPrinter:
         self.last_stage, self.last_t = None, 0.0
 
     def __call__(self, event: dict) -> None:
-        from ..worker import _duration
+        from ..progress import format_duration
 
         kind, stage, t = event.get("event"), event.get("stage"), time.monotonic()
         pct = f"{100 * (event.get('fraction') or 0):3.0f}%"
-        eta = "" if event.get("eta_s") is None else f"  ETA {_duration(event['eta_s'])}"
+        eta = "" if event.get("eta_s") is None else f"  ETA {format_duration(event['eta_s'])}"
         if kind == "epoch":
             part = f"[{event['part']}] " if event.get("part") and event.get("part") != "model" else ""
             epochs = f"/{event['epochs']}" if event.get("epochs") else ""
@@ -176,9 +176,9 @@ def _name_values(items, option: str) -> dict:
 
 
 def _run_training(kind: str, args) -> int:
+    from ..runner import run_inline
     from ..training import jobs  # noqa: F401  (registers the train and finetune tasks)
     from ..training.labels import read_label_map
-    from ..worker import run_inline
 
     t0 = time.monotonic()
     name = args.name or time.strftime(f"{args.task}-%Y%m%d-%H%M%S")
@@ -240,9 +240,9 @@ def _settings(items) -> dict:
 
 
 def _fmt_s(s: float) -> str:
-    from ..worker import _duration
+    from ..progress import format_duration
 
-    return _duration(s)
+    return format_duration(s)
 
 
 def cmd_train(args) -> int:

@@ -15,7 +15,7 @@ class ProgressPrinter:
         self.last = (None, -100, 0.0)
 
     def __call__(self, event: dict) -> None:
-        from ..worker import format_progress
+        from ..progress import format_progress
 
         stage, pct, t = event.get("stage"), int(100 * (event.get("fraction") or 0)), time.monotonic()
         last_stage, last_pct, last_t = self.last

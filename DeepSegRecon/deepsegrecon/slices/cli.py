@@ -51,8 +51,8 @@ def cmd_slices(args) -> int:
     from ..errors import InputError
     from ..files import check_writable_dir, output_stem, staged_outputs
     from ..io import check_series_used, read_image
+    from ..runner import check_model, run_inline
     from ..validate import check_image
-    from ..worker import check_model, run_inline
     from .labels import read_label_set
 
     t0 = time.monotonic()

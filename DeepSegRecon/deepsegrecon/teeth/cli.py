@@ -42,8 +42,8 @@ def cmd_phantom_teeth(args) -> int:
 def cmd_teeth(args) -> int:
     from ..files import check_writable_dir, staged_outputs
     from ..io import check_series_used, read_image
+    from ..runner import check_model, run_inline
     from ..validate import check_image
-    from ..worker import check_model, run_inline
 
     t0 = time.monotonic()
     inp, out = Path(args.input).expanduser(), Path(args.output).expanduser().absolute()  # MRML wants full paths

@@ -135,7 +135,7 @@ def cmd_drr(args) -> int:
     from ..cli.common import ProgressPrinter
     from ..files import check_writable_dir, json_text, staged_outputs
     from ..io import check_series_used, read_image
-    from ..worker import run_inline
+    from ..runner import run_inline
 
     out = Path(args.output).expanduser().absolute()
     check_writable_dir(out)
@@ -163,7 +163,7 @@ def cmd_register(args) -> int:
     from ..errors import InputError
     from ..files import check_writable_dir, json_text, staged_outputs
     from ..io import check_series_used, read_image
-    from ..worker import run_inline
+    from ..runner import run_inline
     from .xrayio import read_xray
 
     t0 = time.monotonic()
