@@ -19,9 +19,10 @@ from deepsegrecon import scene as sc
 from deepsegrecon.errors import InputError, ModelError
 from deepsegrecon.image import Image
 from deepsegrecon.results import SegmentationResult, SegmentInfo
+from deepsegrecon.scene.curves import epoch_row
 from deepsegrecon.scene.logic import SegmentTeethLogic
 from deepsegrecon.scene.selection import active_model_version
-from deepsegrecon.scene.training import TrainingLogic, epoch_row
+from deepsegrecon.scene.training import TrainingLogic
 from deepsegrecon.store import ModelStore
 from deepsegrecon.training.cases import load_case
 from scene_testdata import oblique_grid, teeth_result

@@ -2,6 +2,8 @@
 
 MRML only (``slicer-core`` wheel or 3D Slicer), no Qt; the "Improve the model" panel section of every segmentation
 module calls these methods (a QTimer calls :meth:`TrainingLogic.poll`) and the tests call the same ones.
+:class:`TrainingLogic` is the one entry point; its training-set methods are in :mod:`.training_set`, its curves in
+:mod:`.curves`, the model selection in :mod:`.selection`; the job and the versions are here.
 
 * :meth:`TrainingLogic.add_to_training_set` writes the current input volume(s) and the user-corrected segmentation
   as one case folder (:func:`deepsegrecon.training.cases.write_case`: all of it or nothing) in the training-set
@@ -43,22 +45,15 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import DeepSegReconError, InputError, ModelError
-from ..image import Image
 from ..results import ModelResult
-from ._mrml import check_scene, np_matrix, slicer_module, vtk_matrix, world_matrix_of
+from ._mrml import check_scene
+from .curves import TrainingCurves, as_number, epoch_row
 from .logic import TaskLogic, _idle_status, poll_until_done
-from .segmentations import BINARY_LABELMAP, segmentation_node_to_labelmap
 from .selection import active_model_version, set_active_model_version
-from .volumes import volume_node_to_image
+from .training_set import SAFE_NAME, TrainingSet
 
-OUTSIDE_TOLERANCE = 0.005  # fraction of labelled voxels that may lie outside the volume (edge rounding)
-TABLE_COLUMNS = ("epoch", "loss", "val_dice", "part", "part_epoch")
 ENGINE_TRAINING_TASKS = ("finetune", "train")
-_SAFE = re.compile(r"[^A-Za-z0-9_.+\-]+")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]*$")
 
 
 def describe_version(entry) -> str:
@@ -117,39 +112,6 @@ class _ProgressTail:
         return events
 
 
-def _number(value) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def epoch_row(event: dict) -> dict | None:
-    """{"part", "epoch", "loss", "val_dice"} of an end-of-epoch progress event, else None.
-
-    An end-of-epoch event has an integer ``epoch`` and a ``loss`` (or ``"event": "epoch"``); the per-batch
-    ``"event": "iteration"`` lines also name the epoch but are not rows. ``part``: the network being trained,
-    for tasks with several trained in turn (teeth: stage1, stage2; their epochs each count from 1), else "".
-    """
-    if not isinstance(event, dict) or event.get("state"):
-        return None
-    fields = event
-    for key in ("metrics", "extra", "data"):  # the fields may come nested
-        if "epoch" not in fields and isinstance(event.get(key), dict):
-            fields = {**event[key], "event": event.get("event")}
-    kind = fields.get("event")
-    if kind not in (None, "epoch"):
-        return None
-    epoch = _number(fields.get("epoch"))
-    if epoch is None or epoch != int(epoch) or (kind is None and "loss" not in fields):
-        return None
-    return {"part": str(fields.get("part") or ""), "epoch": int(epoch), "loss": _number(fields.get("loss")),
-            "val_dice": _number(fields.get("val_dice"))}
-
-
 class _TrainingJob(TaskLogic):
     """TaskLogic for a job without input volumes whose result is a model version (nothing to import).
 
@@ -195,7 +157,7 @@ class _TrainingJob(TaskLogic):
 
 
 # ------------------------------------------------------------------------------------------ the logic
-class TrainingLogic:
+class TrainingLogic(TrainingSet, TrainingCurves):
     """Training set, fine-tuning jobs and model versions of one segmentation task (``task_name``, e.g. "teeth").
 
     ``training_root``: the training-set folder (default ``$DEEPSEGRECON_HOME/training/<task>``, home default
@@ -212,7 +174,7 @@ class TrainingLogic:
     def __init__(self, scene, task_name: str, training_root=None, python: str = None, job_root=None,
                  plugins=(), env=None, store=None, modalities=None):
         check_scene(scene)
-        if not task_name or not _SAFE_NAME.match(str(task_name)):
+        if not task_name or not SAFE_NAME.match(str(task_name)):
             raise InputError(f"'{task_name}' is not a task name")
         self.scene = scene
         self.task_name = str(task_name)
@@ -298,258 +260,6 @@ class TrainingLogic:
         except (ModelError, InputError):
             return None
 
-    # ----------------------------------------------------------------------------------------- training set
-    @property
-    def training_folder(self) -> Path:
-        return self.training_root
-
-    def case_names(self) -> list:
-        """Names of the cases in the training-set folder (sub-folders with a ``case.json``), sorted."""
-        from ..training.cases import CASE_MANIFEST
-
-        root = self.training_root
-        if not root.is_dir():
-            return []
-        return sorted(p.name for p in root.iterdir()
-                      if p.is_dir() and not p.name.startswith((".", "_")) and (p / CASE_MANIFEST).is_file())
-
-    def case_count(self) -> int:
-        return len(self.case_names())
-
-    def required_modalities(self) -> list | None:
-        """The input names a case must have: ``modalities`` if given, else those of the first existing case."""
-        if self.modalities:
-            return list(self.modalities)
-        from ..training.cases import CASE_MANIFEST
-
-        for name in self.case_names():
-            try:
-                inputs = json.loads((self.training_root / name / CASE_MANIFEST).read_text(encoding="utf-8"))["inputs"]
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            if isinstance(inputs, dict) and inputs:
-                return list(inputs)
-        return None
-
-    def add_to_training_set(self, inputs: dict, segmentation_node, roi=None, case_name: str = None,
-                            overwrite: bool = False) -> Path:
-        """Write ``inputs`` ({modality: volume node}) and ``segmentation_node`` as a new training case; its folder.
-
-        ``roi``: the reviewed region: a segment ID of ``segmentation_node`` (that segment is the region, not a
-        label), a labelmap volume node (non-zero voxels), another segmentation node (all its segments), or a
-        markups ROI node (the box); None: the whole volume was reviewed. ``case_name``: the folder name (default
-        ``<volume name>-<date-time>``). Raises :class:`InputError` with nothing written and no node added for an
-        empty segmentation, a segmentation not on the volume, a missing modality, an empty or outside ROI, or
-        segments the model does not know.
-        """
-        from ..training.cases import write_case
-
-        slicer = slicer_module()
-        images, ref_node, ref = self._case_images(inputs)
-
-        # ---- the label, on the grid of the first input
-        if segmentation_node is None or not isinstance(segmentation_node, slicer.vtkMRMLSegmentationNode):
-            raise InputError("choose the corrected segmentation to add (a segmentation node)")
-        if segmentation_node.GetScene() is not self.scene:
-            raise InputError(f"segmentation '{segmentation_node.GetName()}' is not in this scene")
-        seg_name = segmentation_node.GetName()
-        segmentation = segmentation_node.GetSegmentation()
-        ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
-        if not ids:
-            raise InputError(f"segmentation '{seg_name}' is empty: it has no segments")
-        roi_segment = None
-        if isinstance(roi, str):
-            if roi not in ids:
-                raise InputError(f"segmentation '{seg_name}' has no segment '{roi}' to use as the reviewed region; "
-                                 f"its segments: {', '.join(ids)}")
-            roi_segment = roi
-        label_ids = [i for i in ids if i != roi_segment]
-        if not label_ids:
-            raise InputError(f"segmentation '{seg_name}' has no segment besides the reviewed-region segment "
-                             f"'{roi_segment}'")
-        own, _ = segmentation_node_to_labelmap(segmentation_node)  # the segmentation's own grid, in world space
-        if not np.any(own.array):
-            raise InputError(f"segmentation '{seg_name}' is empty: none of its segments has a voxel; correct the "
-                             "segmentation in the Segment Editor first")
-        labelled, outside = _voxels_outside(own, ref)
-        vol_name = ref_node.GetName()
-        if outside >= labelled:
-            raise InputError(f"segmentation '{seg_name}' does not overlap the volume '{vol_name}': it was drawn on "
-                             "another image; choose the volume it was drawn on")
-        if outside > OUTSIDE_TOLERANCE * labelled:
-            raise InputError(f"{100.0 * outside / labelled:.1f}% of the labelled voxels of segmentation '{seg_name}' "
-                             f"lie outside the volume '{vol_name}': it is not on this volume's geometry (drawn on "
-                             "another image, or moved by a transform); choose the volume it was drawn on")
-        resampled = not _same_lattice(own, ref)
-        regions = self._region_label(segmentation_node, label_ids, ref_node, ref)
-        if regions is not None:  # overlapping region segments (e.g. ET/TC/WT): the model's labels from them
-            label, label_names = regions
-        else:
-            source = segmentation_node if roi_segment is None else _segments_copy(segmentation_node, label_ids)
-            label, infos = segmentation_node_to_labelmap(source, ref_node)
-            if not np.any(label.array):
-                raise InputError(f"segmentation '{seg_name}' has no labelled voxel on the grid of the volume "
-                                 f"'{vol_name}'")
-            label_names = self._label_names(seg_name, label, infos)
-            label = label_names.pop("__image__")
-
-        # ---- the reviewed region
-        roi_image, roi_kind = self._roi_mask(roi, segmentation_node, roi_segment, ref_node, ref)
-
-        # ---- the case folder
-        folder = self._case_folder(case_name, vol_name, overwrite)
-        meta = {
-            "source": {"volumes": {m: n.GetName() for m, n in inputs.items()}, "segmentation": seg_name},
-            "task": self.task_name,
-            "model_version": self.active_version(),
-            "roi": roi_kind,
-            "label_resampled": bool(resampled),
-            "segments": sorted(label_names, key=label_names.get),
-            "added_by": "DeepSegRecon TrainingLogic.add_to_training_set",
-        }
-        if resampled:
-            meta["segmentation_grid"] = {"shape": list(own.array.shape), "spacing": list(own.spacing)}
-        write_case(folder, images, label, label_names, roi=roi_image, meta=meta, overwrite=overwrite)
-        self.last_case = {"folder": folder, "label_resampled": bool(resampled), "roi": roi_kind,
-                          "label_names": dict(label_names)}
-        return folder
-
-    def _case_images(self, inputs):
-        slicer = slicer_module()
-        if not isinstance(inputs, dict) or not inputs:
-            raise InputError("choose the input volume(s) of the case")
-        required = self.required_modalities()
-        if required:
-            missing = [m for m in required if inputs.get(m) is None]
-            if missing:
-                raise InputError(f"the case lacks the input volume for modality {', '.join(repr(m) for m in missing)}"
-                                 f" (the {self.task_name} training set uses {', '.join(required)})")
-            extra = [m for m in inputs if m not in required]
-            if extra:
-                raise InputError(f"modality {', '.join(repr(m) for m in extra)} is not used by the {self.task_name} "
-                                 f"training set (it uses {', '.join(required)})")
-            inputs = {m: inputs[m] for m in required}
-        images = {}
-        for modality, node in inputs.items():
-            if node is None:
-                raise InputError(f"no volume selected for the modality '{modality}'")
-            if not isinstance(node, slicer.vtkMRMLScalarVolumeNode) or isinstance(node, slicer.vtkMRMLLabelMapVolumeNode):
-                raise InputError(f"the input '{modality}' must be a scalar volume node (an image, not a labelmap)")
-            if node.GetScene() is not self.scene:
-                raise InputError(f"volume '{node.GetName()}' is not in this scene")
-            img = volume_node_to_image(node)
-            if img.ndim != 3 or min(img.array.shape) < 1:
-                raise InputError(f"volume '{node.GetName()}' is not a 3-D image")
-            images[modality] = img
-        first = next(iter(inputs))
-        ref = images[first]
-        for modality, img in images.items():
-            if not img.same_grid(ref):
-                raise InputError(f"volume '{inputs[modality].GetName()}' ({modality}) is not on the grid of "
-                                 f"'{inputs[first].GetName()}' ({first}): resample it onto that volume first")
-        return images, inputs[first], ref
-
-    def _label_names(self, seg_name: str, label: Image, infos: list) -> dict:
-        """{segment name: value}; with the model's label map known, values are the model's and unknown names are
-        refused. The relabelled image is returned under the key ``"__image__"``."""
-        names = [s.name for s in infos]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise InputError(f"segmentation '{seg_name}' has several segments named {dup}; rename them so each "
-                             "structure has one segment")
-        known = self._label_map()
-        if not known:
-            out = {s.name: int(s.label) for s in infos}
-            out["__image__"] = label
-            return out
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            shown = ", ".join(list(known)[:8]) + (", ..." if len(known) > 8 else "")
-            raise InputError(f"segments {unknown} of '{seg_name}' are not labels of the {self.task_name} model "
-                             f"(it knows {shown}); remove or rename them in the Segment Editor")
-        arr = label.array
-        hi = int(arr.max())
-        lut = np.zeros(hi + 1, dtype=np.int64)
-        for s in infos:
-            if 0 < int(s.label) <= hi:
-                lut[int(s.label)] = known[s.name]
-        values = lut[arr]
-        dtype = np.uint8 if values.max() < 256 else (np.uint16 if values.max() < 65536 else np.int32)
-        out = {s.name: int(known[s.name]) for s in infos}
-        out["__image__"] = label.with_array(values.astype(dtype))
-        return out
-
-    def _region_label(self, seg_node, ids: list, ref_node, ref: Image):
-        """(label Image on the reference grid, {name: value}) from the task's region hook
-        (``capability.region_label_hook``) when the segments are its overlapping regions, each read on its own;
-        else None."""
-        from ..capability import region_label_hook
-
-        hook = region_label_hook(self.task_name)
-        if hook is None:
-            return None
-        segmentation = seg_node.GetSegmentation()
-        names = {segmentation.GetSegment(i).GetName(): i for i in ids}
-
-        def read_mask(name):
-            region, _ = segmentation_node_to_labelmap(_segments_copy(seg_node, [names[name]]), ref_node)
-            return np.asarray(region.array) > 0
-
-        out = hook(seg_node.GetName(), list(names), self._label_map() or {}, read_mask)
-        if out is None:
-            return None
-        array, label_names = out
-        return ref.with_array(array), label_names
-
-    def _roi_mask(self, roi, seg_node, roi_segment, ref_node, ref: Image):
-        """(uint8 mask Image on the reference grid or None, a word for case.json)."""
-        slicer = slicer_module()
-        if roi is None:
-            return None, None
-        if roi_segment is not None:
-            only, _ = segmentation_node_to_labelmap(_segments_copy(seg_node, [roi_segment]), ref_node)
-            mask, kind, what = only.array > 0, f"segment {roi_segment}", f"the segment '{roi_segment}'"
-        elif isinstance(roi, slicer.vtkMRMLMarkupsROINode):
-            mask, kind, what = _box_mask(roi, ref), "markups ROI", f"the ROI '{roi.GetName()}'"
-        elif isinstance(roi, slicer.vtkMRMLSegmentationNode):
-            if roi is seg_node:
-                raise InputError("the reviewed region cannot be the corrected segmentation itself; choose a segment "
-                                 "of it, another segmentation, a labelmap or an ROI box")
-            if roi.GetScene() is not self.scene:
-                raise InputError(f"segmentation '{roi.GetName()}' is not in this scene")
-            region, _ = segmentation_node_to_labelmap(roi, ref_node)
-            mask, kind, what = region.array > 0, "segmentation", f"the segmentation '{roi.GetName()}'"
-        elif isinstance(roi, slicer.vtkMRMLVolumeNode):
-            if roi.GetScene() is not self.scene:
-                raise InputError(f"volume '{roi.GetName()}' is not in this scene")
-            img = volume_node_to_image(roi)
-            mask = img.array > 0 if img.same_grid(ref) else _sample_nearest(img, ref) > 0
-            kind, what = "labelmap", f"the labelmap '{roi.GetName()}'"
-        else:
-            raise InputError("the reviewed region must be a segment ID, a labelmap volume, a segmentation or a "
-                             f"markups ROI node, not {type(roi).__name__}")
-        if not np.any(mask):
-            raise InputError(f"{what} marks no voxel of the volume '{ref_node.GetName()}' as reviewed: it is empty or "
-                             "outside the volume")
-        return ref.with_array(mask.astype(np.uint8)), kind
-
-    def _case_folder(self, case_name, volume_name: str, overwrite: bool) -> Path:
-        if case_name is not None:
-            case_name = str(case_name)
-            if not _SAFE_NAME.match(case_name) or case_name.lower().startswith("staging"):
-                raise InputError(f"'{case_name}' cannot be a case name: use letters, digits, '.', '_', '+' or '-' "
-                                 "(starting with a letter or digit)")
-            folder = self.training_root / case_name
-            if folder.exists() and not overwrite:
-                raise InputError(f"the training set already has a case '{case_name}' ({folder}); choose another name")
-            return folder
-        base = _SAFE.sub("_", volume_name).strip("._-+") or "case"
-        base = f"{base[:60]}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        folder, n = self.training_root / base, 2
-        while folder.exists():
-            folder, n = self.training_root / f"{base}-{n}", n + 1
-        return folder
-
     # ----------------------------------------------------------------------------------------- fine-tuning
     @property
     def running(self) -> bool:
@@ -614,17 +324,17 @@ class TrainingLogic:
         if minutes is None and epochs is None:
             raise InputError("give a training budget: minutes or epochs")
         if minutes is not None:
-            m = _number(minutes)
+            m = as_number(minutes)
             if m is None or m <= 0:
                 raise InputError(f"the time budget must be a positive number of minutes, got {minutes!r}")
             params["minutes"] = m
         if epochs is not None:
-            e = _number(epochs)
+            e = as_number(epochs)
             if e is None or e < 1 or e != int(e):
                 raise InputError(f"epochs must be a whole number of at least 1, got {epochs!r}")
             params["epochs"] = int(e)
         if val_fraction is not None:
-            v = _number(val_fraction)
+            v = as_number(val_fraction)
             if v is None or not 0 <= v < 1:
                 raise InputError(f"the validation fraction must be in [0, 1), got {val_fraction!r}")
             params["val_fraction"] = v
@@ -651,119 +361,6 @@ class TrainingLogic:
             self._job.cancel()
             raise
         return new_name
-
-    # ---- curves
-    def _create_curve_nodes(self, new_name: str, base_version: str | None) -> None:
-        import vtk
-
-        slicer = slicer_module()
-        what = f"fine-tune {base_version} -> {new_name}" if base_version else f"training {new_name}"
-        table = slicer.vtkMRMLTableNode()
-        table.SetName(self.scene.GenerateUniqueName(f"{self.task_name} {what}"))
-        for name, cls in zip(TABLE_COLUMNS, (vtk.vtkIntArray, vtk.vtkDoubleArray, vtk.vtkDoubleArray,
-                                             vtk.vtkStringArray, vtk.vtkIntArray)):
-            column = cls()
-            column.SetName(name)
-            table.AddColumn(column)
-        table.SetAttribute("DeepSegRecon.task", self.task_name)
-        table.SetAttribute("DeepSegRecon.version", new_name)
-        table.SetAttribute("DeepSegRecon.base_version", base_version or "")
-        table.SetAttribute("DeepSegRecon.state", "running")
-        self.scene.AddNode(table)
-        added = [table]
-        try:
-            series = {}
-            for column, title, color in (("loss", "training loss", (0.85, 0.3, 0.1)),
-                                         ("val_dice", "validation Dice", (0.1, 0.45, 0.85))):
-                s = slicer.vtkMRMLPlotSeriesNode()
-                s.SetName(self.scene.GenerateUniqueName(f"{new_name} {title}"))
-                self.scene.AddNode(s)
-                added.append(s)
-                s.SetAndObserveTableNodeID(table.GetID())
-                s.SetXColumnName("epoch")
-                s.SetYColumnName(column)
-                s.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
-                s.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
-                s.SetColor(*color)
-                series[column] = s
-            chart = slicer.vtkMRMLPlotChartNode()
-            chart.SetName(self.scene.GenerateUniqueName(f"{self.task_name} {what} curves"))
-            chart.SetTitle(f"{self.task_name}: {what}")
-            chart.SetXAxisTitle("epoch")
-            chart.SetYAxisTitle("loss / validation Dice")
-            chart.SetLegendVisibility(True)
-            self.scene.AddNode(chart)
-            added.append(chart)
-            for s in series.values():
-                chart.AddAndObservePlotSeriesNodeID(s.GetID())
-        except BaseException:
-            for node in reversed(added):
-                self.scene.RemoveNode(node)
-            raise
-        self.table_node, self.chart_node, self.series_nodes = table, chart, series
-
-    def _on_events(self, events: list) -> None:
-        rows = [r for r in (epoch_row(e) for e in events) if r is not None]
-        for event in events:
-            if isinstance(event, dict) and _number(event.get("epochs")):
-                self._planned_epochs = int(event["epochs"])
-        if rows:
-            self._add_rows(rows)
-
-    def _add_rows(self, rows: list) -> None:
-        """Add end-of-epoch rows (new ones only) and rewrite the table. Several parts (networks trained in turn)
-        are shown one after the other: ``epoch`` counts on over the parts, ``part_epoch`` is the part's own."""
-        new = False
-        for r in rows:
-            key = (r["part"], r["epoch"])
-            if key not in self._rows:
-                new = True
-            self._rows[key] = r
-        if not new and rows:
-            return
-        order = []
-        for part, _ in self._rows:
-            if part not in order:
-                order.append(part)
-        keys = sorted(self._rows, key=lambda k: (order.index(k[0]), k[1]))
-        self.history = [{"epoch": n + 1, "loss": self._rows[k]["loss"], "val_dice": self._rows[k]["val_dice"],
-                         "part": k[0], "part_epoch": k[1]} for n, k in enumerate(keys)]
-        self._write_table()
-
-    def _write_table(self) -> None:
-        table = self.table_node
-        if table is None or table.GetScene() is not self.scene:  # the user removed it: keep the history only
-            return
-        data = table.GetTable()
-        columns = [data.GetColumnByName(c) for c in TABLE_COLUMNS]
-        if any(c is None for c in columns):
-            return
-        nan = float("nan")
-        was = table.StartModify()
-        try:
-            for c in columns:
-                c.SetNumberOfValues(len(self.history))
-            for n, r in enumerate(self.history):
-                columns[0].SetValue(n, int(r["epoch"]))
-                columns[1].SetValue(n, nan if r["loss"] is None else float(r["loss"]))
-                columns[2].SetValue(n, nan if r["val_dice"] is None else float(r["val_dice"]))
-                columns[3].SetValue(n, str(r["part"]))
-                columns[4].SetValue(n, int(r["part_epoch"]))
-            for c in columns:
-                c.Modified()
-            data.Modified()
-            table.Modified()
-        finally:
-            table.EndModify(was)
-
-    def _finish_curves(self, state: str) -> None:
-        for node in (self.table_node, self.chart_node):
-            if node is None or node.GetScene() is not self.scene:
-                continue
-            if state != "succeeded" and f"({state})" not in node.GetName():
-                node.SetName(f"{node.GetName()} ({state})")
-        if self.table_node is not None:
-            self.table_node.SetAttribute("DeepSegRecon.state", state)
 
     # ---- polling
     def poll(self) -> dict:
@@ -801,14 +398,6 @@ class TrainingLogic:
         self._finish_curves(status["state"])
         return status
 
-    def _with_curves(self, status: dict) -> dict:
-        last = self.history[-1] if self.history else {}
-        dice = [r["val_dice"] for r in self.history if r["val_dice"] is not None]
-        return {**status, "epoch": last.get("part_epoch"), "part": last.get("part") or None,
-                "epochs": self._planned_epochs, "loss": last.get("loss"),
-                "val_dice": last.get("val_dice"), "best_val_dice": max(dice) if dice else None,
-                "rows": len(self.history), "version": self.new_version, "base_version": self.base_version}
-
     def cancel(self) -> None:
         """Stop the training job (within about 2 s); no model version is written. The curves stay."""
         if self._job_state != "running":
@@ -832,100 +421,3 @@ class TrainingLogic:
                                keys=("state", "fraction", "stage", "message", "rows"))
 
 
-# ------------------------------------------------------------------------------------------ geometry helpers
-def _segments_copy(seg_node, keep_ids: list):
-    """A segmentation node outside any scene holding only ``keep_ids``, with the node's world transform applied
-    to its labelmaps (so the copy lies where the original is displayed)."""
-    slicer = slicer_module()
-    world = world_matrix_of(seg_node, "segmentation")
-    copy = slicer.vtkMRMLSegmentationNode()
-    segmentation = copy.GetSegmentation()
-    segmentation.DeepCopy(seg_node.GetSegmentation())
-    for i in reversed(range(segmentation.GetNumberOfSegments())):
-        sid = segmentation.GetNthSegmentID(i)
-        if sid not in keep_ids:
-            segmentation.RemoveSegment(sid)
-    if not np.allclose(world, np.eye(4)):
-        done = set()
-        for i in range(segmentation.GetNumberOfSegments()):
-            layer = segmentation.GetNthSegment(i).GetRepresentation(BINARY_LABELMAP)
-            if layer is None:
-                continue
-            key = layer.GetAddressAsString("vtkOrientedImageData")
-            if key in done:
-                continue
-            done.add(key)
-            import vtk
-
-            m = vtk.vtkMatrix4x4()
-            layer.GetImageToWorldMatrix(m)
-            layer.SetImageToWorldMatrix(vtk_matrix(world @ np_matrix(m)))
-    return copy
-
-
-def _same_lattice(a: Image, b: Image, tol: float = 1e-4) -> bool:
-    """Same spacing and axes, and an origin a whole number of voxels away: the grids share their voxels."""
-    if not (np.allclose(a.spacing, b.spacing, atol=tol) and np.allclose(a.direction, b.direction, atol=tol)):
-        return False
-    offset = np.linalg.solve(b.direction @ np.diag(b.spacing), np.subtract(a.origin, b.origin))
-    return bool(np.allclose(offset, np.round(offset), atol=1e-3))
-
-
-def _voxels_outside(labels: Image, ref: Image) -> tuple:
-    """(labelled voxels of ``labels``, how many of their centres lie outside the voxel box of ``ref``)."""
-    to_ref = np.linalg.inv(ref.ijk_to_ras()) @ labels.ijk_to_ras()
-    size = np.array(ref.size, dtype=float)  # (i, j, k)
-    total = outside = 0
-    arr = labels.array
-    for k in range(arr.shape[0]):
-        jj, ii = np.nonzero(arr[k])
-        if not len(ii):
-            continue
-        pts = np.c_[ii, jj, np.full(len(ii), k), np.ones(len(ii))] @ to_ref.T
-        out = np.any((pts[:, :3] < -0.5 - 1e-3) | (pts[:, :3] > size - 0.5 + 1e-3), axis=1)
-        total += len(ii)
-        outside += int(out.sum())
-    return total, outside
-
-
-def _ref_points(ref: Image, k: int) -> np.ndarray:
-    """RAS positions (j*i, 3) of the voxel centres of slice ``k`` of ``ref``."""
-    nk, nj, ni = ref.array.shape
-    jj, ii = np.meshgrid(np.arange(nj), np.arange(ni), indexing="ij")
-    ijk = np.c_[ii.ravel(), jj.ravel(), np.full(ii.size, k), np.ones(ii.size)]
-    return (ijk @ ref.ijk_to_ras().T)[:, :3]
-
-
-def _sample_nearest(src: Image, ref: Image) -> np.ndarray:
-    """``src`` sampled at the voxel centres of ``ref`` (nearest neighbour, 0 outside), as a (k, j, i) array."""
-    out = np.zeros(ref.array.shape, dtype=src.array.dtype)
-    to_src = np.linalg.inv(src.ijk_to_ras())
-    size = np.array(src.size)
-    for k in range(ref.array.shape[0]):
-        pts = np.c_[_ref_points(ref, k), np.ones(ref.array.shape[1] * ref.array.shape[2])] @ to_src.T
-        idx = np.floor(pts[:, :3] + 0.5).astype(np.int64)
-        ok = np.all((idx >= 0) & (idx < size), axis=1)
-        values = np.zeros(len(idx), dtype=src.array.dtype)
-        values[ok] = src.array[idx[ok, 2], idx[ok, 1], idx[ok, 0]]
-        out[k] = values.reshape(ref.array.shape[1:])
-    return out
-
-
-def _box_mask(roi_node, ref: Image) -> np.ndarray:
-    """Voxels of ``ref`` whose centres lie inside a markups ROI box (its orientation and transforms applied)."""
-    radius = [0.0, 0.0, 0.0]
-    roi_node.GetRadiusXYZ(radius)
-    if min(radius) <= 0 or roi_node.GetNumberOfControlPoints() == 0:
-        raise InputError(f"the ROI '{roi_node.GetName()}' is not placed yet (it has no size); place it around the "
-                         "reviewed region first")
-    parent = roi_node.GetParentTransformNode()
-    if parent is not None and not parent.IsTransformToWorldLinear():
-        raise InputError(f"the ROI '{roi_node.GetName()}' is under the non-linear transform '{parent.GetName()}'; "
-                         "harden or remove the transform first")
-    to_box = np.linalg.inv(np_matrix(roi_node.GetObjectToWorldMatrix()))
-    r = np.asarray(radius) + 1e-6
-    mask = np.zeros(ref.array.shape, dtype=bool)
-    for k in range(ref.array.shape[0]):
-        p = np.c_[_ref_points(ref, k), np.ones(ref.array.shape[1] * ref.array.shape[2])] @ to_box.T
-        mask[k] = np.all(np.abs(p[:, :3]) <= r, axis=1).reshape(ref.array.shape[1:])
-    return mask
