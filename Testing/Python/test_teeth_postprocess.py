@@ -7,12 +7,12 @@ from deepsegrecon.frames import canonical_frame
 from deepsegrecon.image import Image
 from deepsegrecon.teeth import labels as L
 from deepsegrecon.teeth.nets import grid_size
+from deepsegrecon.teeth.numbering import assign_positions
 from deepsegrecon.teeth.phantom import generate_teeth_phantom
 from deepsegrecon.teeth.postprocess import (
     MAX_DEPTH,
     _adjacency,
     _rejoin_unnumbered,
-    assign_positions,
     image_gaps,
     postprocess,
     profile_split,
