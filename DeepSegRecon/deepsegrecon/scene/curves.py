@@ -47,6 +47,8 @@ def epoch_row(event: dict) -> dict | None:
 
 
 class TrainingCurves:
+    """The curves half of :class:`~deepsegrecon.scene.training.TrainingLogic`."""
+
     def _create_curve_nodes(self, new_name: str, base_version: str | None) -> None:
         import vtk
 

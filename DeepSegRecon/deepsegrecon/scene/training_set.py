@@ -24,6 +24,8 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]*$")  # task and case names
 
 
 class TrainingSet:
+    """The training-set half of :class:`~deepsegrecon.scene.training.TrainingLogic`."""
+
     @property
     def training_folder(self) -> Path:
         return self.training_root
