@@ -29,21 +29,13 @@ class SegmentationResult:
     kind: str = "segmentation"
 
     def save(self, folder: Path) -> None:
-        from .io import write_image
-
-        folder = Path(folder)
-        write_image(self.labelmap, folder / "labelmap.nrrd")
-        meta = {"kind": self.kind, "segments": [asdict(s) for s in self.segments],
-                "absent": self.absent, "report": self.report}
-        (folder / "result.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+        _write(folder, {"kind": self.kind, "segments": [asdict(s) for s in self.segments], "absent": self.absent,
+                        "report": self.report}, {"labelmap": self.labelmap})
 
     @classmethod
     def load(cls, folder: Path) -> SegmentationResult:
-        from .io import read_image
-
-        folder = Path(folder)
-        meta = json.loads((folder / "result.json").read_text())
-        lab = read_image(folder / "labelmap.nrrd")
+        meta = _read_meta(folder)
+        lab = _read_images(folder, ["labelmap"])["labelmap"]
         segs = [SegmentInfo(s["name"], s["label"], tuple(s["color"]), s.get("terminology", "")) for s in meta["segments"]]
         return cls(lab, segs, meta.get("absent", []), meta.get("report", {}))
 
@@ -55,21 +47,12 @@ class VolumeResult:
     kind: str = "volume"
 
     def save(self, folder: Path) -> None:
-        from .io import write_image
-
-        folder = Path(folder)
-        for name, img in self.volumes.items():
-            write_image(img, folder / f"{name}.nrrd")
-        meta = {"kind": self.kind, "volumes": list(self.volumes), "report": self.report}
-        (folder / "result.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+        _write(folder, {"kind": self.kind, "volumes": list(self.volumes), "report": self.report}, self.volumes)
 
     @classmethod
     def load(cls, folder: Path) -> VolumeResult:
-        from .io import read_image
-
-        folder = Path(folder)
-        meta = json.loads((folder / "result.json").read_text())
-        return cls({n: read_image(folder / f"{n}.nrrd") for n in meta["volumes"]}, meta.get("report", {}))
+        meta = _read_meta(folder)
+        return cls(_read_images(folder, meta["volumes"]), meta.get("report", {}))
 
 
 @dataclass
@@ -80,23 +63,13 @@ class TransformResult:
     kind: str = "transform"
 
     def save(self, folder: Path) -> None:
-        from .io import write_image
-
-        folder = Path(folder)
-        for name, img in self.images.items():
-            write_image(img, folder / f"{name}.nrrd")
-        meta = {"kind": self.kind, "matrix_lps": np.asarray(self.matrix_lps).tolist(),
-                "images": list(self.images), "report": self.report}
-        (folder / "result.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+        _write(folder, {"kind": self.kind, "matrix_lps": np.asarray(self.matrix_lps).tolist(),
+                        "images": list(self.images), "report": self.report}, self.images)
 
     @classmethod
     def load(cls, folder: Path) -> TransformResult:
-        from .io import read_image
-
-        folder = Path(folder)
-        meta = json.loads((folder / "result.json").read_text())
-        imgs = {n: read_image(folder / f"{n}.nrrd") for n in meta["images"]}
-        return cls(np.array(meta["matrix_lps"]), imgs, meta.get("report", {}))
+        meta = _read_meta(folder)
+        return cls(np.array(meta["matrix_lps"]), _read_images(folder, meta["images"]), meta.get("report", {}))
 
 
 @dataclass
@@ -111,13 +84,12 @@ class ModelResult:
     kind: str = "model"
 
     def save(self, folder: Path) -> None:
-        meta = {"kind": self.kind, "task": self.task, "version": self.version, "manifest": self.manifest,
-                "history": self.history, "report": self.report}
-        (Path(folder) / "result.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+        _write(folder, {"kind": self.kind, "task": self.task, "version": self.version, "manifest": self.manifest,
+                        "history": self.history, "report": self.report})
 
     @classmethod
     def load(cls, folder: Path) -> ModelResult:
-        meta = json.loads((Path(folder) / "result.json").read_text())
+        meta = _read_meta(folder)
         return cls(meta["task"], meta["version"], meta.get("manifest", {}), meta.get("history", []),
                    meta.get("report", {}))
 
@@ -127,8 +99,27 @@ RESULT_TYPES = {"segmentation": SegmentationResult, "volume": VolumeResult, "tra
 
 
 def load_result(folder: Path):
-    kind = json.loads((Path(folder) / "result.json").read_text())["kind"]
-    return RESULT_TYPES[kind].load(folder)
+    return RESULT_TYPES[_read_meta(folder)["kind"]].load(folder)
+
+
+def _write(folder, meta: dict, images: dict | None = None) -> None:
+    """``images`` ({name: Image}) as ``<name>.nrrd``, then ``meta`` as ``result.json``, into ``folder``."""
+    from .io import write_image
+
+    folder = Path(folder)
+    for name, img in (images or {}).items():
+        write_image(img, folder / f"{name}.nrrd")
+    (folder / "result.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+
+
+def _read_meta(folder) -> dict:
+    return json.loads((Path(folder) / "result.json").read_text())
+
+
+def _read_images(folder, names) -> dict:
+    from .io import read_image
+
+    return {n: read_image(Path(folder) / f"{n}.nrrd") for n in names}
 
 
 def _json_default(o):

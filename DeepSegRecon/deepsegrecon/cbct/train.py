@@ -41,6 +41,21 @@ def simulate(crop, n_views: int, det: int, rng, noise: bool = True, device: str 
     return geo, proj
 
 
+def train_step(model: torch.nn.Module, opt, loss) -> float:
+    """One optimiser step on ``loss``, gradients clipped at norm 1; the loss as a float."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
+def progress_record(it: int, t0: float, losses: list, opt) -> dict:
+    """The training log line: iteration, CPU minutes since ``t0`` (process time), mean loss since the last, lr."""
+    return {"iteration": it, "cpu_minutes": round((time.process_time() - t0) / 60, 2), "loss": float(np.mean(losses)),
+            "lr": opt.param_groups[0]["lr"]}
+
+
 def train(minutes: float = 20.0, seed: int = 0, points: int = 8192, views=(6, 8, 10), lr: float = 1e-2,
           network: dict = None, log=print, max_iters: int = None, bank: int = 150, renew: float = 0.35,
           wall_minutes: float = None, optimizer: str = "sgd", device: str = "cpu", init_from=None,
@@ -93,17 +108,10 @@ def train(minutes: float = 20.0, seed: int = 0, points: int = 8192, views=(6, 8,
         pts = torch.rand(points, 3, device=device) * 2 - 1
         vol = hu_to_value(torch.from_numpy(crop.array).to(device).clamp(-1000, 2000))[None, None]
         target = F.grid_sample(vol, pts[None, None, None], align_corners=True)[0, 0, 0, 0]
-        loss = F.mse_loss(model.query(enc, pts, project(pts)), target)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(train_step(model, opt, F.mse_loss(model.query(enc, pts, project(pts)), target)))
         it += 1
         if it % 50 == 0:
-            rec = {"iteration": it, "cpu_minutes": round((time.process_time() - t0) / 60, 2),
-                   "loss": float(np.mean(losses)),
-                   "lr": opt.param_groups[0]["lr"]}
+            rec = progress_record(it, t0, losses, opt)
             history.append(rec)
             losses = []
             log(json.dumps(rec), flush=True)

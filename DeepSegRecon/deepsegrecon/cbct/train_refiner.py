@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .refiner import DEFAULT_CFG, Refiner, stack_slices
+from .train import progress_record, train_step
 
 VIEWS = (6, 8, 10, 10)
 
@@ -157,16 +158,10 @@ def train(paths, minutes: float, seed: int, out: Path, lr: float = 2e-3, batch: 
         pair = train_pairs[int(rng.choice(len(train_pairs), p=sizes / sizes.sum()))]
         x, y = batch_of(pair, rng, model.slices, batch)
         model.train()
-        loss = window_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(train_step(model, opt, window_loss(model(x), y)))
         it += 1
         if it % 100 == 0:
-            rec = {"iteration": it, "cpu_minutes": round((time.process_time() - t0) / 60, 2),
-                   "loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"]}
+            rec = progress_record(it, t0, losses, opt)
             losses = []
             if time.process_time() - last_ck > ckpt_minutes * 60 or it == 100:
                 last_ck = time.process_time()
