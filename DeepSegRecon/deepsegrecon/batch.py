@@ -27,10 +27,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import errors
 from .batch_cases import Case, find_images, parse_shard
 from .batch_cases import shard as take_shard
-from .errors import Cancelled, DeepSegReconError, InputError
+from .errors import (
+    EXIT_CANCELLED,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_RESOURCES,
+    Cancelled,
+    DeepSegReconError,
+    InputError,
+    resource_error,
+)
 
 RECORDS = ".batch"
 CSV_NAME = "batch.csv"
@@ -90,7 +98,7 @@ def volumes_ml(result) -> dict:
 
 def get_adapter(task: str) -> Adapter:
     """The batch adapter of ``task``; a task without one (a plugin) gets the single-image default."""
-    from .runner import get_task
+    from .task import get_task
 
     get_task(task)  # unknown task: InputError with the list
     from .capability import batch_adapter
@@ -177,7 +185,8 @@ class CaseRunner:
         self.models: dict = {}  # version -> checked ModelEntry
 
     def model(self, images: dict, params: dict):
-        from .runner import check_model, get_task
+        from .runner import check_model
+        from .task import get_task
 
         task = get_task(self.task)
         if not (getattr(task, "uses_model", False) or params.get("model")):
@@ -226,13 +235,13 @@ class CaseRunner:
             _move_into_place(stage, self.out / case.id)
             stage = None
         except (Cancelled, KeyboardInterrupt) as e:
-            record.update(status="cancelled", error=str(e) or "cancelled", exit_code=errors.EXIT_CANCELLED)
+            record.update(status="cancelled", error=str(e) or "cancelled", exit_code=EXIT_CANCELLED)
         except DeepSegReconError as e:
             record.update(error=str(e), exit_code=e.exit_code)
         except Exception as e:  # a bug or a library error on this case: recorded, the batch goes on
-            mapped = errors.resource_error(e)
+            mapped = resource_error(e)
             record.update(error=str(mapped) if mapped else f"internal error: {type(e).__name__}: {e}",
-                          exit_code=errors.EXIT_RESOURCES if mapped else errors.EXIT_INTERNAL)
+                          exit_code=EXIT_RESOURCES if mapped else EXIT_INTERNAL)
         finally:
             if stage is not None:
                 shutil.rmtree(stage, ignore_errors=True)
@@ -280,9 +289,9 @@ class BatchSummary:
     @property
     def exit_code(self) -> int:
         if self.cancelled:
-            return errors.EXIT_CANCELLED
+            return EXIT_CANCELLED
         codes = [int(r["exit_code"]) for r in self.records if r["status"] == "failed" and r["exit_code"] != ""]
-        return max(codes) if codes else errors.EXIT_OK
+        return max(codes) if codes else EXIT_OK
 
 
 class BatchProgress:
@@ -364,8 +373,7 @@ def run_batch(task: str, inputs, output, params: dict | None = None, *, shard=No
     poller reads it, :mod:`deepsegrecon.batch_job`). Problems of the whole batch (no case, unknown task, bad shard, missing model) raise
     before any case runs; a case's own problem is recorded in OUT/batch.csv and the batch goes on."""
     from .files import check_writable_dir
-    from .runner import get_task
-    from .task import CancelToken, Task
+    from .task import CancelToken, Task, get_task
     from .worker import _import_plugin
 
     t0 = time.monotonic()
@@ -487,7 +495,7 @@ def _run_pool(cases, config: tuple, jobs, cancel, bar) -> list:
 def models_loaded_once(task_name: str):
     """While inside, the task module's ``load_model(entry)`` builds each model version once and returns the same
     networks to every later run in this process (the batch's "load once"). Yields the cache ({key: model})."""
-    from .runner import get_task
+    from .task import get_task
 
     module = sys.modules.get(type(get_task(task_name)).__module__)
     original = getattr(module, "load_model", None)

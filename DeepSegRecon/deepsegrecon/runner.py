@@ -13,11 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from . import errors
-from .errors import ResourceError
+from .errors import ResourceError, resource_error
 from .image import Image
 from .progress import ProgressReporter
-from .task import CancelToken, TaskContext
+from .task import CancelToken, TaskContext, get_task
 
 
 def run(task: str, inputs: dict, params: dict | None = None, *, progress: Callable[[dict], None] | None = None,
@@ -30,14 +29,6 @@ def run(task: str, inputs: dict, params: dict | None = None, *, progress: Callab
     images = {name: v if isinstance(v, Image) else read_image(Path(v).expanduser()) for name, v in inputs.items()}
     return run_inline(task, images, dict(params or {}), progress=progress, cancel=cancel, model=model)
 
-
-def get_task(name: str):
-    """The task ``name``: one registered already (e.g. by a plugin) is used as is; otherwise every built-in
-    task module is imported (:func:`deepsegrecon.task.get_task`), which for most tasks imports torch."""
-    from . import task as _task
-
-    cls = _task._REGISTRY.get(name)
-    return cls() if cls is not None else _task.get_task(name)
 
 def _resolve_device(name) -> str:
     name = str(name or "auto")
@@ -99,7 +90,7 @@ def run_inline(task_name: str, images: dict, params: dict, progress: Callable[[d
     try:
         return task.run(images, params, ctx)
     except Exception as e:
-        mapped = errors.resource_error(e)  # out of memory (torch too) or disk full: exit 5
+        mapped = resource_error(e)  # out of memory (torch too) or disk full: exit 5
         if mapped is None or mapped is e:
             raise
         raise ResourceError(f"{task_name}: {mapped}") from e

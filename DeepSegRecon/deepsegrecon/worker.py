@@ -45,11 +45,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import errors, processes
-from .errors import Cancelled, DeepSegReconError, InputError, ModelError, ResourceError
+from .errors import (
+    EXIT_CANCELLED,
+    EXIT_INPUT,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    Cancelled,
+    DeepSegReconError,
+    InputError,
+    ModelError,
+    ResourceError,
+    resource_error,
+)
+from .processes import popen_options, terminate_tree, watch_process
 from .results import load_result
-from .runner import get_task, run_inline
-from .task import CancelToken
+from .runner import run_inline
+from .task import CancelToken, get_task
 
 PARAMS = "params.json"
 PROGRESS = "progress.jsonl"
@@ -175,7 +186,7 @@ class JobHandle:
             status.state = final["state"]
             status.error = final.get("error")
             status.error_type = final.get("error_type")
-        elif self.cancel_requested and not (code == errors.EXIT_OK and (self.job_dir / OUTPUT).is_dir()):
+        elif self.cancel_requested and not (code == EXIT_OK and (self.job_dir / OUTPUT).is_dir()):
             status.state, status.error_type = "cancelled", "Cancelled"  # stopped before it could say so itself
             status.error = (f"cancelled (the worker was stopped with signal {-code})" if code < 0
                             else "cancelled (the worker was stopped)")
@@ -183,9 +194,9 @@ class JobHandle:
             status.state, status.error_type = "failed", "DeepSegReconError"
             status.error = (f"the worker process was killed (signal {-code}{_signal_name(-code)}), for example because "
                             f"the system ran out of memory; see {self.job_dir / LOG}")
-        elif code == errors.EXIT_OK and (self.job_dir / OUTPUT).is_dir():
+        elif code == EXIT_OK and (self.job_dir / OUTPUT).is_dir():
             status.state = "succeeded"
-        elif code == errors.EXIT_CANCELLED:
+        elif code == EXIT_CANCELLED:
             status.state, status.error_type, status.error = "cancelled", "Cancelled", "cancelled by the user"
         else:
             status.state, status.error_type = "failed", "DeepSegReconError"
@@ -213,7 +224,7 @@ class JobHandle:
 
     def cancel(self, grace: float = 1.0) -> JobStatus:
         """Ask the task to stop (flag file); after ``grace`` s terminate the worker and every process it started,
-        and kill what is left 0.4 s later (:func:`~deepsegrecon.processes.terminate_tree`). The state is then
+        and kill what is left 0.4 s later (:func:`~deepsegrecon.terminate_tree`). The state is then
         "cancelled" (or "succeeded" if the job had finished just before)."""
         self.cancel_requested = True
         if self.process.poll() is None:
@@ -221,7 +232,7 @@ class JobHandle:
                 (self.job_dir / CANCEL).touch()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(grace)
-        processes.terminate_tree(self.process, timeout=0.4, platform=self.platform)  # children it left, too
+        terminate_tree(self.process, timeout=0.4, platform=self.platform)  # children it left, too
         return self.poll()
 
     def result(self):
@@ -260,7 +271,7 @@ def start_job(job_dir, python: str = sys.executable, env: dict | None = None,
               platform: str | None = None) -> JobHandle:
     """Start ``python -m deepsegrecon.worker JOB_DIR``; output goes to worker.log.
 
-    Started with :func:`~deepsegrecon.processes.popen_options` for ``platform`` (default ``sys.platform``): no
+    Started with :func:`~deepsegrecon.popen_options` for ``platform`` (default ``sys.platform``): no
     console window on Windows, its own session elsewhere. The worker watches this process and cancels its job
     when it ends."""
     job_dir = Path(job_dir)
@@ -275,7 +286,7 @@ def start_job(job_dir, python: str = sys.executable, env: dict | None = None,
     with open(job_dir / LOG, "ab") as log:
         proc = subprocess.Popen([python, "-m", "deepsegrecon.worker", str(job_dir)], stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(job_dir),
-                                **processes.popen_options(platform))
+                                **popen_options(platform))
     return JobHandle(job_dir, proc, platform)
 
 
@@ -299,7 +310,7 @@ def main(job_dir, install_signals: bool = True) -> int:
     job = Path(job_dir)
     if not (job / PARAMS).is_file():
         print(f"error: {job} is not a job folder (no {PARAMS})", file=sys.stderr)
-        return errors.EXIT_INPUT
+        return EXIT_INPUT
     start = time.monotonic()
     token = CancelToken(flag_file=job / CANCEL)
     guard = {"armed": True}
@@ -358,24 +369,24 @@ def main(job_dir, install_signals: bool = True) -> int:
             guard["armed"] = False  # from here on the job is done: a late SIGTERM changes nothing
             os.rename(stage, job / OUTPUT)
             stage = None
-            code, final = errors.EXIT_OK, {"state": "succeeded", "fraction": 1.0, "eta_s": 0.0}
+            code, final = EXIT_OK, {"state": "succeeded", "fraction": 1.0, "eta_s": 0.0}
         except json.JSONDecodeError as e:
             raise DeepSegReconError(f"{job / PARAMS} is not valid JSON: {e}") from e
         except Exception as e:
-            mapped = errors.resource_error(e)  # the same map as the CLI: disk full, out of memory -> exit 5
+            mapped = resource_error(e)  # the same map as the CLI: disk full, out of memory -> exit 5
             if mapped is None or mapped is e:
                 raise
             raise mapped from e
     except (Cancelled, KeyboardInterrupt) as e:
         msg = str(e) if isinstance(e, Cancelled) else "cancelled (interrupted)"
-        code, final = errors.EXIT_CANCELLED, {"state": "cancelled", "error": msg, "error_type": "Cancelled"}
+        code, final = EXIT_CANCELLED, {"state": "cancelled", "error": msg, "error_type": "Cancelled"}
     except DeepSegReconError as e:
         code = e.exit_code
         final = {"state": "failed", "error": str(e), "error_type": _error_type(e)}
         print(f"error: {e}", file=sys.stderr)
     except BaseException as e:  # a bug: keep the traceback in the log
         traceback.print_exc()
-        code = errors.EXIT_INTERNAL
+        code = EXIT_INTERNAL
         final = {"state": "failed", "error": f"internal error: {type(e).__name__}: {e}", "error_type": "DeepSegReconError"}
     finally:
         guard["armed"] = False
@@ -411,9 +422,9 @@ def _watch_parent(token: CancelToken) -> None:
         except OSError:
             token._set = True
         time.sleep(PARENT_GONE_GRACE_S)
-        os._exit(errors.EXIT_CANCELLED)
+        os._exit(EXIT_CANCELLED)
 
-    processes.watch_process(parent, on_parent_gone)
+    watch_process(parent, on_parent_gone)
 
 
 def _error_type(e: BaseException) -> str:
@@ -426,6 +437,6 @@ def _error_type(e: BaseException) -> str:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         print("usage: python -m deepsegrecon.worker JOB_DIR", file=sys.stderr)
-        sys.exit(errors.EXIT_INPUT)
+        sys.exit(EXIT_INPUT)
     rc = main(sys.argv[1])
     os._exit(rc)  # do not wait for non-daemon threads a library may have left running

@@ -51,8 +51,8 @@ def test_each_network_is_built_once_per_batch(task):
     import sys
 
     from deepsegrecon.batch import models_loaded_once
-    from deepsegrecon.runner import get_task
     from deepsegrecon.store import ModelStore
+    from deepsegrecon.task import get_task
 
     cls = type(get_task(task))
     module = sys.modules[cls.__module__]
