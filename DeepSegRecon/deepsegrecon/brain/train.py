@@ -72,50 +72,39 @@ def train_from_phantoms(out_dir, minutes: float = 20.0, seed: int = 0, init_filt
                         version: str = VERSION, log=print, iterations=None, wall_minutes=None):
     """``minutes``: CPU time of this process (the machine may be shared); ``wall_minutes``: a wall-clock cap."""
     from ..store import ModelStore
+    from ..training.loop import Budget, Loop
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     network = default_network(init_filters, crop)
     net = build_net(network, with_vae=True)
-    net.train()
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-5)
     loss_fn = BratsLoss()
     seeds = iter(rng.permutation(np.arange(*TRAIN_SEEDS))[:100_000].tolist())
     t0 = time.monotonic()
     phantoms = [prepare_phantom(next(seeds)) for _ in range(pool)]
-    used = pool
+    used = [pool]
     log(f"[brain] {pool} phantoms ready in {time.monotonic() - t0:.0f} s")
-    budget = minutes * 60.0
-    t_start, c_start, it, hist = time.monotonic(), time.process_time(), 0, []
-    wall = (wall_minutes or 1e9) * 60.0
-    while True:
-        frac = max((time.process_time() - c_start) / budget, (time.monotonic() - t_start) / wall)
-        if frac >= 1.0 or (iterations is not None and it >= iterations):
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr * (1.0 - min(frac, 0.99)) ** 0.9
-        if it and it % refresh == 0:
+
+    def step(loop):
+        if loop.step and loop.step % refresh == 0:  # renew one phantom of the pool
             phantoms[rng.integers(len(phantoms))] = prepare_phantom(next(seeds))
-            used += 1
-        d = phantoms[rng.integers(len(phantoms))]
-        x, y = augment(*sample_crop(d, crop, rng), rng)
-        xt, yt = torch.from_numpy(x)[None], torch.from_numpy(y.astype(np.float32))[None]
-        out = net(xt)
-        loss, terms = loss_fn(out, yt, xt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        hist.append({k: round(float(v.detach()), 5) for k, v in {"loss": loss, **terms}.items()})
-        it += 1
-        if it % 20 == 0:
-            m = {k: np.mean([h[k] for h in hist[-20:]]) for k in hist[-1]}
-            log(f"[brain] it {it} {time.monotonic() - t_start:.0f}s cpu {time.process_time() - c_start:.0f}s " + " ".join(f"{k} {v:.4f}" for k, v in m.items()))
-    train_s, cpu_s = time.monotonic() - t_start, time.process_time() - c_start
+            used[0] += 1
+        x, y = augment(*sample_crop(phantoms[rng.integers(len(phantoms))], crop, rng), rng)
+        xt = torch.from_numpy(x)[None]
+        return loss_fn(net(xt), torch.from_numpy(y.astype(np.float32))[None], xt)
+
+    loop = Loop(net, opt, Budget(cpu_minutes=minutes, minutes=wall_minutes, max_steps=iterations),
+                schedule=lambda it, frac: lr * (1.0 - min(frac, 0.99)) ** 0.9, log=lambda m: log(f"[brain] {m}"),
+                log_every=20).run(step)
+    it, used = loop.step, used[0]
+    train_s, cpu_s = loop.elapsed_s, loop.cpu_s
     state = state_without_vae(net)
     out_dir = Path(out_dir)
     tmp = out_dir / f".{version}-model.pt"
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(state, tmp)
+    hist = loop.history
     last = {k: round(float(np.mean([h[k] for h in hist[-50:]])), 4) for k in hist[-1]} if hist else {}
     manifest = {
         "name": f"Segment Brain Tumour {version} (synthetic phantoms)",

@@ -155,6 +155,10 @@ def atomic_save(obj, path: Path) -> None:
 def train(out: Path, minutes: float, init_filters: int = 16, crop=(64, 80, 64), lr: float = 1e-3, seed: int = 0,
           flair_share: float = 0.3, val_every: int = 300, resume: bool = False, device: str = "cpu",
           amp: str = "auto", max_steps=None, flair_cases=None, log=print) -> dict:
+    """Train for ``minutes`` of wall clock (over resumed runs too) or ``max_steps``; the weights of the best
+    selection score go to ``out/best.pt``, checkpoints to ``out/checkpoint.pt``."""
+    from ..training.loop import Budget, Loop
+
     root = data_root()
     sp = split()
     out.mkdir(parents=True, exist_ok=True)
@@ -163,19 +167,8 @@ def train(out: Path, minutes: float, init_filters: int = 16, crop=(64, 80, 64), 
     net = build_net(network, with_vae=True).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-5)
     dtype = amp_dtype(device, amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # after the network is built: the shipped run's order
     rng = np.random.default_rng(seed)
-    state = {"step": 0, "elapsed": 0.0, "best": -1.0, "best_step": 0, "history": [], "val": []}
-    ck_path, best_path = out / "checkpoint.pt", out / "best.pt"
-    if resume and ck_path.exists():
-        ck = torch.load(ck_path, weights_only=True)
-        net.load_state_dict(ck["net"])
-        opt.load_state_dict(ck["opt"])
-        state = ck["state"]
-        rng.bit_generator.state = ck["rng"]
-        torch.set_rng_state(ck["torch_rng"])
-        log(f"[brain] resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min)")
     t0 = time.monotonic()
     four = [prepare(root / "brats_real_2mm" / n, network) for n in sp["train"]]
     flair_dirs = sorted((root / "brats_flair_wt_2mm").iterdir()) if (root / "brats_flair_wt_2mm").is_dir() else []
@@ -183,50 +176,40 @@ def train(out: Path, minutes: float, init_filters: int = 16, crop=(64, 80, 64), 
     select = [read_case(root / "brats_real_2mm" / n) | {"name": n} for n in sp["select"]]
     log(f"[brain] {len(four)} four-input + {len(flair)} FLAIR-only training cases, {len(select)} selection cases "
         f"ready in {time.monotonic() - t0:.0f} s; amp {dtype}")
-    budget = minutes * 60.0
-    seg_loss_hist = []
-    net.train()
-    start = time.monotonic() - state["elapsed"]
-    while True:
-        state["elapsed"] = time.monotonic() - start
-        frac = state["elapsed"] / budget
-        done = frac >= 1.0 or (max_steps is not None and state["step"] >= max_steps)
-        if done or (state["step"] and state["step"] % val_every == 0 and state["val"][-1:] != [state["step"]]):
-            s = score(net, network, select, (MODALITIES, ("t1c", "flair")), device)
-            m4, m2 = s["+".join(MODALITIES)], s["t1c+flair"]
-            val = float(np.mean([m4["WT"], m4["TC"], m4["ET"]]) * 0.8 + 0.2 * m2["WT"])
-            state["history"].append({"step": state["step"], "min": round(state["elapsed"] / 60, 1), "score": round(val, 4),
-                                     "four": {k: m4[k] for k in ("WT", "TC", "ET")}, "flair_t1c_WT": m2["WT"]})
-            state["val"].append(state["step"])
-            log(f"[brain] val step {state['step']}: {state['history'][-1]}")
-            if val > state["best"]:
-                state["best"], state["best_step"] = val, state["step"]
-                atomic_save({k: v.detach().cpu() for k, v in net.state_dict().items()}, best_path)
-        if done or state["val"][-1:] == [state["step"]] or state["step"] % 100 == 0:
-            atomic_save({"net": net.state_dict(), "opt": opt.state_dict(), "state": state, "rng": rng.bit_generator.state,
-                         "torch_rng": torch.get_rng_state()}, ck_path)
-        if done:
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr * (1.0 - min(frac, 0.99)) ** 0.9
+
+    def step(loop):
         d = flair[rng.integers(len(flair))] if (flair and rng.random() < flair_share) else four[rng.integers(len(four))]
         x, y = augment(*sample_crop(d, crop, rng), rng, d["four"])
         xt = torch.from_numpy(x)[None].to(device)
         yt = torch.from_numpy(y)[None].to(device)
         wt = torch.from_numpy(d["w"])[None].to(device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with loop.autocast():
             seg, recon, mu, logvar = net(xt)
         loss_seg = region_loss(seg, yt, wt)
-        loss = loss_seg + 0.1 * torch.mean((recon.float() - xt) ** 2) + 0.1 * kl_divergence(mu.float(), logvar.float())
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        state["step"] += 1
-        seg_loss_hist.append(float(loss_seg.detach()))
-        if state["step"] % 50 == 0:
-            log(f"[brain] step {state['step']} {state['elapsed'] / 60:.1f} min lr {opt.param_groups[0]['lr']:.2e} "
-                f"seg loss {np.mean(seg_loss_hist[-50:]):.4f}")
+        l2, kl = torch.mean((recon.float() - xt) ** 2), kl_divergence(mu.float(), logvar.float())
+        return loss_seg + 0.1 * l2 + 0.1 * kl, {"seg": loss_seg}
+
+    def validate():
+        s = score(net, network, select, (MODALITIES, ("t1c", "flair")), device)
+        m4, m2 = s["+".join(MODALITIES)], s["t1c+flair"]
+        val = float(np.mean([m4["WT"], m4["TC"], m4["ET"]]) * 0.8 + 0.2 * m2["WT"])
+        return val, {"four": {k: m4[k] for k in ("WT", "TC", "ET")}, "flair_t1c_WT": m2["WT"]}
+
+    def set_rng(st):
+        rng.bit_generator.state = st
+
+    loop = Loop(net, opt, Budget(minutes=minutes, max_steps=max_steps), device=device, amp=dtype,
+                schedule=lambda it, frac: lr * (1.0 - min(frac, 0.99)) ** 0.9, log=lambda m: log(f"[brain] {m}"),
+                log_every=50, checkpoint=out / "checkpoint.pt", checkpoint_every_s=300,
+                state=(lambda: rng.bit_generator.state, set_rng))
+    if resume and loop.checkpoint.exists():
+        loop.resume()
+        log(f"[brain] resumed at step {loop.step} ({loop.elapsed_s / 60:.1f} min)")
+    loop.run(step, validate, val_every=val_every)
+    atomic_save(loop.best_states()["model"], out / "best.pt")
+    history = [r for r in loop.records if "val" in r]
+    state = {"step": loop.step, "elapsed": loop.elapsed_s, "best": loop.best["metric"], "best_step": loop.best["step"],
+             "history": history}
     return {"network": network, "state": state, "amp": str(dtype), "device": str(device),
             "cases": {"train": len(four), "flair_only": len(flair), "select": len(select)}}
 

@@ -15,13 +15,13 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..training.loop import Budget, Loop
 from .data import CropSampler, heldout_cases, training_volumes
 from .geometry import geometry_for_grid
 from .net import DIFGaussian, default_network
@@ -39,21 +39,6 @@ def simulate(crop, n_views: int, det: int, rng, noise: bool = True, device: str 
     if noise:
         proj = add_noise(proj, photons=float(10 ** rng.uniform(4.5, 5.5)), seed=int(rng.integers(1 << 30)))
     return geo, proj
-
-
-def train_step(model: torch.nn.Module, opt, loss) -> float:
-    """One optimiser step on ``loss``, gradients clipped at norm 1; the loss as a float."""
-    opt.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    return float(loss.detach())
-
-
-def progress_record(it: int, t0: float, losses: list, opt) -> dict:
-    """The training log line: iteration, CPU minutes since ``t0`` (process time), mean loss since the last, lr."""
-    return {"iteration": it, "cpu_minutes": round((time.process_time() - t0) / 60, 2), "loss": float(np.mean(losses)),
-            "lr": opt.param_groups[0]["lr"]}
 
 
 def train(minutes: float = 20.0, seed: int = 0, points: int = 8192, views=(6, 8, 10), lr: float = 1e-2,
@@ -82,16 +67,9 @@ def train(minutes: float = 20.0, seed: int = 0, points: int = 8192, views=(6, 8,
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.98, weight_decay=1e-3)
     else:  # a CPU-budget alternative: fewer iterations converge faster with Adam
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    budget = minutes * 60.0  # CPU time of this process (the machine is shared: wall time says little)
-    t0, w0 = time.process_time(), time.monotonic()
-    wall = (wall_minutes or 1e9) * 60.0
-    history, losses, it, samples = [], [], 0, []
-    while True:
-        frac = max((time.process_time() - t0) / budget, (time.monotonic() - w0) / wall)
-        if frac >= 1.0 or (max_iters and it >= max_iters):
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr * (final_lr ** frac)
+    samples = []
+
+    def step(loop):
         if len(samples) < bank or rng.random() < renew:
             crop = sampler.sample()
             entry = (crop, *simulate(crop, int(rng.choice(views)), int(cfg["det_res"]), rng, device=device))
@@ -102,20 +80,17 @@ def train(minutes: float = 20.0, seed: int = 0, points: int = 8192, views=(6, 8,
         else:
             entry = samples[int(rng.integers(len(samples)))]
         crop, geo, proj = entry
-        model.train()
         project = projector_for(geo, device)
         enc = model.encode(proj / proj_scale(geo), project)
         pts = torch.rand(points, 3, device=device) * 2 - 1
         vol = hu_to_value(torch.from_numpy(crop.array).to(device).clamp(-1000, 2000))[None, None]
         target = F.grid_sample(vol, pts[None, None, None], align_corners=True)[0, 0, 0, 0]
-        losses.append(train_step(model, opt, F.mse_loss(model.query(enc, pts, project(pts)), target)))
-        it += 1
-        if it % 50 == 0:
-            rec = progress_record(it, t0, losses, opt)
-            history.append(rec)
-            losses = []
-            log(json.dumps(rec), flush=True)
-    return model, cfg, history, it
+        return F.mse_loss(model.query(enc, pts, project(pts)), target)
+
+    # the budget is CPU time of this process (the machine is shared: wall time says little)
+    loop = Loop(model, opt, Budget(cpu_minutes=minutes, minutes=wall_minutes, max_steps=max_iters), device=device,
+                clip=1.0, schedule=lambda it, frac: lr * (final_lr ** frac), log=log, log_every=50).run(step)
+    return model, cfg, loop.records, loop.step
 
 
 def evaluate(model: DIFGaussian, views=(6, 8, 10), detector: int = 128, seed: int = 1) -> dict:

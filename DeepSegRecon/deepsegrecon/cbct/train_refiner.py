@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..training.loop import Budget, Loop
 from .refiner import DEFAULT_CFG, Refiner, stack_slices
-from .train import progress_record, train_step
 
 VIEWS = (6, 8, 10, 10)
 
@@ -136,43 +136,33 @@ def psnr_vol(model, pair) -> tuple:
 
 
 def train(paths, minutes: float, seed: int, out: Path, lr: float = 2e-3, batch: int = 8, val: int = 6,
-          log=print, cfg: dict = None, ckpt_minutes: float = 3.0, max_iters: int = None) -> tuple:
-    """Train on the pairs at ``paths`` (the last ``val`` kept aside for validation); checkpoints to ``out``."""
+          log=print, cfg: dict = None, ckpt_minutes: float = 3.0, max_iters: int = None, val_every: int = 500) -> tuple:
+    """Train on the pairs at ``paths`` (the last ``val`` kept aside: refined PSNR every ``val_every`` steps);
+    checkpoints to ``out``."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     pairs = [dict(np.load(p)) for p in paths]
     val_pairs, train_pairs = pairs[-val:] if val else [], pairs[:-val] if val else pairs
     model = Refiner(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    budget = minutes * 60.0
-    t0, last_ck = time.process_time(), time.process_time()
-    history, losses, it = [], [], 0
     out.mkdir(parents=True, exist_ok=True)
     sizes = np.array([p["target"].shape[0] for p in train_pairs], float)
-    while True:
-        frac = (time.process_time() - t0) / budget
-        if frac >= 1.0 or (max_iters and it >= max_iters):
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * frac)))
+
+    def step(loop):
         pair = train_pairs[int(rng.choice(len(train_pairs), p=sizes / sizes.sum()))]
         x, y = batch_of(pair, rng, model.slices, batch)
-        model.train()
-        losses.append(train_step(model, opt, window_loss(model(x), y)))
-        it += 1
-        if it % 100 == 0:
-            rec = progress_record(it, t0, losses, opt)
-            losses = []
-            if time.process_time() - last_ck > ckpt_minutes * 60 or it == 100:
-                last_ck = time.process_time()
-                if val_pairs:
-                    ps = [psnr_vol(model, p) for p in val_pairs]
-                    rec["val_sart_db"] = round(float(np.mean([a for a, _ in ps])), 3)
-                    rec["val_refined_db"] = round(float(np.mean([b for _, b in ps])), 3)
-                torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / "refiner_ckpt.pt")
-            history.append(rec)
-            log(json.dumps(rec), flush=True)
-    return model, history, it
+        return window_loss(model(x), y)
+
+    def validate():
+        ps = [psnr_vol(model, p) for p in val_pairs]
+        return float(np.mean([b for _, b in ps])), {"val_sart_db": round(float(np.mean([a for a, _ in ps])), 3)}
+
+    # the budget is CPU minutes of this process; the final weights are kept (validation only reports)
+    loop = Loop(model, opt, Budget(cpu_minutes=minutes, max_steps=max_iters), clip=1.0, log=log, log_every=100,
+                schedule=lambda it, frac: lr * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * frac))),
+                checkpoint=out / "checkpoint.pt", checkpoint_every_s=ckpt_minutes * 60)
+    loop.run(step, validate if val_pairs else None, val_every=val_every, keep_best=False)
+    return model, loop.records, loop.step
 
 
 def abdomen_3mm():

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..frames import canonical_frame
+from ..training.loop import Budget, Loop
 from . import labels as L
 from .nets import (
     build_nets,
@@ -334,72 +335,46 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
     loss1 = DiceCELoss(softmax=True, include_background=False, batch=True)
     loss2 = DiceCELoss(softmax=True, include_background=False, batch=True)
     amp = amp_enabled(dev)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    budget = float(minutes) * 60.0
-    it = 0
-    phantoms_seen = 0
-    elapsed0 = 0.0
-    checkpoint = Path(out_dir) / f".{version}-checkpoint.pt" if resume is not False else None
-    if checkpoint is not None and resume and checkpoint.is_file():
-        ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        net1.load_state_dict(ck["net1"])
-        net2.load_state_dict(ck["net2"])
-        opt.load_state_dict(ck["opt"])
-        scaler.load_state_dict(ck["scaler"])
-        it, phantoms_seen, elapsed0 = int(ck["it"]), int(ck["phantoms"]), float(ck["elapsed"])
-        log(f"[train] resumed from {checkpoint}: iteration {it}, {elapsed0 / 60:.1f} min done")
-    t_start = time.monotonic() - elapsed0
-    hist = []
-    last_log = last_ckpt = time.monotonic()
+    seen = {"phantoms": 0}
 
-    def run_step(net, x, y, lossf):
-        with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=amp):
-            out = net(x)
-        return lossf(out.float(), y)
+    def patches():  # (phantom's patches, index) pairs, patches_per_phantom of them per phantom
+        for item in loader:
+            seen["phantoms"] += 1
+            yield from ((item, k) for k in range(patches_per_phantom))
 
-    for item in loader:
-        phantoms_seen += 1
-        x1, y1 = item["x1"].to(dev, non_blocking=True), item["y1"].to(dev, non_blocking=True)
-        has2 = "x2" in item
-        if has2:
-            x2, y2 = item["x2"].to(dev, non_blocking=True), item["y2"].to(dev, non_blocking=True)
-        for k in range(patches_per_phantom):
-            frac = min(1.0, (time.monotonic() - t_start) / budget)
-            warm = min(1.0, (it + 1) / 50.0)
-            for g in opt.param_groups:
-                g["lr"] = lr * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
-            opt.zero_grad(set_to_none=True)
-            loss = torch.zeros((), device=dev)
-            l1 = torch.full((), float("nan"))
-            if it % stage1_every == 0:
-                l1 = run_step(net1, x1[k * batch1:(k + 1) * batch1], y1[k * batch1:(k + 1) * batch1], loss1)
-                loss = loss + l1
-            l2 = torch.zeros(())
-            if has2:
-                l2 = run_step(net2, x2[k * batch2:(k + 1) * batch2], y2[k * batch2:(k + 1) * batch2], loss2)
-                loss = loss + l2
-            if not loss.requires_grad:
+    batches = patches()
+
+    def step(loop):
+        item, k = next(batches)
+        loss, l1, l2 = None, torch.full((), float("nan")), torch.zeros(())
+        for stage, (net, lossf, b) in enumerate(((net1, loss1, batch1), (net2, loss2, batch2)), 1):
+            if f"x{stage}" not in item or (stage == 1 and loop.step % stage1_every):
                 continue
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(list(net1.parameters()) + list(net2.parameters()), 5.0)
-            scaler.step(opt)
-            scaler.update()
-            it += 1
-            hist.append((l1.item(), l2.item()))
-        now = time.monotonic()
-        if checkpoint is not None and now - last_ckpt > 600:
-            _save_checkpoint(checkpoint, net1, net2, opt, scaler, it, phantoms_seen, now - t_start)
-            last_ckpt = now
-        if now - last_log > 60 or now - t_start > budget:
-            h = np.array(hist[-50:])
-            log(f"[train] {now - t_start:7.0f}s it {it} phantoms {phantoms_seen} loss1 {np.nanmean(h[:, 0]):.4f} "
-                f"loss2 {h[:, 1].mean():.4f} lr {opt.param_groups[0]['lr']:.2e}")
-            last_log = now
-        if now - t_start > budget:
-            break
-    train_s = time.monotonic() - t_start
-    del loader
+            x = item[f"x{stage}"][k * b:(k + 1) * b].to(dev, non_blocking=True)
+            y = item[f"y{stage}"][k * b:(k + 1) * b].to(dev, non_blocking=True)
+            with loop.autocast():
+                out = net(x)
+            term = lossf(out.float(), y)
+            l1, l2 = (term, l2) if stage == 1 else (l1, term)
+            loss = term if loss is None else loss + term
+        return None if loss is None else (loss, {"stage1": l1, "stage2": l2})
+
+    def set_seen(n):
+        seen["phantoms"] = int(n)
+
+    warmup = 50
+    loop = Loop({"stage1": net1, "stage2": net2}, opt, Budget(minutes=minutes), device=dev,
+                amp=torch.float16 if amp else None, clip=5.0, log=lambda m: log(f"[train] {m}"), log_every=100,
+                schedule=lambda it, frac: lr * min(1.0, (it + 1) / warmup)
+                * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac))),
+                checkpoint=Path(out_dir) / f".{version}-checkpoint.pt" if resume is not False else None,
+                state=(lambda: seen["phantoms"], set_seen))
+    if resume and loop.checkpoint.is_file():
+        loop.resume()
+        log(f"[train] resumed from {loop.checkpoint}: iteration {loop.step}, {loop.elapsed_s / 60:.1f} min done")
+    loop.run(step)
+    it, phantoms_seen, train_s = loop.step, seen["phantoms"], loop.elapsed_s
+    batches.close()  # ends the loader's workers
 
     net1.eval().cpu()
     net2.eval().cpu()
@@ -420,8 +395,7 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
         "base_version": base_manifest.get("version") if base_manifest else None,
         "training": {"minutes": round(train_s / 60, 1), "iterations": it, "phantoms_seen": phantoms_seen,
                      "device": str(dev), "amp": amp, "batch1": batch1, "batch2": batch2, "lr": lr,
-                     "final_loss1": float(np.nanmean([h[0] for h in hist[-100:]])) if hist else None,
-                     "final_loss2": float(np.mean([h[1] for h in hist[-100:]])) if hist else None,
+                     "final_loss1": loop.mean_recent("stage1"), "final_loss2": loop.mean_recent("stage2"),
                      "command": (f"python -m deepsegrecon.teeth.train --out DIR --minutes {minutes} --device {device} "
                                  f"--seed {seed} --family {family} --phantoms {len(seeds)} --lr {lr} --version {version}"
                                  + (f" --init-from {init_from}" if init_from is not None else ""))},
@@ -441,14 +415,6 @@ def train_from_phantoms(out_dir, minutes: float = 30.0, device: str = "auto", se
         entry = write_version(out_dir, version, {"stage1.pt": state_dict_fp16(net1),
                                                  "stage2.pt": state_dict_fp16(net2)}, manifest)
     return ModelEntry("teeth", version, entry.dir, manifest)
-
-
-def _save_checkpoint(path: Path, net1, net2, opt, scaler, it, phantoms, elapsed):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"net1": net1.state_dict(), "net2": net2.state_dict(), "opt": opt.state_dict(),
-                "scaler": scaler.state_dict(), "it": it, "phantoms": phantoms, "elapsed": elapsed}, tmp)
-    os.replace(tmp, path)
 
 
 def write_version(out_dir: Path, version: str, states: dict, manifest: dict):

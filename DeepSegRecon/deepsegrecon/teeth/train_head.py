@@ -19,7 +19,6 @@ import argparse
 import datetime as _dt
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -134,6 +133,7 @@ def train(cache: Path, out: Path, init_from: Path, minutes: float, version: str,
     from monai.losses import DiceCELoss
 
     from ..store import entry_from_dir
+    from ..training.loop import Budget, Loop, load_checkpoint
     from .task import load_model
 
     torch.manual_seed(seed)
@@ -141,41 +141,21 @@ def train(cache: Path, out: Path, init_from: Path, minutes: float, version: str,
     rng = np.random.default_rng(seed)
     base = load_model(entry_from_dir(init_from))
     network = base.network
-    net1, net2 = base.net1.train(), base.net2.train()
+    net1, net2 = base.net1, base.net2
     opt = torch.optim.AdamW(list(net1.parameters()) + list(net2.parameters()), lr=lr, weight_decay=1e-5)
     loss1 = DiceCELoss(softmax=True, include_background=False, batch=True)
     loss2 = DiceCELoss(softmax=True, include_background=False, batch=True)
     cache, out = Path(cache), Path(out)
-    ckpt = out / f".{version}-checkpoint.pt"
-    it, elapsed0 = 0, 0.0
-    if ckpt.is_file():
-        ck = torch.load(ckpt, map_location="cpu", weights_only=True)
-        net1.load_state_dict(ck["net1"])
-        net2.load_state_dict(ck["net2"])
-        opt.load_state_dict(ck["opt"])
-        it, elapsed0 = int(ck["it"]), float(ck["elapsed"])
-        log(f"[train] resumed at iteration {it}")
-    if warm_start is not None and it == 0:  # weights of an earlier run's checkpoint, a fresh schedule
-        ck = torch.load(warm_start, map_location="cpu", weights_only=True)
-        net1.load_state_dict(ck["net1"])
-        net2.load_state_dict(ck["net2"])
-        log(f"[train] weights from {warm_start} (iteration {ck['it']})")
     held = {}
-    budget = minutes * 60.0
-    t_start = time.monotonic() - elapsed0
-    last = time.monotonic()
-    hist = []
-    while time.monotonic() - t_start < budget:
-        heads = sorted((cache / "head").glob("*.npz"))
-        jaws = sorted((cache / "jaw").glob("*.npz"))
-        negs = sorted((cache / "neg").glob("*.npz"))
-        frac = (time.monotonic() - t_start) / budget
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (it + 1) / 30) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    def files(kind):
+        return sorted((cache / kind).glob("*.npz"))
+
+    def step(loop):
+        heads, jaws, negs = files("head"), files("jaw"), files("neg")  # the cache may grow while training
         u = rng.random()
         src = heads if (u < 0.5 or not negs) else (jaws if u < 0.7 else negs)
-        s1 = _pick(src, rng, held)
-        p1 = sample_patches(s1, network, rng, 2, 0)
+        p1 = sample_patches(_pick(src, rng, held), network, rng, 2, 0)
         pool2 = heads if rng.random() < 1.0 - jaw_share else jaws
         s2 = None
         for _ in range(10):
@@ -183,32 +163,35 @@ def train(cache: Path, out: Path, init_from: Path, minutes: float, version: str,
             if "x2" in s2:
                 break
         p2 = sample_patches(s2, network, rng, 0, 1) if s2 is not None and "x2" in s2 else {}
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with loop.autocast():
             o1 = net1(torch.from_numpy(p1["x1"]))
         l1 = loss1(o1.float(), torch.from_numpy(p1["y1"]))
-        loss = l1
-        l2 = torch.zeros(())
+        loss, l2 = l1, torch.zeros(())
         if p2:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with loop.autocast():
                 o2 = net2(torch.from_numpy(p2["x2"]))
             l2 = loss2(o2.float(), torch.from_numpy(p2["y2"]))
             loss = loss + l2
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(net1.parameters()) + list(net2.parameters()), 5.0)
-        opt.step()
-        it += 1
-        hist.append((float(l1), float(l2)))
-        if time.monotonic() - last > 120:
-            last = time.monotonic()
-            h = np.array(hist[-40:])
-            log(f"[train] {last - t_start:6.0f}s it {it} loss1 {h[:, 0].mean():.4f} loss2 {h[:, 1].mean():.4f} "
-                f"lr {opt.param_groups[0]['lr']:.1e} samples {len(heads)} heads {len(jaws)} jaws {len(negs)} negatives")
-            tmp = ckpt.with_suffix(".tmp")
-            out.mkdir(parents=True, exist_ok=True)
-            torch.save({"net1": net1.state_dict(), "net2": net2.state_dict(), "opt": opt.state_dict(), "it": it,
-                        "elapsed": last - t_start}, tmp)
-            os.replace(tmp, ckpt)
+        return loss, {"stage1": l1, "stage2": l2}
+
+    def set_rng(st):
+        rng.bit_generator.state = st
+
+    loop = Loop({"stage1": net1, "stage2": net2}, opt, Budget(minutes=minutes), amp=torch.bfloat16, clip=5.0,
+                schedule=lambda it, frac: lr * min(1.0, (it + 1) / 30)
+                * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))),
+                log=lambda m: log(f"[train] {m}"), log_every=50, checkpoint=out / f".{version}-checkpoint.pt",
+                checkpoint_every_s=120, state=(lambda: rng.bit_generator.state, set_rng))
+    if loop.checkpoint.is_file():
+        loop.resume()
+        log(f"[train] resumed at iteration {loop.step}")
+    elif warm_start is not None:  # weights of an earlier run's checkpoint, a fresh schedule
+        ck = load_checkpoint(warm_start)
+        net1.load_state_dict(ck["modules"]["stage1"])
+        net2.load_state_dict(ck["modules"]["stage2"])
+        log(f"[train] weights from {warm_start} (iteration {ck['step']})")
+    loop.run(step)
+    heads, jaws, negs = files("head"), files("jaw"), files("neg")
     net1.eval()
     net2.eval()
     manifest = dict(base.manifest)
@@ -225,11 +208,10 @@ def train(cache: Path, out: Path, init_from: Path, minutes: float, version: str,
                     f"(training seeds), and real scans without teeth as background ({', '.join(p.stem for p in negs)}); "
                     f"held-out jaw seeds {HELDOUT_SEEDS.start}..{HELDOUT_SEEDS.stop - 1} never used. No real dental "
                     "CBCT; Cranium.inv3 (the only real scan with teeth) is for testing only."),
-        training={"iterations": it, "minutes": round((time.monotonic() - t_start) / 60, 1), "lr": lr,
+        training={"iterations": loop.step, "minutes": round(loop.elapsed_s / 60, 1), "lr": lr,
                   "threads": threads, "heads": len(heads), "jaws": len(jaws), "negatives": len(negs),
                   "jaw_share": jaw_share,
-                  "final_loss1": float(np.mean([h[0] for h in hist[-100:]])) if hist else None,
-                  "final_loss2": float(np.mean([h[1] for h in hist[-100:]])) if hist else None,
+                  "final_loss1": loop.mean_recent("stage1"), "final_loss2": loop.mean_recent("stage2"),
                   "command": (f"python -m deepsegrecon.teeth.train_head prepare --cache CACHE --heads {len(heads)} "
                               f"--jaws {len(jaws)}; python -m deepsegrecon.teeth.train_head train --cache CACHE "
                               f"--out DIR --init-from Resources/Models/teeth/{base.version} --minutes {minutes} "

@@ -107,8 +107,8 @@ def _load_base(path) -> dict:
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise InputError(f"cannot read the base weights {path}: {e}") from e
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # a training checkpoint
+    if isinstance(state, dict) and isinstance(state.get("modules"), dict) and "model" in state["modules"]:
+        state = state["modules"]["model"]  # a training checkpoint
     return state
 
 

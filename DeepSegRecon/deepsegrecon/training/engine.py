@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -32,6 +31,7 @@ from ..errors import Cancelled, InputError
 from ..files import atomic_file, check_writable_dir, json_text
 from ..task import CancelToken
 from .data import CaseDataset, CaseToTensors, build_transforms
+from .loop import Budget, Loop, cpu_state, load_checkpoint
 from .losses import IGNORE_INDEX, SegLoss, dice_per_class  # noqa: F401 (IGNORE_INDEX re-exported)
 
 CHECKPOINT = "checkpoint.pt"
@@ -229,44 +229,6 @@ def _run_inferer(inferer, net, image, device):
     return inferer(net, image)
 
 
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    n = s["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    v, state, gauss = s["python"]
-    random.setstate((v, tuple(state), gauss))
-
-
-def _cpu_state(module: torch.nn.Module) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-
-
-def load_checkpoint(path) -> dict:
-    """A checkpoint written by :func:`train` (``torch.load(weights_only=True)``)."""
-    path = Path(path)
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"cannot read the checkpoint {path}: {e}") from e
-    if not isinstance(ck, dict) or ck.get("format") != "deepsegrecon.checkpoint":
-        raise InputError(f"{path} is not a DeepSegRecon training checkpoint")
-    return ck
-
-
 class _Dist:
     """The few collective operations training needs (no-ops in one process)."""
 
@@ -402,23 +364,19 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(config.epochs)) \
         if config.scheduler == "cosine" else None
     amp = bool(config.amp) and amp_enabled(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    start_epoch, history, elapsed_before = 0, [], 0.0
+    loop = Loop(model, opt, Budget(minutes=config.minutes), device=device, amp=torch.float16 if amp else None)
+    start_epoch, history = 0, []
     best = {"metric": -math.inf, "epoch": 0, "state": None, "bad": 0}
     if config.resume:
         ck = load_checkpoint(out_dir / CHECKPOINT)
         if ck.get("num_classes") != num_classes:
             raise InputError(f"the checkpoint has {ck.get('num_classes')} classes, this training {num_classes}")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        loop.resume(out_dir / CHECKPOINT)
         if sched is not None and ck.get("scheduler"):
             sched.load_state_dict(ck["scheduler"])
-        if ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        start_epoch, history, elapsed_before = int(ck["epoch"]), list(ck["history"]), float(ck["elapsed_s"])
+        start_epoch, history = int(ck["epoch"]), list(ck["history"])
         best = {"metric": float(ck["best_metric"]), "epoch": int(ck["best_epoch"]), "state": ck["best_state"],
                 "bad": int(ck["bad_epochs"])}
-        _set_rng_state(ck["rng"])
     core = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -446,7 +404,7 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
     epoch = start_epoch
 
     def elapsed() -> float:
-        return elapsed_before + time.monotonic() - run_start
+        return loop.elapsed_s
 
     def eta(done_epochs: float) -> float | None:
         run_epochs = done_epochs - start_epoch
@@ -470,17 +428,11 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
         return bool(flags[0]), bool(flags[1])
 
     def save_checkpoint(done_epochs: int) -> None:
-        if not rank0:
-            return
-        ck = {"format": "deepsegrecon.checkpoint", "version": 1, "epoch": done_epochs,
-              "model": _cpu_state(core), "optimizer": opt.state_dict(),
-              "scheduler": sched.state_dict() if sched is not None else None,
-              "scaler": scaler.state_dict() if amp else None,
-              "best_state": best["state"], "best_metric": float(best["metric"]), "best_epoch": best["epoch"],
-              "bad_epochs": best["bad"], "history": history, "elapsed_s": elapsed(), "num_classes": num_classes,
-              "config": config.to_dict(), "rng": _rng_state()}
-        with atomic_file(out_dir / CHECKPOINT) as tmp:
-            torch.save(ck, tmp)
+        if rank0:
+            loop.save(out_dir / CHECKPOINT, epoch=done_epochs, history=history, num_classes=num_classes,
+                      scheduler=sched.state_dict() if sched is not None else None, best_state=best["state"],
+                      best_metric=float(best["metric"]), best_epoch=best["epoch"], bad_epochs=best["bad"],
+                      config=config.to_dict())
 
     while max_epochs is None or epoch < max_epochs:
         if budget_s < math.inf and stop_flags()[1]:
@@ -505,17 +457,7 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
         model.train()
         loss_sum, n_seen, time_up = 0.0, 0, False
         for it, batch in enumerate(loader):
-            x = batch["image"].to(device, non_blocking=True)
-            y = batch["label"].to(device, non_blocking=True)
-            roi = batch["roi"].to(device, non_blocking=True)
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y, roi)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            loss_sum += float(loss.detach())
+            loss_sum += loop.train_step(lambda lp, b=batch: seg_loss(lp, model, loss_fn, b))["loss"]
             n_seen += 1
             if (it + 1) % config.cancel_every == 0 and it + 1 < n_iter:
                 cancelled, time_up = stop_flags()
@@ -547,7 +489,7 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
         metric = val_dice if val_dice is not None else (-epoch_loss if not val_cases else None)
         if metric is not None:
             if metric > best["metric"] + config.min_delta or best["state"] is None:
-                best.update(metric=metric, epoch=epoch, state=_cpu_state(core), bad=0)
+                best.update(metric=metric, epoch=epoch, state=cpu_state(core), bad=0)
             else:
                 best["bad"] += 1
         entry = {"epoch": epoch, "loss": round(epoch_loss, 6), "val_dice": val_dice, "per_class_dice": per_class,
@@ -572,7 +514,7 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
             stopped = "time budget"
             break
 
-    last_state = _cpu_state(core)
+    last_state = cpu_state(core)
     best_state = best["state"] if best["state"] is not None else last_state
     metrics = {
         "best_val_dice": best["metric"] if val_cases and best["metric"] > -math.inf else None,
@@ -598,6 +540,15 @@ def train(net: torch.nn.Module, cases, config: TrainConfig, out_dir, base_state:
                       "best_val_dice": metrics["best_val_dice"],
                       "message": f"training finished after {epoch} epochs ({stopped})"})
     return TrainResult(best_state, last_state, history, metrics, out_dir)
+
+
+def seg_loss(loop: Loop, model, loss_fn, batch) -> torch.Tensor:
+    """The loss of one batch of ``{"image", "label", "roi"}`` patches (the forward pass in the loop's AMP)."""
+    dev = loop.device
+    x, y, roi = (batch[k].to(dev, non_blocking=True) for k in ("image", "label", "roi"))
+    with loop.autocast():
+        logits = model(x)
+    return loss_fn(logits.float(), y, roi)
 
 
 def _optimizer(model, config):

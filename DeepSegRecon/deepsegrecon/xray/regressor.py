@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +86,7 @@ def train(renderer, carm, start: np.ndarray, config: dict, minutes: float, max_s
     Returns (model, history)."""
     from diffdrr.pose import RigidTransform
 
+    from ..training.loop import Budget, Loop
     from .metrics import double_geodesic, geodesic_se3, multiscale_ncc
     from .xrayio import network_input
 
@@ -97,37 +97,27 @@ def train(renderer, carm, start: np.ndarray, config: dict, minutes: float, max_s
     size = int(config["size"])
     renderer.set_carm(carm.scaled(size))
     start_t = torch.as_tensor(start, dtype=torch.float32)
-    budget = float(minutes) * 60.0
-    t0, history, n = time.perf_counter(), [], 0
-    model.train()
-    while True:
-        elapsed = time.perf_counter() - t0
-        if (max_steps is not None and n >= max_steps) or (max_steps is None and elapsed >= budget):
-            break
-        frac = n / max_steps if max_steps else elapsed / max(budget, 1e-9)
-        for g in opt.param_groups:
-            g["lr"] = lr * (0.1 if frac > 0.75 else 1.0)
+
+    def train_step(loop):
         renderer.set_contrast(float(torch.empty(1).uniform_(*CONTRAST, generator=gen)))
         true = random_offsets(batch_size, gen) @ start_t
         with torch.no_grad():
             img = renderer(RigidTransform(true))
-        x = network_input(img, size)
-        pred = model.offsets(x) @ start_t
-        pred_img = renderer(RigidTransform(pred))
-        mncc = multiscale_ncc(pred_img, img)
+        pred = model.offsets(network_input(img, size)) @ start_t
+        mncc = multiscale_ncc(renderer(RigidTransform(pred)), img)
         geo = geodesic_se3(pred.double(), true.double()).float()
         dgeo = double_geodesic(pred, true, carm.sid)[2]
-        loss = (1 - mncc + 1e-2 * (geo + dgeo)).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        opt.step()
-        n += 1
-        history.append({"step": n, "loss": float(loss.detach()), "ncc": float(mncc.mean().detach()),
-                        "double_geodesic_mm": float(dgeo.mean().detach())})
+        return (1 - mncc + 1e-2 * (geo + dgeo)).mean(), {"ncc": mncc.mean(), "double_geodesic_mm": dgeo.mean()}
+
+    def report(loop, rec):
         if step:
-            step(min(1.0, n / max_steps if max_steps else (time.perf_counter() - t0) / max(budget, 1e-9)),
-                 f"training step {n}: loss {history[-1]['loss']:.3f}", history[-1])
+            step(min(1.0, loop.fraction()), f"training step {loop.step}: loss {rec['loss']:.3f}",
+                 {"step": loop.step, **rec})
+
+    budget = Budget(steps=max_steps) if max_steps is not None else Budget(minutes=max(float(minutes), 1e-9))
+    loop = Loop(model, opt, budget, clip=10.0, schedule=lambda n, frac: lr * (0.1 if frac > 0.75 else 1.0),
+                after_step=report).run(train_step)
+    history = [{"step": n + 1, **h} for n, h in enumerate(loop.history)]
     renderer.contrast = None
     renderer.set_contrast(1.0)
     renderer.set_carm(carm)
