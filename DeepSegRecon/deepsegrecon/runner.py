@@ -39,19 +39,16 @@ def _resolve_device(name) -> str:
     return str(resolve_device(name))
 
 
-def check_model(task: str, version: str | None = None, store=None, load: bool = True):
-    """Find, checksum and (``load=True``) test-load the weights of ``task``: every problem is a ModelError
-    raised before any heavy work. Returns the :class:`~deepsegrecon.store.ModelEntry`."""
-    from .store import ModelStore, check_task, load_state_dict
+def check_model(task: str, version: str | None = None, store=None):
+    """Find and checksum the weights of ``task`` (a ModelError before any heavy work). Returns the
+    :class:`~deepsegrecon.store.ModelEntry`; a task given it (``TaskContext.model``) loads each file once,
+    without hashing it again."""
+    from .store import ModelStore, check_task
 
     store = store or ModelStore()
     entry = store.get(task, version)
     check_task(entry, task)
     store.verify(entry)
-    if load:
-        for name in entry.files:
-            if name.endswith((".pt", ".pth")):
-                load_state_dict(entry, name, task=task)
     return entry
 
 
@@ -86,7 +83,8 @@ def run_inline(task_name: str, images: dict, params: dict, progress: Callable[[d
     if model is not None:
         params["model"] = model.version
     reporter = ProgressReporter(getattr(task, "stages", None), progress)
-    ctx = TaskContext(device=device, progress=reporter, cancel=cancel, model_dir=model.dir if model else None)
+    ctx = TaskContext(device=device, progress=reporter, cancel=cancel, model_dir=model.dir if model else None,
+                      model=model)
     try:
         return task.run(images, params, ctx)
     except Exception as e:

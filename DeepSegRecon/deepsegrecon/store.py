@@ -106,6 +106,8 @@ class ModelEntry:
     dir: Path
     manifest: dict = field(default_factory=dict)
     builtin: bool = False
+    # files whose sha256 this entry has checked: {name: (size, mtime_ns)}, so one run hashes each file once
+    verified: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def files(self) -> dict:
@@ -641,11 +643,15 @@ def verify_file(entry: ModelEntry, filename: str, expected: str | None = None) -
     expected = (expected or entry.files.get(filename) or "").lower()
     if not path.is_file():
         raise ModelError(f"model {entry.task} {entry.version} is incomplete: {filename} is missing from {entry.dir}")
+    st = path.stat()
+    if entry.verified.get(filename) == (st.st_size, st.st_mtime_ns):
+        return path
     got = sha256_file(path)
     if got != expected:
         raise ModelError(f"checksum mismatch for {filename} in model {entry.task} {entry.version} ({entry.dir}): "
                          f"the manifest says sha256 {expected or '(none)'}, the file has {got}; "
                          "the file is damaged or was replaced: re-import the model")
+    entry.verified[filename] = (st.st_size, st.st_mtime_ns)
     return path
 
 

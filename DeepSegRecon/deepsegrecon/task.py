@@ -44,6 +44,18 @@ class TaskContext:
     progress: Callable = field(default=lambda stage, fraction=0.0, message="", extra=None: None)
     cancel: CancelToken = field(default_factory=CancelToken)
     model_dir: Path | None = None  # resolved model version folder, if the task uses weights
+    model: object = None  # the ModelEntry the runner checked (its files hashed once): see model_entry
+
+    def model_entry(self, task: str, version: str | None = None):
+        """This run's weights: the entry the runner checked, else the ``model_dir`` folder, else the store's
+        ``version`` (``None``: its default)."""
+        from .store import ModelStore, entry_from_dir
+
+        if self.model is not None:
+            return self.model
+        if self.model_dir is not None:
+            return entry_from_dir(self.model_dir)
+        return ModelStore().get(task, version)
 
     def step(self, stage: str, fraction: float = 0.0, message: str = "", extra: dict | None = None) -> None:
         """Check for cancellation, then report progress. ``extra``: optional task-specific fields for the

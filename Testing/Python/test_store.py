@@ -313,3 +313,25 @@ def test_average_refuses_other_networks_and_writes_nothing(store, tmp_path):
     with pytest.raises(ModelError, match="integer tensor w differs"):
         store.average("seg", ["ints", "ints2"], "soup")
     assert _tree(store.root) == before
+
+
+def test_a_run_hashes_and_loads_each_weights_file_once(monkeypatch):
+    """The runner checks the weights (sha256 once per file) and hands the checked entry to the task, which loads
+    each file once without hashing it again."""
+    import numpy as np
+    import torch
+
+    import deepsegrecon.store as S
+    from deepsegrecon import run
+    from deepsegrecon.image import Image
+
+    hashed, loaded = [], []
+    sha, load = S.sha256_file, torch.load
+    monkeypatch.setattr(S, "sha256_file", lambda p: hashed.append(pathlib.Path(p).name) or sha(p))
+    monkeypatch.setattr(torch, "load", lambda p, *a, **k: loaded.append(pathlib.Path(p).name) or load(p, *a, **k))
+    k, j, i = np.mgrid[:8, :48, :48]
+    body = np.where((j - 24) ** 2 + (i - 24) ** 2 < 400, 40.0, -1000.0).astype(np.float32)
+    run("slices", {"image": Image(body, spacing=(2.0, 1.5, 1.5))}, {"device": "cpu"})
+    entry = S.ModelStore().get("slices")
+    assert sorted(hashed) == sorted(entry.files)
+    assert sorted(loaded) == sorted(f for f in entry.files if f.endswith(".pt"))

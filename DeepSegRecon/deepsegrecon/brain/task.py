@@ -239,12 +239,11 @@ class BrainTumorTask(Task):
             raise InputError(f"the model parameter must be a version name, got {model!r}")
 
     def run(self, images: dict, params: dict, ctx: TaskContext) -> SegmentationResult:
-        from ..store import ModelStore, entry_from_dir
 
         params = {**self.default_params(), **(params or {})}
         self.validate(images, params)
         device = resolve_device(params.get("device") or ctx.device or "auto")
         ctx.step("prepare", 0.0, "loading the model")
-        entry = entry_from_dir(ctx.model_dir) if ctx.model_dir is not None else ModelStore().get(TASK, params.get("model"))
+        entry = ctx.model_entry(TASK, params.get("model"))
         model = load_model(entry)
         return segment(images, model, device, ctx.step)

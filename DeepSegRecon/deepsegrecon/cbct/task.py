@@ -163,8 +163,8 @@ class CBCTReconTask(Task):
         geo = geometry_of(images, params)
         entry = model = None
         if "dif-gaussian" in runs:
-            entry = entry_from_dir(ctx.model_dir) if ctx.model_dir is not None else \
-                model_for(ModelStore(), params.get("model"), geo.angles_deg)
+            entry = ctx.model if ctx.model is not None else entry_from_dir(ctx.model_dir) \
+                if ctx.model_dir is not None else model_for(ModelStore(), params.get("model"), geo.angles_deg)
             model = load_model(entry).to(device)
         ref_entry = refiner_model = None
         skipped = [f"{m} (needs itk-rtk; backend {backend})" for m in M.NEEDS_RTK
@@ -255,7 +255,7 @@ def refiner_entry(ctx, params: dict):
     from .refiner import WEIGHTS, entry_for
 
     if ctx.model_dir is not None:
-        e = entry_from_dir(ctx.model_dir)
+        e = ctx.model if ctx.model is not None else entry_from_dir(ctx.model_dir)
         if WEIGHTS in e.files:
             return e
     return entry_for(ModelStore(), params.get("model"))

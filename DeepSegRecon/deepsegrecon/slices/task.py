@@ -152,13 +152,12 @@ class SlicesTask(Task):
             raise InputError(f"window must be two HU values, low < high, got {w!r}")
 
     def run(self, images: dict, params: dict, ctx: TaskContext) -> SegmentationResult:
-        from ..store import ModelStore, entry_from_dir
 
         params = {**self.default_params(), **(params or {})}
         labelset = read_label_set(params.get("labels"))
         device = resolve_device(params.get("device") or ctx.device or "auto")
         ctx.step("prepare", 0.0, "loading the model")
-        entry = entry_from_dir(ctx.model_dir) if ctx.model_dir is not None else ModelStore().get(TASK, params.get("model"))
+        entry = ctx.model_entry(TASK, params.get("model"))
         model = load_model(entry)
         return segment(images["image"], model, labelset, device, ctx.step, int(params.get("batch") or 16),
                        bool(params.get("postprocess", True)), params.get("window"))

@@ -430,16 +430,10 @@ class TeethTask(Task):
                              "covering at least part of a jaw (15 mm or more) is needed")
 
     def run(self, images: dict, params: dict, ctx: TaskContext) -> SegmentationResult:
-        from ..store import ModelStore, entry_from_dir
-
         params = {**self.default_params(), **(params or {})}
         device = resolve_device(params.get("device") or ctx.device or "auto")
         ctx.step("prepare", 0.0, "loading the model")
-        if ctx.model_dir is not None:
-            entry = entry_from_dir(ctx.model_dir)
-        else:
-            entry = ModelStore().get(TASK, params.get("model"))
-        model = load_model(entry)
+        model = load_model(ctx.model_entry(TASK, params.get("model")))
         result = segment(images["image"], model, device, ctx.step, amp=bool(params.get("amp", True)),
                          tta=bool(params.get("tta", True)))
         return result
