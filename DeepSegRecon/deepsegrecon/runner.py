@@ -40,15 +40,18 @@ def _resolve_device(name) -> str:
 
 
 def check_model(task: str, version: str | None = None, store=None):
-    """Find and checksum the weights of ``task`` (a ModelError before any heavy work). Returns the
-    :class:`~deepsegrecon.store.ModelEntry`; a task given it (``TaskContext.model``) loads each file once,
-    without hashing it again."""
-    from .store import ModelStore, check_task
+    """Find, checksum and read the weights of ``task``: every problem is a ModelError raised before any heavy work.
+    Returns the :class:`~deepsegrecon.store.ModelEntry`, holding what it read: the task given it
+    (``TaskContext.model``) takes those states instead of hashing and reading the files again."""
+    from .store import ModelStore, check_task, load_state_dict
 
     store = store or ModelStore()
     entry = store.get(task, version)
     check_task(entry, task)
     store.verify(entry)
+    for name in entry.files:
+        if name.endswith((".pt", ".pth")):
+            entry.loaded[name] = load_state_dict(entry, name, task=task)
     return entry
 
 
@@ -72,7 +75,7 @@ def run_inline(task_name: str, images: dict, params: dict, progress: Callable[[d
     names a ``model`` version, the weights are checked here before the task runs.
     """
     task = get_task(task_name)
-    params = {**task.default_params(), **(params or {})}
+    params = task.parse_params(params)
     task.validate(images, params)
     cancel = cancel or CancelToken()
     cancel.raise_if_cancelled()

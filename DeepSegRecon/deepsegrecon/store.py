@@ -108,6 +108,8 @@ class ModelEntry:
     builtin: bool = False
     # files whose sha256 this entry has checked: {name: (size, mtime_ns)}, so one run hashes each file once
     verified: dict = field(default_factory=dict, compare=False, repr=False)
+    # state dicts read by a check (runner.check_model), handed to the first load_state_dict of the file
+    loaded: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def files(self) -> dict:
@@ -663,9 +665,12 @@ def check_task(entry: ModelEntry, task: str | None) -> None:
 
 
 def load_state_dict(entry: ModelEntry, filename: str, task: str | None = None):
-    """Verify the file's sha256 and task, then load it with ``torch.load(weights_only=True)`` on the CPU."""
+    """Verify the file's sha256 and task, then load it with ``torch.load(weights_only=True)`` on the CPU
+    (a state a check of this entry already read is handed over, not read again)."""
     check_task(entry, task)
     path = verify_file(entry, filename)
+    if filename in entry.loaded:
+        return entry.loaded.pop(filename)
     import warnings
 
     import torch

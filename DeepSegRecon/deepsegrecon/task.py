@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import Cancelled, InputError
+from .params import Params
 
 
 class CancelToken:
@@ -99,9 +100,17 @@ class Task:
     title: str = ""
     inputs: tuple = ()  # (InputSpec, ...)
     result_kind: str = "segmentation"
+    params_type: type = Params  # the task's parameters (a Params dataclass)
 
     def default_params(self) -> dict:
-        return {}
+        return self.params_type().to_dict()
+
+    def parse_params(self, params=None) -> Params | dict:
+        """``params`` checked against :attr:`params_type` (unknown keys and wrong types refused), defaults filled.
+        A task that declares no Params of its own (a plug-in) gets its ``default_params`` merged, unchecked."""
+        if self.params_type is Params:
+            return {**self.default_params(), **dict(params or {})}
+        return self.params_type.parse(params, self.name)
 
     def validate(self, images: dict, params: dict) -> None:
         """Refuse bad input with a message that names the problem (before any heavy work)."""

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..device import CHOICES, resolve_device
+from ..device import resolve_device
 from ..errors import InputError, ModelError
 from ..image import Image
+from ..params import Params
 from ..results import SegmentationResult
 from ..task import InputSpec, Task, TaskContext, register
 from . import labels as L
@@ -216,9 +217,15 @@ def make_result(ref: Image, lab: np.ndarray, extra: dict) -> SegmentationResult:
     return SegmentationResult(img, L.subregion_infos(present), absent, report)
 
 
+@dataclass
+class BrainParams(Params):
+    pass
+
+
 @register
 class BrainTumorTask(Task):
     name = TASK
+    params_type = BrainParams
     title = "Segment Brain Tumour"
     inputs = tuple(InputSpec(m, 3, m in REQUIRED, d) for m, d in (
         ("t1", "T1-weighted MRI"), ("t1c", "contrast-enhanced T1 MRI"), ("t2", "T2-weighted MRI"),
@@ -226,24 +233,15 @@ class BrainTumorTask(Task):
     uses_model = True
     stages = STAGES
 
-    def default_params(self) -> dict:
-        return {"device": "auto", "model": None}
-
     def validate(self, images: dict, params: dict) -> None:
         check_inputs(images)
-        dev = str((params or {}).get("device") or "auto").lower()
-        if not (dev in CHOICES or dev.startswith("cuda:")):
-            raise InputError(f"unknown device '{params.get('device')}'; choose one of {', '.join(CHOICES)}")
-        model = (params or {}).get("model")
-        if model is not None and not isinstance(model, str):
-            raise InputError(f"the model parameter must be a version name, got {model!r}")
 
     def run(self, images: dict, params: dict, ctx: TaskContext) -> SegmentationResult:
 
-        params = {**self.default_params(), **(params or {})}
-        self.validate(images, params)
-        device = resolve_device(params.get("device") or ctx.device or "auto")
+        p = self.parse_params(params)
+        self.validate(images, p)
+        device = resolve_device(p.device or ctx.device or "auto")
         ctx.step("prepare", 0.0, "loading the model")
-        entry = ctx.model_entry(TASK, params.get("model"))
+        entry = ctx.model_entry(TASK, p.model)
         model = load_model(entry)
         return segment(images, model, device, ctx.step)

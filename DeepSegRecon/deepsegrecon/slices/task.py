@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..device import CHOICES, resolve_device
+from ..device import resolve_device
 from ..errors import InputError, ModelError
 from ..image import Image
+from ..params import Params
 from ..results import SegmentationResult
 from ..task import InputSpec, Task, TaskContext, register
 from . import pipeline as P
@@ -126,22 +127,25 @@ def segment(image: Image, model: SliceModel, labelset: LabelSet, device="cpu", s
                               [o.name for o in labelset.organs if counts[o.value] == 0], report)
 
 
+@dataclass
+class SliceParams(Params):
+    labels: str | None = None  # label set file (default: the model's classes)
+    batch: int = 16  # slices per network pass
+    postprocess: bool = True  # largest component per organ
+    window: list | None = None  # [low, high] HU (default: the model's)
+
+
 @register
 class SlicesTask(Task):
     name = TASK
+    params_type = SliceParams
     title = "Segment Slices"
     inputs = (InputSpec("image", 3, True, "CT volume in Hounsfield units"),)
     uses_model = True
     stages = STAGES
 
-    def default_params(self) -> dict:
-        return {"device": "auto", "model": None, "labels": None, "batch": 16, "postprocess": True, "window": None}
-
     def validate(self, images: dict, params: dict) -> None:
         super().validate(images, params)
-        dev = str(params.get("device") or "auto").lower()
-        if not (dev in CHOICES or dev.startswith("cuda:")):
-            raise InputError(f"unknown device '{params.get('device')}'; choose one of {', '.join(CHOICES)}")
         b = params.get("batch", 16)
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise InputError(f"batch must be a whole number of slices, 1 or more, got {b!r}")
@@ -153,11 +157,10 @@ class SlicesTask(Task):
 
     def run(self, images: dict, params: dict, ctx: TaskContext) -> SegmentationResult:
 
-        params = {**self.default_params(), **(params or {})}
-        labelset = read_label_set(params.get("labels"))
-        device = resolve_device(params.get("device") or ctx.device or "auto")
+        p = self.parse_params(params)
+        labelset = read_label_set(p.labels)
+        device = resolve_device(p.device or ctx.device or "auto")
         ctx.step("prepare", 0.0, "loading the model")
-        entry = ctx.model_entry(TASK, params.get("model"))
+        entry = ctx.model_entry(TASK, p.model)
         model = load_model(entry)
-        return segment(images["image"], model, labelset, device, ctx.step, int(params.get("batch") or 16),
-                       bool(params.get("postprocess", True)), params.get("window"))
+        return segment(images["image"], model, labelset, device, ctx.step, p.batch, p.postprocess, p.window)

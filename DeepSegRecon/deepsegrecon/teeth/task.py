@@ -31,11 +31,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..device import CHOICES, amp_enabled, resolve_device
+from ..device import amp_enabled, resolve_device
 from ..errors import InputError, ModelError, ResourceError
 from ..frames import canonical_frame
 from ..image import Image
 from ..inference import label_argmax
+from ..params import Params
 from ..results import SegmentationResult
 from ..task import InputSpec, Task, TaskContext, register
 from . import labels as L
@@ -404,25 +405,23 @@ def _largest_teeth(mask: np.ndarray, vox_mm3: float, min_mm3: float = 60.0) -> n
     return keep[lab]
 
 
+@dataclass
+class TeethParams(Params):
+    amp: bool = True  # mixed precision on CUDA
+    tta: bool = True  # test-time augmentation (mirrored passes)
+
+
 @register
 class TeethTask(Task):
     name = TASK
+    params_type = TeethParams
     title = "Segment Teeth"
     inputs = (InputSpec("image", 3, True, "dental CBCT volume (HU-like intensities)"),)
     uses_model = True
     stages = STAGES
 
-    def default_params(self) -> dict:
-        return {"device": "auto", "model": None, "amp": True, "tta": True}
-
     def validate(self, images: dict, params: dict) -> None:
         super().validate(images, params)
-        dev = str(params.get("device") or "auto").lower()
-        if not (dev in CHOICES or dev.startswith("cuda:")):
-            raise InputError(f"unknown device '{params.get('device')}'; choose one of {', '.join(CHOICES)}")
-        model = params.get("model")
-        if model is not None and not isinstance(model, str):
-            raise InputError(f"the model parameter must be a version name, got {model!r}")
         img = images["image"]
         extent = np.array(img.array.shape) * np.array(img.spacing[::-1])
         if extent.min() < 15.0:
@@ -430,11 +429,10 @@ class TeethTask(Task):
                              "covering at least part of a jaw (15 mm or more) is needed")
 
     def run(self, images: dict, params: dict, ctx: TaskContext) -> SegmentationResult:
-        params = {**self.default_params(), **(params or {})}
-        device = resolve_device(params.get("device") or ctx.device or "auto")
+        p = self.parse_params(params)
+        device = resolve_device(p.device or ctx.device or "auto")
         ctx.step("prepare", 0.0, "loading the model")
-        model = load_model(ctx.model_entry(TASK, params.get("model")))
-        result = segment(images["image"], model, device, ctx.step, amp=bool(params.get("amp", True)),
-                         tta=bool(params.get("tta", True)))
+        model = load_model(ctx.model_entry(TASK, p.model))
+        result = segment(images["image"], model, device, ctx.step, amp=p.amp, tta=p.tta)
         return result
 

@@ -65,16 +65,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import Cancelled, DeepSegReconError, InputError, ModelError
+from ..params import Params
 from ..results import ModelResult
 from ..task import Task, TaskContext, register
 
 TRAIN_STAGES = {"check cases": 4, "train": 86, "evaluate": 5, "save": 5}
 WORK_PREFIX = "deepsegrecon-train-"
 PLUGIN = __name__  # what a job lists in "plugins" so the worker registers these tasks
-_PARAM_KEYS = ("task", "cases", "name", "base", "epochs", "minutes", "val_fraction", "seed", "device", "modalities",
-               "label_map", "settings", "stages", "evaluate", "recipe", "recipe_options", "keep_better_base",
-               "description", "model")
-
 
 @dataclass
 class TrainPart:
@@ -138,12 +135,11 @@ def _budget(params: dict) -> tuple:
 
 
 def _check_params(kind: str, params: dict) -> None:
-    from ..device import CHOICES
     from ..store import ModelStore, _check_name
 
-    unknown = sorted(set(params) - set(_PARAM_KEYS))
+    unknown = sorted(set(params) - set(TrainParams().keys()))
     if unknown:
-        raise InputError(f"{kind}: unknown parameters {unknown}; known: {', '.join(_PARAM_KEYS)}")
+        raise InputError(f"{kind}: unknown parameters {unknown}; known: {', '.join(TrainParams().keys())}")
     task = params.get("task")
     if not task:
         raise InputError(f"{kind} needs the task whose network is trained (e.g. 'teeth')")
@@ -164,9 +160,6 @@ def _check_params(kind: str, params: dict) -> None:
     seed = params.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise InputError(f"seed must be a whole number, got {seed!r}")
-    dev = str(params.get("device") or "auto").lower()
-    if not (dev in CHOICES or dev.startswith("cuda:")):
-        raise InputError(f"unknown device '{params.get('device')}'; choose one of {', '.join(CHOICES)}")
     for key in ("settings", "modalities", "recipe_options"):
         if params.get(key) is not None and not isinstance(params[key], dict):
             raise InputError(f"{key} must be a dict, got {type(params[key]).__name__}")
@@ -574,14 +567,35 @@ def _progress_sink(ctx, part: str, done_share: float, share: float, several: boo
 
 
 # --------------------------------------------------------------------------------------------------- tasks
+@dataclass
+class TrainParams(Params):
+    """A training job (see the module text); ``None``: not given (the recipe's or the base's choice)."""
+
+    task: str | None = None
+    cases: str | None = None
+    name: str | None = None
+    base: str | None = None
+    epochs: int | None = None
+    minutes: float | None = None
+    val_fraction: float | None = None
+    seed: int | None = None
+    modalities: dict | None = None
+    label_map: dict | str | None = None
+    settings: dict | None = None
+    stages: list | None = None
+    evaluate: bool = False
+    recipe: str | None = None
+    recipe_options: dict | None = None
+    keep_better_base: bool = True
+    description: str | None = None
+
+
 class _TrainingTask(Task):
     kind = "train"
     inputs = ()
     result_kind = "model"
     stages = TRAIN_STAGES
-
-    def default_params(self) -> dict:
-        return {"device": "auto"}
+    params_type = TrainParams
 
     def validate(self, images: dict, params: dict) -> None:
         if images:
