@@ -50,7 +50,8 @@ def bench_brain_real_val(out: Path) -> dict:
 @bench
 def bench_brain_heldout(out: Path) -> dict:
     """phantom-v1 on held-out phantom seeds: all four inputs, and FLAIR + T1c only."""
-    from deepsegrecon.brain.train import HELDOUT_SEEDS, evaluate
+    from deepsegrecon.brain.evaluate import HELDOUT_SEEDS
+    from deepsegrecon.brain.evaluate import evaluate_phantoms as evaluate
     from deepsegrecon.store import ModelStore
 
     entry = ModelStore().get("brain-tumor", "phantom-v1")  # the phantom-trained version, on its own phantoms

@@ -16,15 +16,12 @@ import numpy as np
 from run_benchmarks import ROOT, bench, run_measured
 
 TARGET_GAIN_DB = 4.0
-ABDOMEN = "ct_volumes_2mm/ircadb1_1_abdomen.nii.gz"  # 3D-IRCADb-01 patient 1: held out, never trained on
 
 
 def abdomen_3mm():
-    from deepsegrecon.cbct.data import resample_iso
-    from deepsegrecon.io import read_image
-    from run_benchmarks import SHARED
+    from deepsegrecon.cbct.evaluate import abdomen_3mm as held_out_abdomen
 
-    return resample_iso(read_image(SHARED / ABDOMEN), 3.0)
+    return held_out_abdomen()
 
 
 def all_methods(case, views: int, model, seed: int = 0) -> dict:

@@ -19,7 +19,7 @@ from run_benchmarks import ROOT, _bench_threads, bench, run_measured
 def bench_teeth_heldout(out: Path) -> dict:
     """Shipped teeth weights on held-out phantoms (seeds never used in training)."""
     from deepsegrecon.store import ModelStore
-    from deepsegrecon.teeth.train import HELDOUT_SEEDS, evaluate
+    from deepsegrecon.teeth.evaluate import HELDOUT_SEEDS, evaluate
 
     entry = ModelStore().get("teeth")
     seeds = list(HELDOUT_SEEDS)[:6]
@@ -61,8 +61,8 @@ def bench_teeth_domain_shift(out: Path) -> dict:
 
     from deepsegrecon.store import ModelStore
     from deepsegrecon.teeth import labels as L
+    from deepsegrecon.teeth.evaluate import HELDOUT_SEEDS, evaluate
     from deepsegrecon.teeth.phantom import generate_teeth_phantom
-    from deepsegrecon.teeth.train import HELDOUT_SEEDS, evaluate
     from deepsegrecon.training.cases import write_case
 
     minutes = float(os.environ.get("BENCH_FINETUNE_MINUTES", 4.5))  # training; with start-up and writing < 5 min

@@ -90,10 +90,10 @@ def bench_teeth_head_heldout(out: Path) -> dict:
     import torch
 
     from deepsegrecon.store import ModelStore
+    from deepsegrecon.teeth.evaluate import score
     from deepsegrecon.teeth.head import generate_head_phantom
     from deepsegrecon.teeth.plausible import NoTeethFound
     from deepsegrecon.teeth.task import load_model, segment
-    from deepsegrecon.teeth.train import score
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 2)))
     entry = ModelStore().get("teeth")

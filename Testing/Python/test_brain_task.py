@@ -36,7 +36,7 @@ def model():
 
 
 def _dice(res, truth):
-    from deepsegrecon.brain.train import dice
+    from deepsegrecon.brain.evaluate import dice
 
     pr, gt = L.to_regions(res.labelmap.array), L.to_regions(truth)
     return {r: dice(pr[i], gt[i]) for i, r in enumerate(("ET", "TC", "WT"))}

@@ -14,9 +14,9 @@ from deepsegrecon.errors import Cancelled, ModelError
 from deepsegrecon.store import ModelStore, entry_from_dir, sha256_file
 from deepsegrecon.task import CancelToken, TaskContext
 from deepsegrecon.teeth import labels as L
+from deepsegrecon.teeth.evaluate import HELDOUT_SEEDS, score
 from deepsegrecon.teeth.phantom import generate_teeth_phantom
 from deepsegrecon.teeth.task import TeethTask, load_model, segment
-from deepsegrecon.teeth.train import HELDOUT_SEEDS, score
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "Resources" / "Models" / "teeth" / "phantom-v4"  # the default

@@ -6,6 +6,7 @@ import pytest
 from deepsegrecon.frames import canonical_frame
 from deepsegrecon.image import Image
 from deepsegrecon.teeth import labels as L
+from deepsegrecon.teeth.evaluate import score
 from deepsegrecon.teeth.nets import grid_size
 from deepsegrecon.teeth.numbering import assign_positions
 from deepsegrecon.teeth.phantom import generate_teeth_phantom
@@ -20,7 +21,7 @@ from deepsegrecon.teeth.postprocess import (
     split_instances,
 )
 from deepsegrecon.teeth.task import assemble, grid_mapper, make_result, stage2_box
-from deepsegrecon.teeth.train import _onehot_area, score
+from deepsegrecon.teeth.train import _onehot_area
 
 SHAPE = (150, 140, 110)
 

@@ -20,6 +20,8 @@ from ..image import Image
 from . import labels as L
 
 MODALITIES = ("t1", "t1c", "t2", "flair")
+TRAIN_SEEDS = (0, 100_000)  # phantom seeds for training
+HELDOUT_SEEDS = tuple(range(100_001, 100_007))  # never trained on: evaluation and tests
 # tissue intensity (relative) per modality: CSF, GM, WM, necrosis, oedema, enhancing
 CONTRAST = {"t1": (0.30, 0.60, 0.85, 0.35, 0.52, 0.62),
             "t1c": (0.30, 0.62, 0.85, 0.38, 0.58, 1.40),

@@ -23,14 +23,12 @@ import numpy as np
 import torch
 
 from . import labels as L
-from .evaluate import dice
+from .evaluate import evaluate_phantoms
 from .nets import BratsLoss, build_net, default_network, state_without_vae
-from .phantom import MODALITIES, make_phantom
+from .phantom import HELDOUT_SEEDS, MODALITIES, TRAIN_SEEDS, make_phantom
 from .preprocess import zscore
 
 VERSION = "phantom-v1"
-TRAIN_SEEDS = (0, 100_000)
-HELDOUT_SEEDS = tuple(range(100_001, 100_007))
 DROP_PATTERNS = ((), ("t1",), ("t2",), ("t1", "t2"))
 
 
@@ -130,34 +128,11 @@ def train_from_phantoms(out_dir, minutes: float = 20.0, seed: int = 0, init_filt
     store = ModelStore(root=out_dir, builtin_root=out_dir)
     entry = store.write_version("brain-tumor", version, {"model.pt": tmp}, manifest, overwrite=True, move=True)
     if eval_seeds:
-        metrics = evaluate(entry.dir, eval_seeds, log=log)
+        metrics = evaluate_phantoms(entry.dir, eval_seeds, log=log)
         manifest["metrics"] = metrics
         torch.save(state, tmp)
         entry = store.write_version("brain-tumor", version, {"model.pt": tmp}, manifest, overwrite=True, move=True)
     return entry
-
-
-def evaluate(model_dir, seeds=HELDOUT_SEEDS, input_sets=(MODALITIES, ("t1c", "flair")), log=print) -> dict:
-    """Mean ET / TC / WT Dice of the task's inference on phantom ``seeds``, for each set of inputs."""
-    from ..task import TaskContext, get_task
-
-    task = get_task("brain-tumor")
-    per = {"+".join(inputs): [] for inputs in input_sets}
-    for s in seeds:
-        p = make_phantom(s)
-        gt = L.to_regions(p["labels"].array)
-        for inputs in input_sets:
-            key = "+".join(inputs)
-            res = task.run({m: p["images"][m] for m in inputs}, {"device": "cpu"},
-                           TaskContext(model_dir=Path(model_dir)))
-            pr = L.to_regions(res.labelmap.array)
-            per[key].append({"seed": s, **{r: round(dice(pr[i], gt[i]), 4) for i, r in enumerate(("ET", "TC", "WT"))}})
-            log(f"[eval] {key} seed {s}: {per[key][-1]}")
-    out = {}
-    for key, rows in per.items():
-        out[key] = {r: round(float(np.mean([d[r] for d in rows])), 4) for r in ("ET", "TC", "WT")}
-        out[key]["per_seed"] = rows
-    return out
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ..training.loop import Budget, Loop
-from .data import CropSampler, heldout_cases, training_volumes
+from .data import CropSampler, training_volumes
+from .evaluate import evaluate_dif_gaussian
 from .geometry import geometry_for_grid
 from .net import DIFGaussian, default_network
 from .projector import add_noise, forward_project, hu_to_mu
@@ -93,23 +94,6 @@ def train(minutes: float = 20.0, seed: int = 0, points: int = 8192, views=(6, 8,
     return model, cfg, loop.records, loop.step
 
 
-def evaluate(model: DIFGaussian, views=(6, 8, 10), detector: int = 128, seed: int = 1) -> dict:
-    """Held-out chest slab: DIF-Gaussian and FDK PSNR/SSIM per case and view count."""
-    from .data import chest_ct_path, chest_split, load_ct
-    from .projector import fdk, mu_to_hu
-    from .recon import metrics, reconstruct, value_to_hu
-
-    _, held = chest_split(load_ct(chest_ct_path()))
-    out = {}
-    for name, case in heldout_cases(held):
-        for n in views:
-            geo = geometry_for_grid(case, n, detector=detector)
-            proj = add_noise(forward_project(hu_to_mu(torch.from_numpy(case.array)), geo), seed=seed)
-            rec = value_to_hu(reconstruct(model, proj, geo)).numpy()
-            f = mu_to_hu(fdk(proj, geo)).numpy()
-            out[f"{name}/{n}"] = {"dif_gaussian": metrics(rec, case.array), "fdk": metrics(f, case.array)}
-    return out
-
 
 def training_data_note(head: bool = True) -> str:
     from .data import HEAD_CT
@@ -164,7 +148,7 @@ def main(argv=None) -> int:
                                        optimizer=a.optimizer, device=a.device, init_from=a.init_from,
                                        views=tuple(a.views), final_lr=a.final_lr, head=not a.no_head_ct)
     model = model.cpu()
-    m = None if a.no_eval else evaluate(model, views=tuple(a.views))
+    m = None if a.no_eval else evaluate_dif_gaussian(model, views=tuple(a.views))
     if m:
         print(json.dumps(m, indent=1))
     cmd = "nice -n 10 python -m deepsegrecon.cbct.train " + " ".join(argv if argv is not None else sys.argv[1:])

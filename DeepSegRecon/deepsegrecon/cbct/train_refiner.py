@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..training.loop import Budget, Loop
+from .evaluate import evaluate_refiner, psnr_vol
 from .refiner import DEFAULT_CFG, Refiner, stack_slices
 
 VIEWS = (6, 8, 10, 10)
@@ -125,15 +126,6 @@ def batch_of(pair, rng, n_slices: int, batch: int):
     return x.contiguous(), y.contiguous()
 
 
-def psnr_vol(model, pair) -> tuple:
-    """(SART PSNR, refined PSNR) of one pair, in the metrics window."""
-    from .recon import metrics
-    from .refiner import apply
-
-    tgt = pair["target"].astype(np.float32)
-    sart = pair["sart"].astype(np.float32)
-    return metrics(sart, tgt)["psnr_db"], metrics(apply(model, sart), tgt)["psnr_db"]
-
 
 def train(paths, minutes: float, seed: int, out: Path, lr: float = 2e-3, batch: int = 8, val: int = 6,
           log=print, cfg: dict = None, ckpt_minutes: float = 3.0, max_iters: int = None, val_every: int = 500) -> tuple:
@@ -165,37 +157,6 @@ def train(paths, minutes: float, seed: int, out: Path, lr: float = 2e-3, batch: 
     return model, loop.records, loop.step
 
 
-def abdomen_3mm():
-    """The held-out abdomen (3D-IRCADb-01 patient 1) at 3 mm: evaluation only, never trained on."""
-    from ..io import read_image
-    from .data import dicom_ct_dir, resample_iso
-
-    return resample_iso(read_image(dicom_ct_dir().parents[1] / "ct_volumes_2mm" / "ircadb1_1_abdomen.nii.gz"), 3.0)
-
-
-def evaluate(model, views=(6, 8, 10), dc_iters=None) -> dict:
-    """PSNR/SSIM of SART and SART + refiner (+ ``dc_iters`` SART iterations; default: none and the task's) on the
-    held-out abdomen and the held-out chest slab's two cases, noisy views simulated as the task does (seed 0)."""
-    from . import methods as M
-    from .data import chest_ct_path, chest_split, heldout_cases, load_ct
-    from .geometry import geometry_for_grid
-    from .projector import add_noise, hu_to_mu, mu_to_hu
-    from .recon import metrics
-
-    _, held = chest_split(load_ct(chest_ct_path()))
-    out = {}
-    for name, case in [("abdomen-3mm", abdomen_3mm())] + heldout_cases(held):
-        for n in views:
-            geo = geometry_for_grid(case, n, detector=128)
-            proj = add_noise(torch.from_numpy(M.simulate(hu_to_mu(case.array), geo, "rtk")), 1e5, 10.0, 0).numpy()
-            kept = {}
-            row = {"sart": metrics(mu_to_hu(M.classical("sart", proj, geo, "rtk", keep=kept)), case.array)}
-            for d in (0, M.UNET_DC["iters"]) if dc_iters is None else dc_iters:
-                hu = mu_to_hu(M.sart_unet(proj, geo, model, "rtk", kept["sart"], d))
-                row["sart_unet" + ("" if d == M.UNET_DC["iters"] else f"_dc{d}")] = metrics(hu, case.array)
-            out[f"{name}/{n}"] = {k: v["psnr_db"] for k, v in row.items()} | \
-                {k + "_ssim": v["ssim"] for k, v in row.items()}
-    return out
 
 
 def install(out: Path, version: str, store, command: str, metrics: dict = None):
@@ -268,7 +229,7 @@ def _install(out: Path, a, cmd: str) -> int:
     state = torch.load(out / "refiner.pt", map_location="cpu", weights_only=True)
     model = Refiner(json.loads((out / "history.json").read_text())["refiner"])
     model.load_state_dict({k: v.float() for k, v in state.items()})
-    m = evaluate(model)
+    m = evaluate_refiner(model)
     print(json.dumps(m, indent=1))
     if a.install_only:  # the command that trained the weights, with this install's options
         cmd = json.loads((out / "history.json").read_text())["command"] + f" --version {a.version}" + \

@@ -37,6 +37,10 @@ from scipy import ndimage as ndi
 
 from . import labels as L
 
+TRAIN_SEED_RANGE = (0, 10000)  # training seeds are drawn from here
+HELDOUT_SEEDS = range(10000, 10100)  # never used for training: evaluation, demo, tests
+DEMO_SEED = 10042
+
 PHANTOM_VERSION = 2  # bump when the generator changes (training caches key on it and on FAMILIES)
 
 # --------------------------------------------------------------------------------------------
@@ -663,4 +667,16 @@ def write_phantom(seed: int, out_dir, shape=None, family: str = "A", spacing=Non
     cpath = write_image(cbct, out_dir / "cbct.nrrd")
     lpath = write_seg_nrrd(result, out_dir / "labels.seg.nrrd")
     info = dict(info, cbct=str(cpath), labels=str(lpath))
+    return info
+
+
+def write_demo_volume(path, seed: int = DEMO_SEED, shape=(162, 154, 116), spacing: float = 0.52, quantum: int = 8):
+    """Write the demo CBCT (``Resources/Data/demo_cbct.nrrd``): held-out phantom ``seed`` on a tight field
+    of view, grey values rounded to ``quantum`` HU (well under the noise) so the compressed file stays
+    under 3 MB. Returns the phantom's info (missing teeth, metal, ...). Needs SimpleITK (io)."""
+    from ..io import write_image
+
+    cbct, _, info = generate_teeth_phantom(seed, shape=shape, spacing=spacing)
+    q = (np.round(cbct.array.astype(np.float32) / quantum) * quantum).astype(np.int16)
+    write_image(cbct.with_array(q, demo=f"teeth phantom seed {seed} (held out)"), Path(path))
     return info

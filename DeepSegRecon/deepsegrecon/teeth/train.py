@@ -28,7 +28,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ import torch
 from ..frames import canonical_frame
 from ..training.loop import Budget, Loop
 from . import labels as L
+from .evaluate import evaluate
 from .nets import (
     build_nets,
     coord_channels,
@@ -47,10 +47,8 @@ from .nets import (
     state_dict_fp16,
     teeth_reference,
 )
+from .phantom import HELDOUT_SEEDS, TRAIN_SEED_RANGE
 
-TRAIN_SEED_RANGE = (0, 10000)  # training seeds are drawn from here
-HELDOUT_SEEDS = range(10000, 10100)  # never used for training: evaluation, demo, tests
-DEMO_SEED = 10042
 DEFAULT_VERSION = "phantom-v1"
 
 
@@ -451,92 +449,6 @@ def _json_default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(type(o).__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluation
-
-
-def score(pred: np.ndarray, gt: np.ndarray) -> dict:
-    """Per-tooth Dice (for teeth in the ground truth) and FDI numbering on one labelmap pair."""
-    joint = np.bincount(gt.astype(np.int64).ravel() * 256 + pred.astype(np.int64).ravel(), minlength=65536)
-    joint = joint.reshape(256, 256)
-    gt_n = joint.sum(1)
-    pr_n = joint.sum(0)
-    teeth = [f for f in L.FDI if gt_n[f] > 0]
-    dice = {}
-    correct = {}
-    for f in teeth:
-        dice[f] = 2.0 * joint[f, f] / (gt_n[f] + pr_n[f])
-        overlaps = {p: joint[f, p] for p in L.FDI if joint[f, p] > 0}
-        match = max(overlaps, key=overlaps.get) if overlaps else 0
-        correct[f] = match == f
-    extra = [int(p) for p in L.FDI if pr_n[p] > 0 and gt_n[p] == 0]
-    bones = {n: 2.0 * joint[v, v] / max(gt_n[v] + pr_n[v], 1) for v, n in ((L.MAXILLA, "maxilla"), (L.MANDIBLE, "mandible"))}
-    return {"dice": dice, "correct": correct, "extra_teeth": extra, "bone_dice": bones}
-
-
-def evaluate(model_dir, seeds, family: str = "A", device: str = "auto", shape=None, spacing=None, log=None) -> dict:
-    """Held-out accuracy of a model version folder on phantoms ``seeds``.
-
-    Returns ``mean_dice`` (per-tooth Dice averaged over the teeth present in the ground truth, at the
-    input resolution), ``fdi_accuracy`` (share of ground-truth teeth whose best-overlapping predicted
-    tooth has the right FDI number), ``min_dice``, extra (invented) teeth, bone Dice and per-seed details.
-    """
-    from ..device import resolve_device
-    from ..store import entry_from_dir
-    from .phantom import generate_teeth_phantom
-    from .plausible import NoTeethFound
-    from .task import load_model, segment
-
-    model = load_model(entry_from_dir(model_dir))
-    dev = resolve_device(device)
-    dices, corrects, per_seed, extra = [], [], [], 0
-    bone = {"maxilla": [], "mandible": []}
-    for s in seeds:
-        cbct, gt, info = generate_teeth_phantom(int(s), shape=shape, spacing=spacing, family=family)
-        t = time.perf_counter()
-        try:
-            pred = segment(cbct, model, dev).labelmap.array
-        except NoTeethFound:  # withheld: no tooth predicted
-            pred = np.zeros(gt.array.shape, np.uint8)
-        dt = time.perf_counter() - t
-        sc = score(pred, gt.array)
-        d = list(sc["dice"].values())
-        c = list(sc["correct"].values())
-        dices += d
-        corrects += c
-        extra += len(sc["extra_teeth"])
-        for k, values in bone.items():
-            values.append(sc["bone_dice"][k])
-        row = {"seed": int(s), "shape": info["shape"], "spacing": round(info["spacing"][0], 3),
-               "teeth": len(d), "missing": info["missing"], "metal": sorted(info["metal"]),
-               "mean_dice": round(float(np.mean(d)), 4) if d else None,
-               "fdi_accuracy": round(float(np.mean(c)), 4) if c else None,
-               "wrong": sorted(int(f) for f, ok in sc["correct"].items() if not ok),
-               "extra_teeth": sc["extra_teeth"], "time_s": round(dt, 1)}
-        per_seed.append(row)
-        if log:
-            log(f"[eval] {row}")
-    return {"mean_dice": round(float(np.mean(dices)), 4) if dices else 0.0,
-            "fdi_accuracy": round(float(np.mean(corrects)), 4) if corrects else 0.0,
-            "min_dice": round(float(np.min(dices)), 4) if dices else 0.0,
-            "teeth_evaluated": len(dices), "extra_teeth": extra,
-            "bone_dice": {k: round(float(np.mean(v)), 4) for k, v in bone.items() if v},
-            "seeds": [int(s) for s in seeds], "family": family, "per_seed": per_seed}
-
-
-def write_demo_volume(path, seed: int = DEMO_SEED, shape=(162, 154, 116), spacing: float = 0.52, quantum: int = 8):
-    """Write the demo CBCT (``Resources/Data/demo_cbct.nrrd``): held-out phantom ``seed`` on a tight field
-    of view, grey values rounded to ``quantum`` HU (well under the noise) so the compressed file stays
-    under 3 MB. Returns the phantom's info (missing teeth, metal, ...). Needs SimpleITK (io)."""
-    from ..io import write_image
-    from .phantom import generate_teeth_phantom
-
-    cbct, _, info = generate_teeth_phantom(seed, shape=shape, spacing=spacing)
-    q = (np.round(cbct.array.astype(np.float32) / quantum) * quantum).astype(np.int16)
-    write_image(cbct.with_array(q, demo=f"teeth phantom seed {seed} (held out)"), Path(path))
-    return info
 
 
 def main(argv=None) -> int:

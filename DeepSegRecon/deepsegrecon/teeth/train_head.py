@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .phantom import HELDOUT_SEEDS
 from .train import (
-    HELDOUT_SEEDS,
     make_sample,
     prepare_sample,
     sample_patches,

@@ -179,9 +179,9 @@ class TeethRecipe(Recipe):
 
     def evaluate(self, states: dict, network, cases, device, step=None) -> dict:
         """End-to-end teeth metrics (the method's own inference and FDI numbering) on ``cases``."""
+        from .evaluate import score
         from .plausible import NoTeethFound
         from .task import TeethModel, segment
-        from .train import score
 
         net1, net2 = build_net(self.network["stage1"]), build_net(self.network["stage2"])
         for net, part in ((net1, "stage1"), (net2, "stage2")):
