@@ -30,10 +30,10 @@ import sys
 import tempfile
 
 SLICER_MINIMUM = (5, 10)
-PYTHON_VERSION = (3, 12)  # Slicer 5.10's; Testing/Python/test_dependencies.py resolves the lock for it
+PYTHON_VERSION = (3, 12)  # Slicer 5.10's; Testing/Python/modules/test_dependencies.py resolves the lock for it
 
 # Lower bound for a torch that is already installed or that PyTorchUtils picks: the highest "torch>=" that a locked
-# package declares (monai 1.6.1: torch>=2.8.0); Testing/Python/test_dependencies.py checks it against the lock.
+# package declares (monai 1.6.1: torch>=2.8.0); Testing/Python/modules/test_dependencies.py checks it against the lock.
 TORCH_MINIMUM = "2.8"
 PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 

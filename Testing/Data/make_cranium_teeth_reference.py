@@ -1,5 +1,5 @@
 """Reference labelling of the upper teeth of ``Cranium.inv3`` (Debian's ``invesalius-examples``), and the yardstick
-the teeth pipeline is measured with on it (``Testing/Python/test_teeth_real_cranium.py``, ``make bench``'s
+the teeth pipeline is measured with on it (``Testing/Python/teeth/test_teeth_real_cranium.py``, ``make bench``'s
 ``teeth_real_cranium``).
 
 The scan: a real head CT, 256 x 256 x 108 voxels of 0.957 x 0.957 x 1.5 mm, read with the project's reader

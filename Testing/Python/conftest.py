@@ -1,4 +1,9 @@
+"""Shared fixtures. The tests mirror the package tree (teeth/, brain/, slices/, cbct/, xray/, scene/, training/,
+cli/; modules/ for the Slicer modules; the engine's own modules here); the helpers here and the test modules that
+others import from are importable from every folder."""
+
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +12,9 @@ import pytest
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 ROOT = Path(__file__).resolve().parents[2]
+for _folder in sorted(p for p in Path(__file__).parent.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+    sys.path.insert(0, str(_folder))
+sys.path.insert(0, str(Path(__file__).parent))
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 
 

@@ -20,7 +20,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MODULE_PY = ROOT / "DeepSegRecon" / "SegmentTeeth" / "SegmentTeeth.py"
 
 PLUGIN = textwrap.dedent('''

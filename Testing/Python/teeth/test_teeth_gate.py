@@ -14,7 +14,7 @@ from deepsegrecon.errors import EXIT_INPUT, EXIT_RESOURCES, ResourceError
 from deepsegrecon.teeth import labels as L
 from deepsegrecon.teeth import plausible as P
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SHIPPED = ROOT / "Resources" / "Models" / "teeth" / "phantom-v4"
 
 

@@ -12,7 +12,7 @@ slicer = pytest.importorskip("slicer")
 
 from test_slicer_module_logic import _stand_in_modules  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MODULE_PY = ROOT / "DeepSegRecon" / "ReconstructCBCT" / "ReconstructCBCT.py"
 
 

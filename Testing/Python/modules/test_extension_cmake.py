@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LIB_DIR = "lib/Slicer-5.9/qt-scripted-modules"
 REQUIREMENT_FILES = ("requirements.lock", "requirements-nodeps.txt")
 

@@ -12,7 +12,7 @@ from deepsegrecon.errors import Cancelled, InputError
 from deepsegrecon.task import CancelToken
 from deepsegrecon.training.loop import Budget, Loop, load_checkpoint
 
-PACKAGE = Path(__file__).resolve().parents[2] / "DeepSegRecon" / "deepsegrecon"
+PACKAGE = Path(__file__).resolve().parents[3] / "DeepSegRecon" / "deepsegrecon"
 
 
 class Problem:

@@ -27,7 +27,7 @@ from DeepSegReconCommon.Jobs import JobController, describeRun
 from scene_testdata import oblique_grid, teeth_result
 from test_scene_logic import PLUGIN  # the test-only "test_threshold_teeth" task (steps, dt, fail)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 # ------------------------------------------------------------------------------------------ stand-ins
@@ -161,7 +161,7 @@ def test_a_batch_is_a_job_of_the_panel(tmp_path):
     from deepsegrecon.batch_job import BatchLogic
     from test_batch import make_cases
 
-    plugin = str(Path(__file__).with_name("batch_testtask.py"))
+    plugin = str(Path(__file__).resolve().parents[1] / "batch_testtask.py")
     make_cases(tmp_path / "in", 3, broken=1)
     errors = []
     jobs = JobController(Timer(), lambda text, title: errors.append(text))

@@ -18,7 +18,7 @@ from deepsegrecon.teeth.evaluate import HELDOUT_SEEDS, score
 from deepsegrecon.teeth.phantom import generate_teeth_phantom
 from deepsegrecon.teeth.task import TeethTask, load_model, segment
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SHIPPED = ROOT / "Resources" / "Models" / "teeth" / "phantom-v4"  # the default
 SOUP = ROOT / "Resources" / "Models" / "teeth" / "phantom-v2"  # the start of its line (v2 -> v3 -> v4), shipped
 BASE = ROOT / "Resources" / "Models" / "teeth" / "phantom-v1"

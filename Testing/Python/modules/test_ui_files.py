@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 UI_DIR = ROOT / "Resources" / "UI"
 ICON_DIR = ROOT / "Resources" / "Icons"
 MODULES_DIR = ROOT / "DeepSegRecon"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MODULES_DIR = ROOT / "DeepSegRecon"
 sys.path.insert(0, str(MODULES_DIR))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MODULES_DIR = ROOT / "DeepSegRecon"
 ENTRY = ROOT / "ExtensionsIndex" / "DeepSegRecon.json"
 

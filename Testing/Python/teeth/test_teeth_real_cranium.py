@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 _spec = importlib.util.spec_from_file_location("make_cranium_teeth_reference",
                                                ROOT / "Testing" / "Data" / "make_cranium_teeth_reference.py")
 R = importlib.util.module_from_spec(_spec)

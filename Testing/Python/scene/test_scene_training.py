@@ -521,7 +521,7 @@ def test_segment_teeth_module_creates_the_training_logic(module, tmp_path):
 
     from DeepSegReconCommon.FinetuneSection import describeProgress, findSectionUI
 
-    assert Path(findSectionUI()) == Path(__file__).resolve().parents[2] / "Resources" / "UI" / "FinetuneSection.ui"
+    assert Path(findSectionUI()) == Path(__file__).resolve().parents[3] / "Resources" / "UI" / "FinetuneSection.ui"
     assert module.formatEta(125) == "about 2 min 05 s left"
     assert describeProgress({"epoch": 3, "epochs": 10, "loss": 0.25, "val_dice": 0.5, "best_val_dice": 0.75}) == \
         "epoch 3/10, loss 0.2500, validation Dice 0.500, best 0.750"

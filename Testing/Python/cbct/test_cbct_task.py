@@ -56,7 +56,7 @@ def with_refiner(tmp_path, tiny_model):
     import shutil
     from pathlib import Path
 
-    src = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "cbct-recon" / "v4"
+    src = Path(__file__).resolve().parents[3] / "Resources" / "Models" / "cbct-recon" / "v4"
     shutil.copytree(src, tmp_path / "builtin" / "cbct-recon" / "v4")
     return tiny_model
 
