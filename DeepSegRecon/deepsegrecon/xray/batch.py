@@ -36,7 +36,7 @@ class XrayAdapter(Adapter):
         import numpy as np
 
         from ..io import read_image
-        from .cli import _pose_file
+        from .geometry import read_pose_file
         from .xrayio import read_xray
 
         params = dict(params)
@@ -53,7 +53,7 @@ class XrayAdapter(Adapter):
                              "give --set pixel_spacing=[X,Y]")
         for key in ("truth_pose", "init_pose"):
             if case.params.get(key):
-                params[key] = _pose_file(Path(case.params[key]))
+                params[key] = read_pose_file(Path(case.params[key]))
         if case.params.get("landmarks"):
             try:
                 pts = json.loads(Path(case.params["landmarks"]).read_text())
@@ -68,7 +68,7 @@ class XrayAdapter(Adapter):
 
     def write(self, result, images, case, folder, fmt):
         from ..files import json_text
-        from .cli import write_drr, write_transform
+        from .outputs import write_drr, write_transform
 
         write_transform(result.matrix_lps, folder / "pose.h5")
         drr = result.images["drr"]

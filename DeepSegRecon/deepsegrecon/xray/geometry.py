@@ -230,3 +230,12 @@ def image_grid(carm: Carm, frame: np.ndarray):
     """(origin, direction) in the X-ray frame of the pixel grid of ``carm``."""
     o_cam, d_cam = detector_frame(carm)
     return frame[:3, :3] @ o_cam + frame[:3, 3], frame[:3, :3] @ d_cam
+
+
+def read_pose_file(path) -> dict:
+    """A pose JSON file, checked (:func:`read_pose_json`), as its dict."""
+    import json
+    from pathlib import Path
+
+    read_pose_json(path)  # checks
+    return json.loads(Path(path).read_text())

@@ -114,7 +114,7 @@ def test_pose_h5_in_a_real_mrml_scene(case, tmp_path):
     point the engine computed (LPS), i.e. the LPS/RAS flip and the ITK "from parent" inversion are right."""
     import slicer
 
-    from deepsegrecon.xray.cli import read_transform, write_transform
+    from deepsegrecon.xray.outputs import read_transform, write_transform
 
     rng = np.random.default_rng(3)
     from scipy.spatial.transform import Rotation
