@@ -71,17 +71,17 @@ lock:
 # into Resources/Models/teeth/ to ship them.
 WEIGHTS_OUT ?= build/teeth-weights
 TEETH_FT := $(PY) -m deepsegrecon.teeth.train --out $(WEIGHTS_OUT) --device auto --seed 0 --lr 0.0008 \
-	--init-from $(WEIGHTS_OUT)/phantom-v1 --eval-seeds
+	--init-from $(WEIGHTS_OUT)/teeth/phantom-v1 --eval-seeds
 WEIGHTS_ENV := DEEPSEGRECON_HOME=$(WEIGHTS_OUT)/home DEEPSEGRECON_BUILTIN_MODELS=$(WEIGHTS_OUT)/none
 weights: venv
 	$(VENV)/bin/deepsegrecon train-teeth-phantoms --out $(WEIGHTS_OUT) --minutes 150 --device auto --seed 0
 	$(TEETH_FT) --minutes 100 --version phantom-v1-ft100
 	$(TEETH_FT) --minutes 60 --version phantom-v1-ft60
 	for v in phantom-v1 phantom-v1-ft100 phantom-v1-ft60; do \
-		$(WEIGHTS_ENV) $(VENV)/bin/deepsegrecon models import $(WEIGHTS_OUT)/$$v || exit 1; done
+		$(WEIGHTS_ENV) $(VENV)/bin/deepsegrecon models import $(WEIGHTS_OUT)/teeth/$$v || exit 1; done
 	$(WEIGHTS_ENV) $(VENV)/bin/deepsegrecon models average teeth phantom-v1 phantom-v1-ft100 phantom-v1-ft60 \
 		--name phantom-v2
-	cp -r $(WEIGHTS_OUT)/home/models/teeth/phantom-v2 $(WEIGHTS_OUT)/
+	cp -r $(WEIGHTS_OUT)/home/models/teeth/phantom-v2 $(WEIGHTS_OUT)/teeth/
 
 # phantom-v3: phantom-v2 fine-tuned on head phantoms, jaw phantoms and real scans without teeth
 # (teeth/train_head.py). The shipped run had two parts: 35 min on an earlier head generator (skull as dim as jaw
@@ -96,7 +96,7 @@ weights-teeth-head: venv
 	nice $(PY) -m deepsegrecon.teeth.train_head prepare --cache $(HEAD_OUT)/cache --heads 24 --first 500 --jaws 56 \
 		--fields below,lower,below,large
 	nice $(PY) -m deepsegrecon.teeth.train_head train --cache $(HEAD_OUT)/cache --out $(HEAD_OUT)/out \
-		--init-from $(HEAD_OUT)/out/phantom-v3 --minutes 50 --lr 1e-4 --threads 1 --version phantom-v4
+		--init-from $(HEAD_OUT)/out/teeth/phantom-v3 --minutes 50 --lr 1e-4 --threads 1 --version phantom-v4
 
 # Reproduce the default brain-tumor weights (real-v1: real BraTS patients of ../shared/data, fixed split) in
 # $(BRAIN_OUT)/store/brain-tumor/real-v1; resumable (add --resume). A wall-clock budget, so the step count depends on

@@ -25,16 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .nets import state_dict_fp16
 from .phantom import HELDOUT_SEEDS
-from .train import (
-    make_sample,
-    prepare_sample,
-    sample_patches,
-    save_sample,
-    state_dict_fp16,
-    training_seeds,
-    write_version,
-)
+from .samples import make_sample, prepare_sample, sample_patches, save_sample, training_seeds
+from .train import write_version
 
 HEAD_SEEDS = range(20000, 30000)  # head phantom seeds for training; held-out heads use 30000+
 SHARED = Path(__file__).resolve().parents[4] / "shared" / "data"

@@ -67,7 +67,7 @@ def _roi_on_grid(roi, lo=None, hi=None, size=None) -> np.ndarray:
 def stage_sample(image, label, roi, network: dict, stage: str, name: str = "case") -> dict:
     """One case -> ``{"image" (C, k, j, i) float32, "label" (1, ...) class indices, "roi" (1, ...) uint8}`` for
     ``stage`` ("stage1" | "stage2"), in the canonical frame on that stage's grid."""
-    from .train import prepare_sample
+    from .samples import prepare_sample
 
     s = prepare_sample(image, label, network, _NoJitter())
     can = canonical_frame(image)

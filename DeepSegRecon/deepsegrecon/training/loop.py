@@ -129,7 +129,8 @@ class Loop:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.step += 1
-        rec = {"loss": float(loss.detach()), **{k: float(v) for k, v in terms.items()}}
+        rec = {"loss": float(loss.detach()),
+               **{k: float(v.detach() if torch.is_tensor(v) else v) for k, v in terms.items()}}
         self.history.append(rec)
         return rec
 

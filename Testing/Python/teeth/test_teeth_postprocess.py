@@ -20,8 +20,8 @@ from deepsegrecon.teeth.postprocess import (
     resplit_at_gaps,
     split_instances,
 )
+from deepsegrecon.teeth.samples import _onehot_area
 from deepsegrecon.teeth.task import assemble, grid_mapper, make_result, stage2_box
-from deepsegrecon.teeth.train import _onehot_area
 
 SHAPE = (150, 140, 110)
 
