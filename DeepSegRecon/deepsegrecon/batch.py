@@ -189,12 +189,12 @@ class CaseRunner:
         from .task import get_task
 
         task = get_task(self.task)
-        if not (getattr(task, "uses_model", False) or params.get("model")):
+        if not (task.uses_model or params.get("model")):
             return None
         version = params.get("model") or task.model_version(images, {**task.default_params(), **params}, _store())
         key = version or ""
         if key not in self.models:
-            self.models[key] = check_model(getattr(task, "model_task", None) or task.name, version, _store())
+            self.models[key] = check_model(task.weights_task, version, _store())
         return self.models[key]
 
     def run(self, case: Case, cancel=None, progress: Callable[[dict], None] | None = None) -> dict:

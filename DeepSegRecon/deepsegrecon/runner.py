@@ -63,7 +63,7 @@ def model_for_job(task_name: str, images: dict, params: dict, store=None):
     task = get_task(task_name)
     store = store or ModelStore()
     version = params.get("model") or task.model_version(images, {**task.default_params(), **params}, store)
-    return check_model(getattr(task, "model_task", None) or task.name, version, store)
+    return check_model(task.weights_task, version, store)
 
 
 def run_inline(task_name: str, images: dict, params: dict, progress: Callable[[dict], None] | None = None,
@@ -79,13 +79,12 @@ def run_inline(task_name: str, images: dict, params: dict, progress: Callable[[d
     task.validate(images, params)
     cancel = cancel or CancelToken()
     cancel.raise_if_cancelled()
-    # tasks that use no torch device may declare uses_device = False (spares the torch import)
-    device = _resolve_device(params.get("device", "auto" if getattr(task, "uses_device", True) else "cpu"))
-    if model is None and (getattr(task, "uses_model", False) or params.get("model")):
+    device = _resolve_device(params.get("device", "auto" if task.uses_device else "cpu"))
+    if model is None and (task.uses_model or params.get("model")):
         model = model_for_job(task_name, images, params)
     if model is not None:
         params["model"] = model.version
-    reporter = ProgressReporter(getattr(task, "stages", None), progress)
+    reporter = ProgressReporter(task.stages, progress)
     ctx = TaskContext(device=device, progress=reporter, cancel=cancel, model_dir=model.dir if model else None,
                       model=model)
     try:

@@ -101,6 +101,14 @@ class Task:
     inputs: tuple = ()  # (InputSpec, ...)
     result_kind: str = "segmentation"
     params_type: type = Params  # the task's parameters (a Params dataclass)
+    uses_model: bool = False  # needs weights from the model store: checked before the run
+    model_task: str = ""  # the store's task name for its weights (default: the task's name)
+    uses_device: bool = True  # False: no torch device (spares the torch import)
+    stages: dict | None = None  # progress stages and their weights (see progress.ProgressReporter)
+
+    @property
+    def weights_task(self) -> str:
+        return self.model_task or self.name
 
     def default_params(self) -> dict:
         return self.params_type().to_dict()

@@ -114,7 +114,6 @@ class CBCTReconTask(Task):
               InputSpec("ct", 3, False, "CT volume (HU) to simulate projections from"),
               InputSpec("reference", 3, False, "reference CT (HU) on the reconstruction grid"))
     uses_model = True
-    model_task = TASK
     stages = STAGES
 
     def validate(self, images: dict, params: dict) -> None:

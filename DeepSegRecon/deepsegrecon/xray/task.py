@@ -120,7 +120,6 @@ class XrayRegisterTask(Task):
               InputSpec("xray", 2, True, "intraoperative X-ray (2-D, or a one-slice volume)"))
     result_kind = "transform"
     stages = REGISTER_STAGES
-    model_task = "xray-register"
     params_type = RegisterParams
 
     def validate(self, images: dict, params: dict) -> None:
