@@ -80,6 +80,8 @@ def run_inline(task_name: str, images: dict, params: dict, progress: Callable[[d
     cancel = cancel or CancelToken()
     cancel.raise_if_cancelled()
     device = _resolve_device(params.get("device", "auto" if task.uses_device else "cpu"))
+    if "device" in params:
+        params["device"] = device  # resolved once: the task finds "cpu" / "cuda:0", not "auto"
     if model is None and (task.uses_model or params.get("model")):
         model = model_for_job(task_name, images, params)
     if model is not None:
