@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -117,29 +116,19 @@ def read_epochs(job_dir) -> list:
 
 
 # --------------------------------------------------------------------------------------------------- params
-def _budget(params: dict) -> tuple:
-    out = []
+def _budget(params) -> tuple:
+    """(epochs, minutes) of typed parameters, each None or positive."""
     for key in ("epochs", "minutes"):
         v = params.get(key)
-        if v is None:
-            out.append(None)
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise InputError(f"the training budget '{key}' must be a number, got {v!r}")
-        if not v > 0:
+        if v is not None and not v > 0:
             raise InputError(f"the training budget must be positive: {key} = {v} (give --{key} above 0)")
-        if key == "epochs" and int(v) != v:
-            raise InputError(f"epochs must be a whole number, got {v}")
-        out.append(int(v) if key == "epochs" else float(v))
-    return tuple(out)
+    return params.get("epochs"), params.get("minutes")
 
 
-def _check_params(kind: str, params: dict) -> None:
+def _check_params(kind: str, params) -> None:
     from ..store import ModelStore, _check_name
 
-    unknown = sorted(set(params) - set(TrainParams().keys()))
-    if unknown:
-        raise InputError(f"{kind}: unknown parameters {unknown}; known: {', '.join(TrainParams().keys())}")
+    params = TrainParams.parse(params, kind)  # unknown keys and wrong types (a dict given directly)
     task = params.get("task")
     if not task:
         raise InputError(f"{kind} needs the task whose network is trained (e.g. 'teeth')")
@@ -155,14 +144,8 @@ def _check_params(kind: str, params: dict) -> None:
     _check_name(name, "version")
     _budget(params)
     vf = params.get("val_fraction")
-    if vf is not None and (isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 <= vf < 1):
+    if vf is not None and not 0 <= vf < 1:
         raise InputError(f"val_fraction must be at least 0 and below 1, got {vf!r}")
-    seed = params.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise InputError(f"seed must be a whole number, got {seed!r}")
-    for key in ("settings", "modalities", "recipe_options"):
-        if params.get(key) is not None and not isinstance(params[key], dict):
-            raise InputError(f"{key} must be a dict, got {type(params[key]).__name__}")
     if params.get("settings"):  # every setting through the typed settings, before any case is read
         from .engine import TrainConfig
 
@@ -171,7 +154,7 @@ def _check_params(kind: str, params: dict) -> None:
                 TrainConfig.check_settings(value, part=key)
             else:
                 TrainConfig.check_settings({key: value})
-    if params.get("stages") is not None and not (isinstance(params["stages"], (list, tuple)) and params["stages"]):
+    if params.get("stages") is not None and not params["stages"]:
         raise InputError("stages must be a non-empty list of part names")
     store = ModelStore()
     if kind == "finetune":
@@ -604,7 +587,7 @@ class _TrainingTask(Task):
 
     def run(self, images: dict, params: dict, ctx: TaskContext) -> ModelResult:
         try:
-            return run_training(self.kind, params, ctx)
+            return run_training(self.kind, self.parse_params(params), ctx)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM in the CLI
             raise Cancelled(f"training cancelled ({e or 'interrupted'})") from None
 
