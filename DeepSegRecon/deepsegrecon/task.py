@@ -111,7 +111,9 @@ class Task:
         return self.model_task or self.name
 
     def default_params(self) -> dict:
-        return self.params_type().to_dict()
+        """The defaults of the task's Params; none for a plug-in task that declares no Params of its own (its
+        device then defaults to "auto", or to "cpu" with ``uses_device = False``)."""
+        return self.params_type().to_dict() if self.params_type is not Params else {}
 
     def parse_params(self, params=None) -> Params | dict:
         """``params`` checked against :attr:`params_type` (unknown keys and wrong types refused), defaults filled.
