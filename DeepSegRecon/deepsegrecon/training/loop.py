@@ -83,6 +83,7 @@ class Loop:
         self._t0, self._c0 = time.monotonic(), time.process_time()
         self._last_ck = time.monotonic()
         self._log_from = 0  # history index of the first step not yet in a log line
+        self._validated_at = None  # the step of the last validation
 
     # ------------------------------------------------------------------------------------------- clocks
 
@@ -166,8 +167,7 @@ class Loop:
                 self.log_line()
             if self.checkpoint is not None and time.monotonic() - self._last_ck > self.checkpoint_every_s:
                 self.save()
-        if validate is not None and (not self.records or self.records[-1].get("step") != self.step
-                                     or "val" not in self.records[-1]):
+        if validate is not None and self._validated_at != self.step:
             self.validate(validate, keep_best)
         if self.log_every and self._log_from < len(self.history):
             self.log_line()
@@ -181,6 +181,7 @@ class Loop:
         with torch.no_grad():
             out = validate()
         metric, extra = out if isinstance(out, tuple) else (out, {})
+        self._validated_at = self.step
         rec = {"step": self.step, "minutes": round(self.elapsed_s / 60, 2), "val": round(float(metric), 4), **extra}
         self.records.append(rec)
         if self.log is not None:

@@ -72,8 +72,9 @@ def test_resume_continues_as_if_the_run_had_never_stopped(tmp_path):
 def test_validation_keeps_the_best_weights_and_runs_at_the_end():
     p = Problem()
     scores = iter([0.2, 0.9, 0.5, 0.1])
-    loop = p.loop(Budget(steps=10)).run(p.step, lambda: next(scores), val_every=3)
+    loop = p.loop(Budget(steps=10), log_every=3).run(p.step, lambda: next(scores), val_every=3)
     assert [r["step"] for r in loop.records if "val" in r] == [3, 6, 9, 10]
+    assert len(p.loop(Budget(steps=6), log_every=3).run(p.step, lambda: 1.0, val_every=3).records) == 4  # 2 + 2
     assert loop.best["step"] == 6 and loop.best["metric"] == 0.9
     assert not torch.equal(loop.best_states()["model"]["weight"], p.net.weight.detach())
     q = Problem()
