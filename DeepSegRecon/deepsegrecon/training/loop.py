@@ -15,7 +15,6 @@ a batch, runs the forward pass inside ``loop.autocast()`` and returns the loss (
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -288,15 +287,3 @@ def load_checkpoint(path) -> dict:
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise InputError(f"{path} is not a DeepSegRecon training checkpoint")
     return ck
-
-
-@contextlib.contextmanager
-def threads(n: int | None):
-    """``torch.set_num_threads(n)`` for the block (``None``: unchanged)."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
