@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,30 +73,37 @@ def dryRun(uv, platform, requirements, constraints, folder, noDeps=False):
     return True, dict(re.findall(r"^\s*\+\s*([A-Za-z0-9._-]+)==(\S+)", out, re.M))
 
 
+def resolve(uv, platform, requirements, constraints, noDeps, folder):
+    """(ok, {name: version} or the error text) of a module's list, then its ``--no-deps`` packages, on ``platform``."""
+    ok, detail = dryRun(uv, platform, requirements, constraints, folder)
+    if ok and noDeps:
+        ok2, detail2 = dryRun(uv, platform, noDeps, [], folder, noDeps=True)
+        ok, detail = (True, {**detail, **detail2}) if ok2 else (False, detail2)
+    return ok, detail
+
+
 def check(uv, modules=None, platforms=None, log=print):
-    """{(module, platform label): (ok, detail)}; ``log`` gets one line each."""
+    """{(module, platform label): (ok, detail)}; ``log`` gets one line each. The resolutions wait on the index, so
+    they run side by side; modules with the same list resolve once."""
     pins = D.lockPins()
-    results = {}
-    cache = {}
-    with tempfile.TemporaryDirectory(prefix="dsr-platforms-") as folder:
-        for moduleName in modules or sorted(D.MODULE_PACKAGES):
-            requirements, constraints, noDeps = moduleInputs(moduleName, pins)
-            for label, platform in (platforms or PLATFORMS).items():
-                key = (tuple(requirements), tuple(constraints), tuple(noDeps), platform)
-                if key not in cache:  # modules with the same list resolve once
-                    ok, detail = dryRun(uv, platform, requirements, constraints, folder)
-                    if ok and noDeps:
-                        ok2, detail2 = dryRun(uv, platform, noDeps, [], folder, noDeps=True)
-                        ok, detail = (True, {**detail, **detail2}) if ok2 else (False, detail2)
-                    cache[key] = ok, detail
-                ok, detail = cache[key]
-                results[moduleName, label] = ok, detail
-                if ok:
-                    extra = "".join(f", {n} {detail[n]}" for n in ("diffdrr",) if n in detail)
-                    log(f"{moduleName:18s} {label:24s} ok: {len(detail)} packages (torch {detail.get('torch')}, "
-                        f"numpy {detail.get('numpy')}, monai {detail.get('monai')}{extra})")
-                else:
-                    log(f"{moduleName:18s} {label:24s} FAILED:\n{detail[-2000:]}")
+    jobs = {}
+    for moduleName in modules or sorted(D.MODULE_PACKAGES):
+        requirements, constraints, noDeps = moduleInputs(moduleName, pins)
+        for label, platform in (platforms or PLATFORMS).items():
+            key = (tuple(requirements), tuple(constraints), tuple(noDeps), platform)
+            jobs[moduleName, label] = key
+    with tempfile.TemporaryDirectory(prefix="dsr-platforms-") as folder, ThreadPoolExecutor(6) as pool:
+        futures = {key: pool.submit(resolve, uv, key[3], list(key[0]), list(key[1]), list(key[2]),
+                                    tempfile.mkdtemp(dir=folder))
+                   for key in dict.fromkeys(jobs.values())}
+        results = {job: futures[key].result() for job, key in jobs.items()}
+    for (moduleName, label), (ok, detail) in results.items():
+        if ok:
+            extra = "".join(f", {n} {detail[n]}" for n in ("diffdrr",) if n in detail)
+            log(f"{moduleName:18s} {label:24s} ok: {len(detail)} packages (torch {detail.get('torch')}, "
+                f"numpy {detail.get('numpy')}, monai {detail.get('monai')}{extra})")
+        else:
+            log(f"{moduleName:18s} {label:24s} FAILED:\n{detail[-2000:]}")
     return results
 
 

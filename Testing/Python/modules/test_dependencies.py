@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -369,8 +370,11 @@ def test_every_pin_but_torch_resolves_for_python_312(uv, tmp_path, pins):
     lines = [f"{name}=={version}" for name, version in sorted(pins[0].items()) if name != "torch"] + ["torch"]
     req = tmp_path / "lock-py312.in"
     req.write_text("\n".join(lines) + "\n")
-    rc, out = platform_check.run(uv, ["pip", "compile", "--python-version", platform_check.PYTHON, "--no-header",
-                                      "--no-annotate", str(req)])
+    compile_ = ["pip", "compile", "--python-version", platform_check.PYTHON, "--no-header", "--no-annotate"]
+    with ThreadPoolExecutor(2) as pool:  # both wait on the index
+        lock = pool.submit(platform_check.run, uv, [*compile_, str(req)])
+        nodeps = pool.submit(platform_check.run, uv, [*compile_, "--no-deps", str(ROOT / "requirements-nodeps.txt")])
+    rc, out = lock.result()
     _skip_if_offline(rc, out)
     assert rc == 0, out[-3000:]
     resolved = dict(re.findall(r"^([A-Za-z0-9._-]+)==(\S+)$", out, re.M))
@@ -378,8 +382,7 @@ def test_every_pin_but_torch_resolves_for_python_312(uv, tmp_path, pins):
         if name != "torch":
             assert resolved[name] == version, name
     assert D.versionTuple(resolved["torch"]) >= D.versionTuple(D.TORCH_MINIMUM)
-    rc, out = platform_check.run(uv, ["pip", "compile", "--python-version", platform_check.PYTHON, "--no-deps",
-                                      "--no-header", "--no-annotate", str(ROOT / "requirements-nodeps.txt")])
+    rc, out = nodeps.result()
     _skip_if_offline(rc, out)
     assert rc == 0, out[-3000:]
     assert dict(re.findall(r"^([A-Za-z0-9._-]+)==(\S+)$", out, re.M)) == pins[1]
