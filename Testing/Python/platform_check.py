@@ -41,9 +41,10 @@ def findUv():
 
 
 def run(uv, args, timeout=300):
-    """(return code, output) of ``uv <args>``."""
+    """(return code, output) of ``uv <args>``. Never a Python download: uv would fetch a 3.12 to build sdists (wheels
+    only here) and, offline, spend 8 s a call on retries."""
     proc = subprocess.run([uv, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "UV_NO_PROGRESS": "1"})
+                          env={**os.environ, "UV_NO_PROGRESS": "1", "UV_PYTHON_DOWNLOADS": "never"})
     return proc.returncode, proc.stdout + proc.stderr
 
 
