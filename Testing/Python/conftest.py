@@ -44,16 +44,19 @@ def oblique_image():
     return Image(arr, spacing=(0.4, 0.7, 1.9), origin=(-12.5, 33.25, 101.0), direction=oblique_direction())
 
 
-@pytest.fixture
-def one_torch_thread():
-    """One torch thread during a test (small tensors: threads only contend on the shared CPU); restored after.
-    Modules use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+def _one_torch_thread():
     import torch
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# One torch thread during a test (small tensors: threads only contend on the shared CPU); restored after. Modules use
+# it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``; ``..._module`` also covers module fixtures.
+one_torch_thread = pytest.fixture(_one_torch_thread, name="one_torch_thread")
+one_torch_thread_module = pytest.fixture(_one_torch_thread, scope="module", name="one_torch_thread_module")
 
 
 @pytest.fixture

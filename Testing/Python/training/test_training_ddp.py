@@ -10,14 +10,7 @@ from deepsegrecon.training.engine import TrainConfig
 from deepsegrecon.training.recipe import Recipe
 from test_training_engine import make_ball_cases, tiny_net
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny nets run faster on one thread, and much faster on a busy machine (no OpenMP spinning)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny nets: one thread is faster, much faster on a busy machine
 
 
 def tiny_recipe():

@@ -21,13 +21,7 @@ N = 32
 EPOCHS = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny nets run faster on one thread, and much faster on a busy machine (no OpenMP spinning)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")  # tiny nets: one thread is faster, much faster on a busy machine
 
 
 def make_ball_cases(root: Path, n: int = 8, size: int = N, seed: int = 0, roi: bool = False) -> Path:
