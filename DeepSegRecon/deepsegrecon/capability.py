@@ -15,8 +15,9 @@ class Capability:
     """``tasks``: the task names registered by importing ``task_module``; ``cli``: the module with ``COMMANDS``
     and ``add_parsers(sub)``; ``recipes``: task -> "module:attribute" of its training recipe; ``batch_adapters``:
     task -> "module:class" of its :class:`deepsegrecon.batch.Adapter`; ``region_label_hooks``: task ->
-    "module:function" turning overlapping region segments into its stored label. Modules are relative to the
-    package."""
+    "module:function" turning overlapping region segments into its stored label; ``params``: task ->
+    "module:class" of its typed parameters, in a module without torch (hosts check a job with it before starting
+    it). Modules are relative to the package."""
 
     package: str
     tasks: tuple
@@ -25,6 +26,7 @@ class Capability:
     recipes: dict = field(default_factory=dict)
     batch_adapters: dict = field(default_factory=dict)
     region_label_hooks: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
 
     def module(self, name: str) -> str:
         return f"deepsegrecon.{self.package}.{name}"
@@ -72,6 +74,11 @@ def batch_adapter(task: str):
 def region_label_hook(task: str):
     """The task's hook ``(seg_name, names, known, read_mask) -> (label array, {name: value}) or None``, or None."""
     return _attribute(task, "region_label_hooks")
+
+
+def params_type(task: str):
+    """The task's :class:`deepsegrecon.params.Params` class (its module imports no torch), or None."""
+    return _attribute(task, "params")
 
 
 def _attribute(task: str, table: str):

@@ -1,6 +1,8 @@
 """The capability registry (issue 23): what each subpackage declares is what it provides."""
 
 import importlib
+import subprocess
+import sys
 
 import pytest
 
@@ -21,6 +23,19 @@ def test_each_declaration_matches_its_package(cap):
         assert C.batch_adapter(task).task == task
     for task in cap.region_label_hooks:
         assert callable(C.region_label_hook(task))
+    assert set(cap.params) == set(cap.tasks)  # every task's typed parameters, named where hosts find them
+    for task in cap.tasks:
+        assert get_task(task).params_type is C.params_type(task)
+
+
+def test_parameters_are_checked_without_torch():
+    """A host (the Slicer panel) checks a job's parameters before starting it: no torch, MONAI or ITK for that."""
+    code = ("import sys; from deepsegrecon import capability as C\n"
+            "kinds = [C.params_type(t) for c in C.capabilities() for t in c.tasks]\n"
+            "assert all(k.parse({'device': 'cpu'}).device == 'cpu' for k in kinds)\n"
+            "print(sorted(m for m in ('torch', 'monai', 'itk', 'diffdrr', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_lookups_by_task():

@@ -4,4 +4,5 @@ from ..capability import Capability
 
 CAPABILITY = Capability("brain", tasks=("brain-tumor",), recipes={"brain-tumor": "training:recipe"},
                         batch_adapters={"brain-tumor": "batch:BrainAdapter"},
-                        region_label_hooks={"brain-tumor": "labels:regions_to_label"})
+                        region_label_hooks={"brain-tumor": "labels:regions_to_label"},
+                        params={"brain-tumor": "params:BrainParams"})

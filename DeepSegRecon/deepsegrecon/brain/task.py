@@ -19,11 +19,11 @@ import torch
 from ..device import resolve_device
 from ..errors import InputError, ModelError
 from ..image import Image
-from ..params import Params
 from ..results import SegmentationResult
 from ..task import InputSpec, Task, TaskContext, register
 from . import labels as L
 from .nets import build_net, load_seg_weights
+from .params import BrainParams
 from .preprocess import probabilities_to_ref, to_network_input
 
 TASK = "brain-tumor"
@@ -216,10 +216,6 @@ def make_result(ref: Image, lab: np.ndarray, extra: dict) -> SegmentationResult:
               "volumes_ml": L.region_volumes_ml(lab, ref.spacing)}
     return SegmentationResult(img, L.subregion_infos(present), absent, report)
 
-
-@dataclass
-class BrainParams(Params):
-    pass
 
 
 @register

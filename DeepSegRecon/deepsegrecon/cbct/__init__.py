@@ -2,4 +2,5 @@
 
 from ..capability import Capability
 
-CAPABILITY = Capability("cbct", tasks=("cbct-recon",), batch_adapters={"cbct-recon": "batch:CbctAdapter"})
+CAPABILITY = Capability("cbct", tasks=("cbct-recon",), batch_adapters={"cbct-recon": "batch:CbctAdapter"},
+                        params={"cbct-recon": "params:ReconParams"})

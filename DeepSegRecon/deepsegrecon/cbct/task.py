@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import InputError, ModelError
-from ..params import Params
 from ..results import VolumeResult
 from ..task import InputSpec, Task, TaskContext, register
 from .geometry import full_circle
+from .params import ReconParams
 
 TASK = "cbct-recon"
 WEIGHTS = "dif_gaussian.pt"
@@ -84,24 +83,6 @@ def geometry_of(images: dict, params: dict):
         raise InputError(f"the detector needs 8 or more pixels a side, got {det!r}")
     return geometry_for_grid(images["ct"], views, detector=det, arc_deg=float(params.get("arc_deg", 360.0)))
 
-
-@dataclass
-class ReconParams(Params):
-    geometry: dict | None = None  # cone-beam geometry (ConeGeometry.to_dict) of given projections
-    views: int | None = None  # views to simulate from a CT
-    detector: int = 128  # detector pixels per side (simulation)
-    arc_deg: float = 360.0
-    noise: bool = True  # Poisson + electronic noise on simulated projections
-    photons: float = 1e5
-    electronic_sd: float = 10.0
-    seed: int = 0
-    filter: str = "hann"  # FDK ramp filter window
-    query_res: int | None = 64  # DIF-Gaussian query grid
-    refine_iters: int | None = None  # data-consistency iterations (None: the recommended count)
-    keep_projections: bool = False
-    method: str | None = None  # the method whose volume is the result (None: the backend's default)
-    compare: list | None = None  # methods to run beside it (None: all)
-    backend: str = "auto"  # auto | rtk | torch
 
 
 @register

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..capability import params_type
 from ..errors import Cancelled, DeepSegReconError, InputError
 from ..results import SegmentationResult, TransformResult, VolumeResult
 from ._mrml import check_scene, slicer_module, vtk_matrix
@@ -84,6 +85,9 @@ class TaskLogic:
             chosen = active_model_version(self.scene, self.model_task)
             if chosen:
                 params["model"] = chosen
+        kind = params_type(self.task_name)
+        if kind is not None:  # a wrong name or type is refused here, before a worker starts (and imports torch)
+            kind.parse(params, self.task_name)
         slicer = slicer_module()
         if output_node is not None and not isinstance(output_node, slicer.vtkMRMLNode):
             raise InputError("the output must be a node of the scene")

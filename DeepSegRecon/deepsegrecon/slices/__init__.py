@@ -3,4 +3,5 @@
 from ..capability import Capability
 
 CAPABILITY = Capability("slices", tasks=("slices",), recipes={"slices": "training:recipe"},
-                        batch_adapters={"slices": "batch:SlicesAdapter"})
+                        batch_adapters={"slices": "batch:SlicesAdapter"},
+                        params={"slices": "params:SliceParams"})

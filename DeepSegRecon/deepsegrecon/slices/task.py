@@ -17,11 +17,11 @@ import torch
 from ..device import resolve_device
 from ..errors import InputError, ModelError
 from ..image import Image
-from ..params import Params
 from ..results import SegmentationResult
 from ..task import InputSpec, Task, TaskContext, register
 from . import pipeline as P
 from .labels import LabelSet, read_label_set
+from .params import SliceParams
 
 TASK = "slices"
 WEIGHTS = "model.pt"
@@ -126,13 +126,6 @@ def segment(image: Image, model: SliceModel, labelset: LabelSet, device="cpu", s
     return SegmentationResult(out, [o.info() for o in present],
                               [o.name for o in labelset.organs if counts[o.value] == 0], report)
 
-
-@dataclass
-class SliceParams(Params):
-    labels: str | None = None  # label set file (default: the model's classes)
-    batch: int = 16  # slices per network pass
-    postprocess: bool = True  # largest component per organ
-    window: list | None = None  # [low, high] HU (default: the model's)
 
 
 @register

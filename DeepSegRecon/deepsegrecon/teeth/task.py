@@ -36,7 +36,6 @@ from ..errors import InputError, ModelError, ResourceError
 from ..frames import canonical_frame
 from ..image import Image
 from ..inference import label_argmax
-from ..params import Params
 from ..results import SegmentationResult
 from ..task import InputSpec, Task, TaskContext, register
 from . import labels as L
@@ -51,6 +50,7 @@ from .nets import (
     teeth_reference,
     upsample_slab,
 )
+from .params import TeethParams
 from .plausible import NoTeethFound, dental_window, gate, measure_pieces, near_crowns, no_teeth_message
 from .postprocess import postprocess
 from .refine import refine_surface
@@ -407,11 +407,6 @@ def _largest_teeth(mask: np.ndarray, vox_mm3: float, min_mm3: float = 60.0) -> n
     keep[0] = False
     return keep[lab]
 
-
-@dataclass
-class TeethParams(Params):
-    amp: bool = True  # mixed precision on CUDA
-    tta: bool = True  # test-time augmentation (mirrored passes)
 
 
 @register

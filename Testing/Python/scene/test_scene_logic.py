@@ -173,6 +173,21 @@ def test_input_under_nonlinear_transform_is_refused_before_any_job(setup):
     assert not jobs.exists() or list(jobs.iterdir()) == []
 
 
+@pytest.mark.parametrize("params, why", [({"tta": "yes"}, "parameter 'tta' must be true or false"),
+                                         ({"thershold": 0.5}, "has no parameter 'thershold'; its parameters are:"),
+                                         ({"device": "gpu"}, "unknown device 'gpu'")])
+def test_a_wrong_parameter_is_refused_before_any_job(setup, params, why):
+    """The Slicer panel gets the message at once: the task's typed parameters are checked in the Slicer process
+    (their modules import no torch), before a job folder or a worker exists."""
+    mrml, volume, grid, _, jobs = setup
+    logic = SegmentTeethLogic(mrml, job_root=jobs)
+    n_nodes = mrml.GetNumberOfNodes()
+    with pytest.raises(InputError, match=why):
+        logic.start({"image": volume}, params)
+    assert mrml.GetNumberOfNodes() == n_nodes and not logic.running
+    assert not jobs.exists() or list(jobs.iterdir()) == []
+
+
 def test_segment_teeth_logic_surfaces_models_files(setup, tmp_path):
     mrml, volume, grid, _, jobs = setup
     logic = SegmentTeethLogic(mrml, job_root=jobs, plugins=[str(tmp_path / "dsr_scene_test_tasks.py")],
