@@ -217,7 +217,6 @@ def make_result(ref: Image, lab: np.ndarray, extra: dict) -> SegmentationResult:
     return SegmentationResult(img, L.subregion_infos(present), absent, report)
 
 
-
 @register
 class BrainTumorTask(Task):
     name = TASK

@@ -84,7 +84,6 @@ def geometry_of(images: dict, params: dict):
     return geometry_for_grid(images["ct"], views, detector=det, arc_deg=float(params.get("arc_deg", 360.0)))
 
 
-
 @register
 class CBCTReconTask(Task):
     name = TASK

@@ -127,7 +127,6 @@ def segment(image: Image, model: SliceModel, labelset: LabelSet, device="cpu", s
                               [o.name for o in labelset.organs if counts[o.value] == 0], report)
 
 
-
 @register
 class SlicesTask(Task):
     name = TASK

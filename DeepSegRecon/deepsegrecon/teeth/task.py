@@ -408,7 +408,6 @@ def _largest_teeth(mask: np.ndarray, vox_mm3: float, min_mm3: float = 60.0) -> n
     return keep[lab]
 
 
-
 @register
 class TeethTask(Task):
     name = TASK

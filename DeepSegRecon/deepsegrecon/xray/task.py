@@ -69,9 +69,6 @@ def default_landmarks(ct: Image) -> np.ndarray:
     return ct.physical_points(corners * size)
 
 
-
-
-
 @register
 class XrayRegisterTask(Task):
     name = "xray-register"
