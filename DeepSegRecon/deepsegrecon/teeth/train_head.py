@@ -135,7 +135,7 @@ def train(cache: Path, out: Path, init_from: Path, minutes: float, version: str,
     rng = np.random.default_rng(seed)
     base = load_model(entry_from_dir(init_from))
     network = base.network
-    net1, net2 = base.net1, base.net2.to(memory_format=torch.contiguous_format)  # as trained (load_model: channels last)
+    net1, net2 = base.net1, base.net2
     opt = torch.optim.AdamW(list(net1.parameters()) + list(net2.parameters()), lr=lr, weight_decay=1e-5)
     loss1 = DiceCELoss(softmax=True, include_background=False, batch=True)
     loss2 = DiceCELoss(softmax=True, include_background=False, batch=True)
