@@ -16,7 +16,6 @@ import re
 import subprocess
 import sys
 import types
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -371,10 +370,7 @@ def test_every_pin_but_torch_resolves_for_python_312(uv, tmp_path, pins):
     req = tmp_path / "lock-py312.in"
     req.write_text("\n".join(lines) + "\n")
     compile_ = ["pip", "compile", "--python-version", platform_check.PYTHON, "--no-header", "--no-annotate"]
-    with ThreadPoolExecutor(2) as pool:  # both wait on the index
-        lock = pool.submit(platform_check.run, uv, [*compile_, str(req)])
-        nodeps = pool.submit(platform_check.run, uv, [*compile_, "--no-deps", str(ROOT / "requirements-nodeps.txt")])
-    rc, out = lock.result()
+    rc, out = platform_check.run(uv, [*compile_, str(req)])
     _skip_if_offline(rc, out)
     assert rc == 0, out[-3000:]
     resolved = dict(re.findall(r"^([A-Za-z0-9._-]+)==(\S+)$", out, re.M))
@@ -382,14 +378,14 @@ def test_every_pin_but_torch_resolves_for_python_312(uv, tmp_path, pins):
         if name != "torch":
             assert resolved[name] == version, name
     assert D.versionTuple(resolved["torch"]) >= D.versionTuple(D.TORCH_MINIMUM)
-    rc, out = nodeps.result()
+    rc, out = platform_check.run(uv, [*compile_, "--no-deps", str(ROOT / "requirements-nodeps.txt")])
     _skip_if_offline(rc, out)
     assert rc == 0, out[-3000:]
     assert dict(re.findall(r"^([A-Za-z0-9._-]+)==(\S+)$", out, re.M)) == pins[1]
 
 
 def test_every_module_installs_from_wheels_on_linux_windows_and_macos(uv):
-    """The per-platform table of ``make check-platforms`` (about 20 s with a warm uv cache)."""
+    """The per-platform table of ``make check-platforms`` (about 15 s with a warm uv cache)."""
     lines = []
     results = platform_check.check(uv, log=lines.append)
     failed = [key for key, (ok, _) in results.items() if not ok]
