@@ -94,7 +94,6 @@ def train(minutes: float = 20.0, seed: int = 0, points: int = 8192, views=(6, 8,
     return model, cfg, loop.records, loop.step
 
 
-
 def training_data_note(head: bool = True) -> str:
     from .data import HEAD_CT
 

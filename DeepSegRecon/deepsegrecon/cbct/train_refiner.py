@@ -126,7 +126,6 @@ def batch_of(pair, rng, n_slices: int, batch: int):
     return x.contiguous(), y.contiguous()
 
 
-
 def train(paths, minutes: float, seed: int, out: Path, lr: float = 2e-3, batch: int = 8, val: int = 6,
           log=print, cfg: dict = None, ckpt_minutes: float = 3.0, max_iters: int = None, val_every: int = 500) -> tuple:
     """Train on the pairs at ``paths`` (the last ``val`` kept aside: refined PSNR every ``val_every`` steps);
@@ -155,8 +154,6 @@ def train(paths, minutes: float, seed: int, out: Path, lr: float = 2e-3, batch: 
                 checkpoint=out / "checkpoint.pt", checkpoint_every_s=ckpt_minutes * 60)
     loop.run(step, validate if val_pairs else None, val_every=val_every, keep_best=False)
     return model, loop.records, loop.step
-
-
 
 
 def install(out: Path, version: str, store, command: str, metrics: dict = None):

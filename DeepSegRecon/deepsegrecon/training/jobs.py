@@ -72,6 +72,7 @@ TRAIN_STAGES = {"check cases": 4, "train": 86, "evaluate": 5, "save": 5}
 WORK_PREFIX = "deepsegrecon-train-"
 PLUGIN = __name__  # what a job lists in "plugins" so the worker registers these tasks
 
+
 @dataclass
 class TrainPart:
     """One network of a recipe: trained with its own Recipe, saved as ``file`` in the version folder."""

@@ -66,7 +66,6 @@ def add_parsers(sub) -> None:
     r.set_defaults(func=cmd_register)
 
 
-
 def _carm_params(args) -> dict:
     out = {}
     for key in ("sdd", "sid", "view", "x0", "y0"):
@@ -80,8 +79,6 @@ def _carm_params(args) -> dict:
             raise InputError("--pixel-spacing takes one or two numbers (x [y])")
         out["pixel_spacing"] = ps * 2 if len(ps) == 1 else ps
     return out
-
-
 
 
 def cmd_drr(args) -> int:
